@@ -1,0 +1,44 @@
+"""Weight formats. `method_for(quant_config, module_name)` picks the QuantMethod a Linear uses.
+
+Formats register themselves in METHODS by name; a module listed in the checkpoint's excluded modules,
+or any module of an unquantized checkpoint, uses the unquantized method.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING
+
+from llmx.quant.methods.base import QuantMethod, TensorSpec
+from llmx.quant.methods.unquantized import UnquantizedMethod
+
+if TYPE_CHECKING:
+    from llmx.runtime.config import QuantConfig
+
+UNQUANTIZED = UnquantizedMethod()
+
+# algo name -> QuantMethod instance. Quantized formats add themselves in llmx.quant.methods.registry.
+METHODS: dict[str, QuantMethod] = {"none": UNQUANTIZED}
+
+
+def is_excluded(module_name: str, exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(module_name, pat) for pat in exclude)
+
+
+def method_for(quant: "QuantConfig | None", module_name: str) -> QuantMethod:
+    if quant is None or quant.algo == "none" or is_excluded(module_name, quant.exclude):
+        return UNQUANTIZED
+    _load_registry()
+    return METHODS[quant.algo]
+
+
+def _load_registry() -> None:
+    # Imported lazily: the quantized formats pull in kernels and are not needed for bf16 engines.
+    try:
+        import llmx.quant.methods.registry  # noqa: F401  (registers into METHODS)
+    except ModuleNotFoundError as exc:  # registry not written for this format set
+        if exc.name != "llmx.quant.methods.registry":
+            raise
+
+
+__all__ = ["QuantMethod", "TensorSpec", "METHODS", "UNQUANTIZED", "method_for", "is_excluded"]

@@ -1,0 +1,159 @@
+"""Frozen configuration records shared by every stage: the one source of truth for a model's shape,
+its quantization, its parallel mapping and the engine's build settings.
+
+They round-trip through plain dicts (`to_dict` / `from_dict`), which is what `llmx.json` and
+`engine.json` store. Validation of user input happens where the dicts are read (llmx.build.checkpoint,
+llmx.build.engine); inside the runtime these records are trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: `type` "llama3" (Llama 3.1/3.2 wavelength-dependent) or "linear"."""
+
+    type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer (Llama/Mistral/Qwen2/Qwen3 families).
+
+    Per layer: x += o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
+               x += down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))
+    q_proj: [num_heads*head_dim, hidden_size]; k_proj, v_proj: [num_kv_heads*head_dim, hidden_size].
+    """
+
+    architecture: str  # HF `architectures[0]`, the runtime registry key
+    family: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # Mistral v0.1; None = full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a checkpoint's weights (and KV cache) are quantized; None on a checkpoint means unquantized.
+
+    `algo` is the canonical name (fp8, fp8_pc_pt, int8_sq, int8_wo, int4_wo, int4_awq, int4_gptq,
+    w4a8_awq, nvfp4, or "none" when only the KV cache is quantized); `group_size` applies to the int4 and
+    nvfp4 formats; `exclude` lists module names (llmx naming, e.g. "lm_head", "layers.0.mlp.down_proj")
+    left unquantized.
+    """
+
+    algo: str
+    group_size: int | None = None
+    kv_cache_dtype: str | None = None  # None (same as activations) | "fp8" | "int8"
+    exclude: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "QuantConfig | None":
+        if d is None:
+            return None
+        d = dict(d)
+        d["exclude"] = tuple(d.get("exclude") or ())
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Parallel layout: tensor-parallel size times pipeline-parallel size = world size."""
+
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def pp_rank(self, rank: int) -> int:
+        return rank // self.tp
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Mapping":
+        return cls(**(d or {}))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Engine build settings (`llmx build` options) stored in engine.json."""
+
+    max_batch_size: int = 64
+    max_seq_len: int = 4096
+    max_num_tokens: int = 8192  # per-step token budget (prefill chunks + decodes)
+    kv_block_size: int = 16
+    kv_cache_dtype: str | None = None  # None = model dtype; "fp8" | "int8" from quantization
+    device: str = "cpu"  # cpu | cuda
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
+    kernels: dict[str, Any] = field(default_factory=dict)  # kernel choice and tuned tile configs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cuda_graph_batch_sizes"] = list(self.cuda_graph_batch_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
+        d = dict(d)
+        d["cuda_graph_batch_sizes"] = tuple(d.get("cuda_graph_batch_sizes") or ())
+        return cls(**d)
