@@ -1,7 +1,9 @@
 """Weight formats. `method_for(quant_config, module_name)` picks the QuantMethod a Linear uses.
 
 Formats register themselves in METHODS by name; a module listed in the checkpoint's excluded modules,
-or any module of an unquantized checkpoint, uses the unquantized method.
+or any module of an unquantized checkpoint, uses the unquantized method. A format whose stored tensors
+depend on the checkpoint (the int4 group size, a module's pre_quant_scale) has a `configure(quant,
+module_name)` that returns the instance for that module.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING
 
+from llmx.common.errors import LlmxError
 from llmx.quant.methods.base import QuantMethod, TensorSpec
 from llmx.quant.methods.unquantized import UnquantizedMethod
 
@@ -29,16 +32,17 @@ def method_for(quant: "QuantConfig | None", module_name: str) -> QuantMethod:
     if quant is None or quant.algo == "none" or is_excluded(module_name, quant.exclude):
         return UNQUANTIZED
     _load_registry()
-    return METHODS[quant.algo]
+    method = METHODS.get(quant.algo)
+    if method is None:
+        raise LlmxError(f"quantization.algo {quant.algo!r} is not a weight format this llmx knows "
+                        f"({', '.join(sorted(METHODS))}); re-create the checkpoint with this llmx version.")
+    configure = getattr(method, "configure", None)
+    return configure(quant, module_name) if configure is not None else method
 
 
 def _load_registry() -> None:
     # Imported lazily: the quantized formats pull in kernels and are not needed for bf16 engines.
-    try:
-        import llmx.quant.methods.registry  # noqa: F401  (registers into METHODS)
-    except ModuleNotFoundError as exc:  # registry not written for this format set
-        if exc.name != "llmx.quant.methods.registry":
-            raise
+    import llmx.quant.methods.registry  # noqa: F401  (registers into METHODS)
 
 
 __all__ = ["QuantMethod", "TensorSpec", "METHODS", "UNQUANTIZED", "method_for", "is_excluded"]

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Perplexity of every quantization algorithm on a real model: the table of QUANTIZATION.md.
+
+Converts an HF folder (default: SmolLM2-135M-Instruct, written by ../shared/fixtures/smollm2.py when
+missing) to a bf16 llmx checkpoint, quantizes it with each algorithm (calibrating on one text), and
+measures each checkpoint's perplexity with the llmx runtime (`llmx.runtime.perplexity`) on another,
+held-out text: non-overlapping windows from the start of the file, no BOS. Prints a markdown table with
+the bf16 baseline, each algorithm's perplexity and its change, the weight file size and the quantize
+time, plus the exact settings. What is timed: `quantize()` only (load + calibrate + export), not
+perplexity.
+
+    python benchmarks/quant_accuracy.py [--model HF_DIR] [--algos fp8,int4_awq,...] [--calib-size 64]
+        [--seq-len 512] [--windows 8] [--device cpu|cuda] [--workdir DIR]
+
+On a 2-core CPU expect minutes per algorithm (AWQ and GPTQ make several passes over the calibration
+data); on a GPU, seconds. Note: the SmolLM2 fixture is dequantized from a Q4_1 GGUF, so its weights
+already sit on a 4-bit grid (blocks of 32), which flatters int4 formats with group sizes dividing 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CORPUS = SHARED / "data" / "corpus"
+DEFAULT_MODEL = Path("/tmp/smollm2")
+ALGOS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "w4a8_awq", "nvfp4")
+
+
+def model_dir(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(SHARED / "fixtures" / "smollm2.py"), str(path)], check=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF folder (default: SmolLM2 at /tmp/smollm2)")
+    ap.add_argument("--algos", default=",".join(ALGOS), help="comma-separated; add ':fp8' for an fp8 KV cache")
+    ap.add_argument("--calib", type=Path, default=CORPUS / "austen_prideprejudice.txt")
+    ap.add_argument("--data", type=Path, default=CORPUS / "austen_emma.txt", help="held-out evaluation text")
+    ap.add_argument("--calib-size", type=int, default=64)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group (SmolLM2's hidden 576 needs 32 or 64)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints here (default: a temp dir)")
+    args = ap.parse_args()
+
+    import torch
+
+    from llmx.build.convert import convert
+    from llmx.quant.api import quantize
+    from llmx.runtime.perplexity import evaluate_perplexity
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llmx-quant-accuracy-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt = workdir / "bf16"
+        if not (ckpt / "llmx.json").exists():
+            convert(model_dir(args.model), ckpt, dtype="bfloat16")
+
+        def ppl(path: Path) -> float:
+            return evaluate_perplexity(path, args.data, seq_len=args.seq_len, windows=args.windows,
+                                       device=device).perplexity
+
+        base = ppl(ckpt)
+        size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
+        rows = [("bf16", "-", f"{base:.3f}", "-", f"{size(ckpt) / 1e6:.1f}", "-")]
+        for spec in filter(None, args.algos.split(",")):
+            algo, _, kv = spec.partition(":")
+            out = workdir / spec.replace(":", "-kv-")
+            t0 = time.perf_counter()
+            result = quantize(ckpt, out, algo=algo, kv_cache_dtype=kv or None, calib_data=str(args.calib),
+                              calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                              group_size=args.group_size, device=device, force=True)
+            seconds = time.perf_counter() - t0
+            value = ppl(out)
+            rows.append((algo, kv or "-", f"{value:.3f}", f"{(value / base - 1) * 100:+.2f}%",
+                         f"{result.size_after_bytes / 1e6:.1f}", f"{seconds:.1f}"))
+            print(f"{spec}: perplexity {value:.3f} ({seconds:.1f} s to quantize)", file=sys.stderr, flush=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"Model: {args.model.name}; eval: {args.data.name}, {args.windows} windows x {args.seq_len} tokens, "
+          f"no BOS; calibration: {args.calib.name}, {args.calib_size} x {args.calib_seq_len} tokens, seed 0; "
+          f"int4 group size {args.group_size}; device {device}; torch {torch.__version__}.\n")
+    print("| algo | KV cache | perplexity | vs bf16 | weights (MB) | quantize (s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

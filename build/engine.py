@@ -1,0 +1,374 @@
+"""`llmx build`: an llmx checkpoint -> an engine directory laid out for the runtime, and its validation.
+
+An engine holds `engine.json` (docs/ARCHITECTURE.md), one `rank{r}.safetensors` per rank with that rank's
+slices already fused the way the runtime's layers read them (q/k/v -> qkv_proj, gate/up -> gate_up_proj),
+and the tokenizer files. Builds are keyed by an input hash over the checkpoint's metadata and file
+stats, the build options, the mapping, the target device and the llmx version: an unchanged build is
+reused in milliseconds instead of rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmx.build.checkpoint import (Checkpoint, check_model_config, checkpoint_tensor_specs, llmx_version,
+                                   package_version, rank_file, read_checkpoint, verify_checkpoint)
+from llmx.build.convert import check_not_overlapping
+from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+from llmx.build.shard import (layout_summary, local_features, rank_holds, shard_spec, shard_tensor, split_name,
+                              validate_mapping)
+from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+from llmx.common.atomic import atomic_output_dir, check_output_dir
+from llmx.common.errors import LlmxError
+from llmx.common.hashing import hash_json
+from llmx.quant.methods import QuantMethod, TensorSpec, method_for
+from llmx.runtime.config import SUPPORTED_DTYPES, BuildConfig, Mapping, ModelConfig, QuantConfig
+
+ENGINE_FILE = "engine.json"
+ENGINE_FORMAT = "llmx-engine"
+ENGINE_SCHEMA_VERSION = 1
+# The layout of the rank files; bump it when the runtime can no longer load engines built before.
+ENGINE_FORMAT_VERSION = 1
+KV_CACHE_DTYPES = ("fp8", "int8")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    reused: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Engine:
+    path: Path
+    meta: dict  # the whole engine.json
+    model: ModelConfig
+    dtype: str
+    quant: QuantConfig | None
+    build: BuildConfig
+    mapping: Mapping
+    target: dict
+
+    def rank_path(self, rank: int) -> Path:
+        return rank_file(self.path, rank)
+
+
+def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapping: Mapping = Mapping(), *,
+                 force: bool = False, recipe: str | Path | None = None, progress: Any = None) -> BuildResult:
+    """Build (or reuse) the engine for `ckpt_dir` at `out`.
+
+    An existing engine at `out` built from the same inputs is returned untouched with reused=True;
+    `force` rebuilds it anyway and may replace a directory llmx did not write. `recipe` is recorded in
+    engine.json. progress: None, callable(advance_bytes, total_bytes) or a rich Progress.
+    """
+    start = time.perf_counter()
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    ckpt = read_checkpoint(ckpt_dir)
+    if ckpt.mapping.world_size != 1:
+        raise LlmxError(f"{ckpt_dir}/llmx.json declares mapping tp={ckpt.mapping.tp}, pp={ckpt.mapping.pp}; "
+                        "`llmx build` shards unsharded checkpoints (tp=pp=1): re-create it with `llmx convert`.")
+    check_not_overlapping(ckpt_dir, out)
+    build = resolve_build_config(build, ckpt)
+    validate_mapping(ckpt.model, mapping, ckpt.quant, ckpt.dtype)
+    target = detect_target(build.device)
+    input_hash = engine_input_hash(ckpt, build, mapping, target, recipe)
+    if not force and _reusable(out, input_hash, mapping.world_size):
+        return BuildResult(out, True, time.perf_counter() - start)
+
+    check_output_dir(out, force=force, marker_files=(ENGINE_FILE,))
+    verify_checkpoint(ckpt)
+    plan = _plan(ckpt, mapping)
+    tokenizer_files = find_tokenizer_files(ckpt_dir, trust_remote_code=True)  # vetted when the checkpoint was made
+    with atomic_output_dir(out) as tmp:
+        _write_rank_files(ckpt, mapping, plan, tmp, progress)
+        copy_files(tokenizer_files, tmp)
+        meta = {
+            "format": ENGINE_FORMAT,
+            "schema_version": ENGINE_SCHEMA_VERSION,
+            "checkpoint": ckpt.meta,
+            "checkpoint_dir": str(ckpt_dir.resolve()),
+            "build": build.to_dict(),
+            "mapping": mapping.to_dict(),
+            "target": target,
+            "layout": layout_summary(ckpt.model, mapping),
+            "versions": {"llmx": llmx_version(), "torch": package_version("torch"),
+                         "engine_format": ENGINE_FORMAT_VERSION},
+            "recipe": str(recipe) if recipe is not None else None,
+            "files": {rank_file(tmp, r).name: rank_file(tmp, r).stat().st_size for r in range(mapping.world_size)},
+            "input_hash": input_hash,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return BuildResult(out, False, time.perf_counter() - start)
+
+
+def resolve_build_config(build: BuildConfig, ckpt: Checkpoint) -> BuildConfig:
+    """Validate build options against the checkpoint; a quantized KV cache defaults to the checkpoint's."""
+    if build.device not in DEVICES:
+        raise LlmxError(f"--device {build.device!r} is not supported; choose one of {', '.join(DEVICES)}.")
+    for field in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
+        v = getattr(build, field)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise LlmxError(f"build option `{field}` must be a positive integer, got {v!r}.")
+    for size in build.cuda_graph_batch_sizes:
+        if not isinstance(size, int) or not 1 <= size <= build.max_batch_size:
+            raise LlmxError(f"build option `cuda_graph_batch_sizes` holds {size!r}; each size must be between 1 "
+                            f"and max_batch_size {build.max_batch_size}.")
+    ckpt_kv = ckpt.quant.kv_cache_dtype if ckpt.quant is not None else None
+    kv = build.kv_cache_dtype
+    if kv is not None and kv not in KV_CACHE_DTYPES:
+        raise LlmxError(f"build option `kv_cache_dtype` {kv!r} is not supported; choose one of "
+                        f"{', '.join(KV_CACHE_DTYPES)} or leave it unset for the model dtype.")
+    if kv is None:
+        return dataclasses.replace(build, kv_cache_dtype=ckpt_kv)
+    if ckpt_kv is not None and kv != ckpt_kv:
+        raise LlmxError(f"--kv-cache-dtype {kv} differs from the {ckpt_kv} KV-cache scales calibrated in "
+                        f"{ckpt.path}; leave it unset or re-quantize with --kv-cache-dtype {kv}.")
+    if kv == "int8" and ckpt_kv is None:
+        raise LlmxError(f"--kv-cache-dtype int8 needs calibrated KV scales, which {ckpt.path} does not hold; "
+                        "run `llmx quantize --kv-cache-dtype int8` first.")
+    return build
+
+
+def detect_target(device: str) -> dict[str, Any]:
+    """What this build targets: the GPU's name and compute capability, or the CPU."""
+    if device == "cpu":
+        return {"device": "cpu", "device_name": f"cpu ({platform.machine() or 'unknown'})",
+                "compute_capability": None, "backend": "torch"}
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmxError("--device cuda was requested but no CUDA GPU is visible here; build with --device cpu, "
+                        "or on the GPU that will run the engine.")
+    major, minor = torch.cuda.get_device_capability()
+    return {"device": "cuda", "device_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "backend": "torch"}
+
+
+def engine_input_hash(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, target: dict,
+                      recipe: str | Path | None) -> str:
+    """Hash of everything a build depends on, cheap to compute: the checkpoint's llmx.json (which holds the
+    source content hash) plus name, size and mtime of its files instead of their multi-GB contents."""
+    files = sorted(p for p in ckpt.path.iterdir() if p.is_file())
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hash_json({
+        "checkpoint": ckpt.meta,
+        "checkpoint_files": stats,
+        "build": build.to_dict(),
+        "mapping": mapping.to_dict(),
+        "target": target,
+        "llmx": llmx_version(),
+        "engine_format": ENGINE_FORMAT_VERSION,
+        "recipe": str(recipe) if recipe is not None else None,
+    })
+
+
+def _reusable(out: Path, input_hash: str, world_size: int) -> bool:
+    try:
+        meta = json.loads((out / ENGINE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("input_hash") != input_hash:
+        return False
+    sizes = meta.get("files") or {}
+    for r in range(world_size):
+        path = rank_file(out, r)
+        if not path.is_file() or sizes.get(path.name) != path.stat().st_size:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Checkpoint tensors read together and the engine tensors made from them.
+
+    A plain group copies one tensor (sliced per rank). A fused group concatenates the outputs of
+    `modules` (q/k/v or gate/up) into `fused` via their common QuantMethod, biases included.
+    """
+
+    sources: tuple[str, ...]
+    fused: str | None = None
+    modules: tuple[str, ...] = ()
+    method: QuantMethod | None = None
+
+
+def _plan(ckpt: Checkpoint, mapping: Mapping) -> list[_Group]:
+    model, quant = ckpt.model, ckpt.quant
+    specs = checkpoint_tensor_specs(model, ckpt.dtype, quant)
+    fused_of = {}
+    for i in range(model.num_layers):
+        fused_of[f"layers.{i}.attn.q_proj"] = (f"layers.{i}.attn.qkv_proj",
+                                               tuple(f"layers.{i}.attn.{p}_proj" for p in "qkv"))
+        fused_of[f"layers.{i}.mlp.gate_proj"] = (f"layers.{i}.mlp.gate_up_proj",
+                                                 tuple(f"layers.{i}.mlp.{p}_proj" for p in ("gate", "up")))
+    absorbed = {m for _, modules in fused_of.values() for m in modules[1:]}
+    groups, done = [], set()
+    for name in specs:
+        module, _ = split_name(name)
+        if module in fused_of and module not in done:
+            fused, modules = fused_of[module]
+            methods = [method_for(quant, m) for m in modules]
+            if len({type(m) for m in methods}) != 1:
+                raise LlmxError(f"{' / '.join(m.rsplit('.', 1)[1] for m in modules)} of {module.rsplit('.', 2)[0]} "
+                                f"use different weight formats ({', '.join(m.name for m in methods)}) in {ckpt.path}; "
+                                "quantize or exclude them together so they can be fused.")
+            sources = tuple(n for n in specs if split_name(n)[0] in modules)
+            groups.append(_Group(sources, fused, modules, methods[0]))
+            done.add(module)
+        elif module not in fused_of and module not in absorbed:
+            groups.append(_Group((name,)))
+    return groups
+
+
+def _rank_outputs(group: _Group, ckpt: Checkpoint, specs: dict[str, TensorSpec], mapping: Mapping,
+                  rank: int) -> dict[str, TensorSpec]:
+    """Names and specs of the engine tensors `group` contributes to `rank`, in write order."""
+    model = ckpt.model
+    if group.fused is None:
+        name = group.sources[0]
+        return {name: shard_spec(name, specs[name], model, mapping, rank)}
+    out_features = sum(local_features(m, model, mapping.tp)[0] for m in group.modules)
+    in_features = local_features(group.modules[0], model, mapping.tp)[1]
+    fused_specs = group.method.weight_specs(out_features, in_features, ckpt.dtype)
+    outputs = {f"{group.fused}.{suffix}": spec for suffix, spec in fused_specs.items()}
+    if f"{group.modules[0]}.bias" in specs:
+        outputs[f"{group.fused}.bias"] = TensorSpec((out_features,), ckpt.dtype, out_dim=(0, 1))
+    return outputs
+
+
+def _write_rank_files(ckpt: Checkpoint, mapping: Mapping, plan: list[_Group], out_dir: Path, progress: Any) -> None:
+    model = ckpt.model
+    specs = checkpoint_tensor_specs(model, ckpt.dtype, ckpt.quant)
+    world = mapping.world_size
+    holders = [[r for r in range(world) if rank_holds(g.sources[0], model, mapping, r)] for g in plan]
+    declared: list[list[TensorEntry]] = [[] for _ in range(world)]
+    for group, ranks in zip(plan, holders):
+        for r in ranks:
+            declared[r] += [TensorEntry(n, s.dtype, tuple(s.shape))
+                            for n, s in _rank_outputs(group, ckpt, specs, mapping, r).items()]
+    bar = ByteProgress(progress, "build", sum(e.nbytes for entries in declared for e in entries))
+
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(SafetensorsFile.open(ckpt.rank_path(0)))
+        writers = [stack.enter_context(SafetensorsStreamWriter(rank_file(out_dir, r), declared[r],
+                                                               {"format": "pt", "rank": str(r)}))
+                   for r in range(world)]
+        for group, ranks in zip(plan, holders):
+            full = {n: source.read(n) for n in group.sources}
+            for r in ranks:
+                tensors = _make_rank_tensors(group, full, specs, model, mapping, r)
+                for name, spec in _rank_outputs(group, ckpt, specs, mapping, r).items():
+                    if name not in tensors:
+                        raise RuntimeError(f"{group.method.name}.fuse_outputs did not return `{name.rsplit('.', 1)[1]}`")
+                    writers[r].write(name, tensors[name])
+                    bar.advance(tensors[name].numel() * tensors[name].element_size())
+            del full
+
+
+def _make_rank_tensors(group: _Group, full: dict, specs: dict[str, TensorSpec], model: ModelConfig,
+                       mapping: Mapping, rank: int) -> dict:
+    """Rank `rank`'s engine tensors of one group: sliced, and for q/k/v and gate/up fused."""
+    import torch
+
+    def piece(name: str):
+        return shard_tensor(name, full[name], specs[name], model, mapping, rank)
+
+    if group.fused is None:
+        name = group.sources[0]
+        return {name: piece(name)}
+    parts = []
+    for m in group.modules:
+        suffixes = [split_name(n)[1] for n in group.sources if split_name(n)[0] == m and not n.endswith(".bias")]
+        parts.append({s: piece(f"{m}.{s}") for s in suffixes})
+    tensors = {f"{group.fused}.{s}": t for s, t in group.method.fuse_outputs(parts).items()}
+    if f"{group.modules[0]}.bias" in full:
+        tensors[f"{group.fused}.bias"] = torch.cat([piece(f"{m}.bias") for m in group.modules])
+    return tensors
+
+
+def read_engine(path: Path | str) -> Engine:
+    """Read and validate an engine directory's engine.json (weights are checked by the runtime loader)."""
+    path = Path(path)
+    meta_path = path / ENGINE_FILE
+    if not path.is_dir():
+        raise LlmxError(f"{path} is not an engine directory; build one with `llmx build CKPT -o {path}`.")
+    if not meta_path.is_file():
+        hint = " (it is a checkpoint: build it)" if (path / "llmx.json").exists() else ""
+        raise LlmxError(f"{path} has no {ENGINE_FILE}{hint}; run `llmx build CKPT -o {path}` to create the engine.")
+    remedy = f"rebuild it with `llmx build CKPT -o {path}`"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmxError(f"{meta_path} is not valid JSON ({exc}); {remedy}.") from None
+    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
+        raise LlmxError(f"{meta_path} is not an llmx engine description (`format` should be {ENGINE_FORMAT!r}); "
+                        f"{remedy}.")
+    if meta.get("schema_version") != ENGINE_SCHEMA_VERSION:
+        raise LlmxError(f"{meta_path}: `schema_version` is {meta.get('schema_version')!r} but this llmx reads "
+                        f"{ENGINE_SCHEMA_VERSION}; {remedy}.")
+    try:
+        ckpt_meta = meta["checkpoint"]
+        model = ModelConfig.from_dict(ckpt_meta["model"])
+        dtype = ckpt_meta["dtype"]
+        quant = QuantConfig.from_dict(ckpt_meta.get("quantization"))
+        build = BuildConfig.from_dict(meta["build"])
+        mapping = Mapping.from_dict(meta["mapping"])
+        target = dict(meta["target"])
+    except KeyError as exc:
+        raise LlmxError(f"{meta_path} is malformed (field {exc} is missing); {remedy}.") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise LlmxError(f"{meta_path} is malformed ({exc}); {remedy}.") from None
+    check_model_config(model, meta_path)
+    if target.get("device") not in DEVICES:
+        raise LlmxError(f"{meta_path}: `target.device` is {target.get('device')!r}; {remedy}.")
+    if dtype not in SUPPORTED_DTYPES:
+        raise LlmxError(f"{meta_path}: `checkpoint.dtype` is {dtype!r}; {remedy}.")
+    return Engine(path=path, meta=meta, model=model, dtype=dtype, quant=quant, build=build, mapping=mapping,
+                  target=target)
+
+
+def check_engine_runnable(engine: Engine, *, device: str, world_size: int | None = None) -> None:
+    """Refuse, in one sentence saying what to rebuild, an engine this machine/launch cannot run."""
+    path = engine.path
+    ckpt = engine.meta.get("checkpoint_dir") or "CKPT"
+    versions = engine.meta.get("versions", {})
+    if versions.get("engine_format") != ENGINE_FORMAT_VERSION:
+        raise LlmxError(f"{path} was built by llmx {versions.get('llmx')} in engine format "
+                        f"{versions.get('engine_format')}, but this llmx {llmx_version()} reads format "
+                        f"{ENGINE_FORMAT_VERSION}; rebuild it with `llmx build {ckpt} -o {path}`.")
+    m = engine.mapping
+    if world_size is not None and world_size != m.world_size:
+        raise LlmxError(f"{path} was built for {m.world_size} rank(s) (tp={m.tp}, pp={m.pp}) but {world_size} "
+                        f"were launched; launch {m.world_size}, or rebuild it with `llmx build {ckpt} -o {path} "
+                        f"--tp {world_size} --pp 1`.")
+    built = engine.target.get("device")
+    built_cc = engine.target.get("compute_capability")
+    built_name = engine.target.get("device_name")
+    if device == built == "cpu":
+        return
+    if built == "cpu":
+        raise LlmxError(f"{path} was built for the CPU; rebuild it for the GPU with "
+                        f"`llmx build {ckpt} -o {path} --device cuda`.")
+    if device != "cuda":
+        raise LlmxError(f"{path} was built for compute capability {built_cc} ({built_name}); run it on such a GPU, "
+                        f"or rebuild it with `llmx build {ckpt} -o {path} --device cpu`.")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmxError(f"{path} was built for compute capability {built_cc} ({built_name}) but no GPU is visible "
+                        f"here; run it on such a GPU, or rebuild it with `llmx build {ckpt} -o {path} --device cpu`.")
+    major, minor = torch.cuda.get_device_capability()
+    here = f"{major}.{minor}"
+    if here != built_cc:
+        raise LlmxError(f"{path} was built for compute capability {built_cc} ({built_name}) but this GPU is {here} "
+                        f"({torch.cuda.get_device_name()}); rebuild it here with `llmx build {ckpt} -o {path}`.")

@@ -1,0 +1,319 @@
+"""Supported model families: HF config.json -> ModelConfig, the inverse, and the tensor-name maps.
+
+Llama, Mistral, Qwen2 and Qwen3 share one decoder block and differ only in switches (biases, q/k norm,
+sliding window, RoPE scaling), so one reader serves all four. Both config.json spellings are read:
+transformers <5 writes `rope_theta` + `rope_scaling` ({"type"|"rope_type": ..., "factor": ...}),
+transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", "factor", ...}).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from llmx.common.errors import LlmxError
+from llmx.runtime.config import ModelConfig, RopeScaling
+
+# HF `architectures[0]` -> llmx family. Must match llmx.runtime.models' registry keys.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+_LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def read_hf_config(config_path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """Read an HF folder's config.json: (the raw dict, the validated ModelConfig)."""
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise LlmxError(f"{config_path} is missing; a Hugging Face model folder needs its config.json.")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmxError(f"{config_path} is not valid JSON ({exc}); re-download the model's config.json.") from None
+    return hf_config, model_config_from_hf(hf_config, config_path)
+
+
+def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig:
+    """Validate an HF config.json dict (read from `source`, named in errors) and turn it into a ModelConfig."""
+    if not isinstance(hf_config, dict):
+        raise LlmxError(f"{source} does not hold a JSON object; re-download the model's config.json.")
+    arch = _architecture(hf_config, source)
+    family = SUPPORTED_ARCHITECTURES[arch]
+
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise LlmxError(f"{source}: field `hidden_act` is {act!r}; llmx supports only \"silu\" for {arch}.")
+
+    hidden = _positive_int(hf_config, "hidden_size", source)
+    heads = _positive_int(hf_config, "num_attention_heads", source)
+    kv_heads = _positive_int(hf_config, "num_key_value_heads", source, default=heads)
+    if heads % kv_heads:
+        raise LlmxError(f"{source}: `num_attention_heads` {heads} is not a multiple of `num_key_value_heads` "
+                        f"{kv_heads}; fix config.json.")
+    head_dim = hf_config.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise LlmxError(f"{source}: `hidden_size` {hidden} is not divisible by `num_attention_heads` {heads} "
+                            "and `head_dim` is not set; add `head_dim` to config.json.")
+        head_dim = hidden // heads
+    else:
+        head_dim = _positive_int(hf_config, "head_dim", source)
+
+    theta, scaling = _rope(hf_config, source)
+    attention_bias = _bool(hf_config, "attention_bias", source, default=False)
+    qkv_bias, o_bias = {
+        "llama": (attention_bias, attention_bias),
+        "mistral": (False, False),
+        "qwen2": (True, False),  # Qwen2's modeling code hard-wires bias on q/k/v and none on o
+        "qwen3": (attention_bias, attention_bias),
+    }[family]
+    num_layers = _positive_int(hf_config, "num_hidden_layers", source)
+
+    return ModelConfig(
+        architecture=arch,
+        family=family,
+        vocab_size=_positive_int(hf_config, "vocab_size", source),
+        hidden_size=hidden,
+        intermediate_size=_positive_int(hf_config, "intermediate_size", source),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=_positive_int(hf_config, "max_position_embeddings", source),
+        rms_norm_eps=_positive_float(hf_config, "rms_norm_eps", source, default=1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=_bool(hf_config, "tie_word_embeddings", source, default=False),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=_bool(hf_config, "mlp_bias", source, default=False) if family == "llama" else False,
+        qk_norm=family == "qwen3",
+        sliding_window=_sliding_window(hf_config, family, num_layers, source),
+        bos_token_id=_optional_token_id(hf_config, "bos_token_id", source),
+        eos_token_ids=_eos_token_ids(hf_config, source),
+    )
+
+
+def _architecture(hf: dict[str, Any], source: Path) -> str:
+    archs = hf.get("architectures")
+    if not archs:
+        raise LlmxError(f"{source}: field `architectures` is missing; add e.g. \"architectures\": "
+                        "[\"LlamaForCausalLM\"] to config.json (one of "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}).")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise LlmxError(f"{source}: field `architectures` must be a list of class names, got {archs!r}.")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise LlmxError(f"{source}: architecture {arch} is not supported; llmx supports "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+    return arch
+
+
+def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
+    params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise LlmxError(f"{source}: field `rope_parameters` must be an object, got {params!r}.")
+    params = params or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise LlmxError(f"{source}: field `rope_theta` must be a positive number, got {theta!r}.")
+
+    # transformers 5 folds the scaling fields into rope_parameters; older files keep them in rope_scaling.
+    scaling = hf.get("rope_scaling") or params
+    if not isinstance(scaling, dict):
+        raise LlmxError(f"{source}: field `rope_scaling` must be an object or null, got {scaling!r}.")
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise LlmxError(f"{source}: `{field}` type {rope_type!r} is not supported; llmx supports "
+                        f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
+    if rope_type == "default":
+        return float(theta), None
+    needed = _LLAMA3_ROPE_FIELDS if rope_type == "llama3" else ("factor",)
+    values = {}
+    for name in needed:
+        v = scaling.get(name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise LlmxError(f"{source}: `{field}.{name}` must be a positive number for rope type "
+                            f"{rope_type!r}, got {v!r}.")
+        values[name] = v
+    if "original_max_position_embeddings" in values:
+        values["original_max_position_embeddings"] = int(values["original_max_position_embeddings"])
+    return float(theta), RopeScaling(type=rope_type, **{k: v for k, v in values.items()})
+
+
+def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Path) -> int | None:
+    window = hf.get("sliding_window")
+    if family == "llama":
+        return None
+    if family == "mistral":
+        return None if window is None else _positive_int(hf, "sliding_window", source)
+    # Qwen2/Qwen3: the window is used only when use_sliding_window is set, and then only by layers
+    # >= max_window_layers (or as `layer_types` lists). ModelConfig has one window for all layers.
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        if not hf.get("use_sliding_window") or window is None:
+            return None
+        first_sliding = hf.get("max_window_layers", 0)
+        layer_types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    kinds = set(layer_types)
+    if kinds <= {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return _positive_int(hf, "sliding_window", source)
+    raise LlmxError(f"{source}: layers mix sliding-window and full attention (`use_sliding_window` with "
+                    "`max_window_layers` / `layer_types`); llmx supports one attention kind for all layers.")
+
+
+def _positive_int(hf: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
+    v = hf.get(key, default)
+    if v is None:
+        raise LlmxError(f"{source}: field `{key}` is missing; add it to config.json.")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise LlmxError(f"{source}: field `{key}` must be a positive integer, got {v!r}.")
+    return v
+
+
+def _positive_float(hf: dict[str, Any], key: str, source: Path, default: float) -> float:
+    v = hf.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise LlmxError(f"{source}: field `{key}` must be a positive number, got {v!r}.")
+    return float(v)
+
+
+def _bool(hf: dict[str, Any], key: str, source: Path, default: bool) -> bool:
+    v = hf.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise LlmxError(f"{source}: field `{key}` must be true or false, got {v!r}.")
+    return v
+
+
+def _optional_token_id(hf: dict[str, Any], key: str, source: Path) -> int | None:
+    v = hf.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise LlmxError(f"{source}: field `{key}` must be a token id (integer >= 0), got {v!r}.")
+    return v
+
+
+def _eos_token_ids(hf: dict[str, Any], source: Path) -> tuple[int, ...]:
+    v = hf.get("eos_token_id")
+    ids = [] if v is None else (v if isinstance(v, list) else [v])
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise LlmxError(f"{source}: field `eos_token_id` must be a token id or a list of them, got {v!r}.")
+    return tuple(ids)
+
+
+def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any]:
+    """A config.json dict transformers (4.45+ and 5.x) loads into the same model as `model`.
+
+    Uses the `rope_theta` + `rope_scaling` spelling, which both major versions read.
+    """
+    family = model.family
+    hf: dict[str, Any] = {
+        "architectures": [model.architecture],
+        "model_type": family,
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.rms_norm_eps,
+        "rope_theta": model.rope_theta,
+        "rope_scaling": _rope_scaling_dict(model.rope_scaling),
+        "tie_word_embeddings": model.tie_word_embeddings,
+        "bos_token_id": model.bos_token_id,
+        "eos_token_id": (model.eos_token_ids[0] if len(model.eos_token_ids) == 1
+                         else list(model.eos_token_ids) or None),
+        "dtype": dtype,  # transformers 5 spelling
+        "torch_dtype": dtype,  # transformers 4 spelling
+        "use_cache": True,
+    }
+    if family in ("llama", "qwen3"):
+        if model.qkv_bias != model.o_bias:
+            raise ValueError(f"{model.architecture} has one `attention_bias` for q/k/v and o; "
+                             f"got qkv_bias={model.qkv_bias}, o_bias={model.o_bias}")
+        hf["attention_bias"] = model.qkv_bias
+    if family == "llama":
+        hf["mlp_bias"] = model.mlp_bias
+    if family == "mistral":
+        hf["sliding_window"] = model.sliding_window
+    if family in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = model.sliding_window is not None
+        hf["sliding_window"] = model.sliding_window
+        hf["max_window_layers"] = 0 if model.sliding_window is not None else model.num_layers
+    return hf
+
+
+def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    return {"rope_type": scaling.type, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings}
+
+
+# Tensor names. Linear modules keep any suffix (weight, bias, and the quantized formats' weight_scale,
+# input_scale, ...), so the same maps serve quantized checkpoints.
+_LINEAR_SUFFIX = r"([A-Za-z_][A-Za-z0-9_]*)"
+_HF_TO_LLMX: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"model\.embed_tokens\.weight"), "embed.weight"),
+    (re.compile(r"model\.norm\.weight"), "final_norm.weight"),
+    (re.compile(r"lm_head\." + _LINEAR_SUFFIX), "lm_head.{0}"),
+    (re.compile(r"model\.layers\.(\d+)\.input_layernorm\.weight"), "layers.{0}.attn_norm.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight"), "layers.{0}.mlp_norm.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\." + _LINEAR_SUFFIX), "layers.{0}.attn.{1}_proj.{2}"),
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), "layers.{0}.attn.{1}_norm.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\." + _LINEAR_SUFFIX), "layers.{0}.mlp.{1}_proj.{2}"),
+]
+_LLMX_TO_HF: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"embed\.weight"), "model.embed_tokens.weight"),
+    (re.compile(r"final_norm\.weight"), "model.norm.weight"),
+    (re.compile(r"lm_head\." + _LINEAR_SUFFIX), "lm_head.{0}"),
+    (re.compile(r"layers\.(\d+)\.attn_norm\.weight"), "model.layers.{0}.input_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp_norm\.weight"), "model.layers.{0}.post_attention_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\." + _LINEAR_SUFFIX), "model.layers.{0}.self_attn.{1}_proj.{2}"),
+    (re.compile(r"layers\.(\d+)\.attn\.([qk])_norm\.weight"), "model.layers.{0}.self_attn.{1}_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\." + _LINEAR_SUFFIX), "model.layers.{0}.mlp.{1}_proj.{2}"),
+]
+# Buffers some exporters save next to the weights; they are recomputed, never loaded.
+_HF_SKIPPED = re.compile(r"(.*\.)?rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\..*")
+
+
+def hf_to_llmx_name(hf_name: str) -> str | None:
+    """HF tensor name -> llmx checkpoint name; None for buffers that are not weights (rotary inv_freq).
+
+    Raises ValueError for a name no supported family uses (the caller names the file in its error).
+    """
+    if _HF_SKIPPED.fullmatch(hf_name):
+        return None
+    return _translate(hf_name, _HF_TO_LLMX)
+
+
+def llmx_to_hf_name(name: str) -> str:
+    """llmx checkpoint name -> HF tensor name (the inverse of hf_to_llmx_name). Raises ValueError if unknown."""
+    return _translate(name, _LLMX_TO_HF)
+
+
+def _translate(name: str, table: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, template in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(*m.groups())
+    raise ValueError(f"tensor `{name}` is not part of any supported model family")

@@ -1,0 +1,56 @@
+"""Which tokenizer files travel with a model: HF folder -> checkpoint -> engine.
+
+The runtime loads the tokenizer with `transformers.AutoTokenizer.from_pretrained(engine_dir)`, so every
+file that call may read is copied. A tokenizer that needs custom Python code (`auto_map` in
+tokenizer_config.json) is copied, with its .py files, only when the user trusts remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from llmx.common.errors import LlmxError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def find_tokenizer_files(src_dir: Path, *, trust_remote_code: bool) -> list[Path]:
+    """The tokenizer files present in `src_dir`, plus its .py files when the tokenizer needs custom code."""
+    src_dir = Path(src_dir)
+    files = [src_dir / name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
+    if _needs_custom_code(src_dir / "tokenizer_config.json"):
+        if not trust_remote_code:
+            raise LlmxError(f"{src_dir / 'tokenizer_config.json'} declares a custom tokenizer class (`auto_map`), "
+                            "which runs Python code from the model folder; pass --trust-remote-code if you trust "
+                            "its source.")
+        files += sorted(src_dir.glob("*.py"))
+    return files
+
+
+def _needs_custom_code(tokenizer_config: Path) -> bool:
+    if not tokenizer_config.is_file():
+        return False
+    try:
+        data = json.loads(tokenizer_config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmxError(f"{tokenizer_config} is not valid JSON ({exc}); re-download the tokenizer files.") from None
+    return isinstance(data, dict) and bool(data.get("auto_map"))
+
+
+def copy_files(files: list[Path], dst_dir: Path) -> None:
+    for f in files:
+        shutil.copy2(f, Path(dst_dir) / f.name)

@@ -1,0 +1,144 @@
+"""`llmx quantize`: llmx checkpoint -> quantized llmx checkpoint (post-training quantization)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+
+from llmx.cli._console import (emit_json, format_bytes, out, print_warning, progress_bars, resolve_device,
+                               stage_callback)
+from llmx.cli._options import ForceOption, JsonOption, PrintConfigOption, RecipeOption, require_out
+from llmx.cli._settings import require, resolve_settings
+
+DEFAULTS: dict[str, Any] = {
+    "algo": None,
+    "kv_cache_dtype": None,
+    "calib_data": None,
+    "calib_size": 512,
+    "calib_seq_len": 512,
+    "batch_size": 8,
+    "group_size": 128,
+    "exclude": [],
+    "device": "auto",
+    "seed": 0,
+    "export_format": "llmx",
+}
+
+
+def quantize_command(
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", show_default=False, help="llmx checkpoint to quantize (from `llmx convert`).")],
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "-o", "--out", metavar="OUT", show_default=False, help="Quantized checkpoint directory to write (required).")] = None,
+    algo: Annotated[Optional[str], typer.Option(
+        metavar="ALGO", show_default=False,
+        help="Weight format: fp8 (per-tensor), fp8_pc_pt (per-channel weights, per-token activations), int8_sq "
+             "(SmoothQuant W8A8), int8_wo / int4_wo (weight-only), int4_awq, int4_gptq, w4a8_awq, nvfp4. "
+             "Required unless the recipe sets it.")] = None,
+    kv_cache_dtype: Annotated[Optional[Literal["fp8", "int8"]], typer.Option(
+        show_default=False, help="Also quantize the KV cache [default: the activation dtype].")] = None,
+    calib_data: Annotated[Optional[str], typer.Option(
+        metavar="PATH|NAME", show_default=False,
+        help="Calibration text: a .txt/.json/.jsonl/.parquet file, a saved dataset folder or a hub dataset name. "
+             "Required by the algorithms that calibrate (all but int8_wo, int4_wo and fp8_pc_pt) and by "
+             "--kv-cache-dtype; llmx ships no calibration set.")] = None,
+    calib_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help=f"Calibration samples [default: {DEFAULTS['calib_size']}].")] = None,
+    calib_seq_len: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help=f"Tokens per calibration sample [default: {DEFAULTS['calib_seq_len']}].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help=f"Calibration batch size [default: {DEFAULTS['batch_size']}].")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False,
+        help=f"Inputs per scale for the int4 and nvfp4 formats [default: {DEFAULTS['group_size']}].")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        metavar="PATTERN", show_default=False,
+        help="Leave matching modules unquantized (llmx names, glob patterns, e.g. 'layers.0.*'); repeat for "
+             "several. lm_head is always left unquantized.")] = None,
+    device: Annotated[Optional[Literal["cuda", "cpu", "auto"]], typer.Option(
+        show_default=False, help="Where calibration runs [default: auto = cuda when a GPU is visible].")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, show_default=False, help=f"Seed for calibration sampling [default: {DEFAULTS['seed']}].")] = None,
+    export_format: Annotated[Optional[Literal["llmx", "hf"]], typer.Option(
+        show_default=False,
+        help="llmx: a checkpoint for `llmx build`; hf: a Hugging Face folder with ModelOpt's quantization "
+             f"config [default: {DEFAULTS['export_format']}].")] = None,
+    force: ForceOption = False,
+    recipe: RecipeOption = None,
+    print_config: PrintConfigOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Quantize a checkpoint's weights (and optionally its KV cache) with calibration data.
+
+    Prints a summary: algorithm, modules quantized and skipped, size before and after, time, and any
+    warnings (e.g. layers whose calibration looked degenerate). Calibration runs on the GPU when one is
+    visible; on CPU it works but is slow for large models.
+
+    Examples:
+
+      llmx quantize ckpt/llama8b -o ckpt/llama8b-fp8 --algo fp8 --kv-cache-dtype fp8 --calib-data calib.txt
+
+      llmx quantize ckpt/llama8b -o ckpt/llama8b-awq --algo int4_awq --calib-data calib.txt --calib-size 128
+
+      llmx quantize ckpt/llama8b -o ckpt/llama8b-int8 --algo int8_wo
+
+      llmx quantize ckpt/llama8b -o ckpt/llama8b-q --recipe llama/h100 --calib-data calib.txt
+    """
+    flags = {"algo": algo, "kv_cache_dtype": kv_cache_dtype, "calib_data": calib_data, "calib_size": calib_size,
+             "calib_seq_len": calib_seq_len, "batch_size": batch_size, "group_size": group_size,
+             "exclude": exclude or None, "device": device, "seed": seed, "export_format": export_format}
+    settings = resolve_settings("quantize", recipe=recipe, flags=flags, defaults=DEFAULTS)
+    if print_config:
+        emit_json(settings.to_dict())
+        return
+    chosen_algo = require(settings, "algo")
+    target = require_out(out_dir, f"llmx quantize {src} -o {src}-{chosen_algo} --algo {chosen_algo}")
+    from llmx.quant.api import quantize
+
+    values = dict(settings.values)
+    with progress_bars() as bars:
+        result = quantize(
+            src, target, algo=chosen_algo, kv_cache_dtype=values["kv_cache_dtype"], calib_data=values["calib_data"],
+            calib_size=values["calib_size"], calib_seq_len=values["calib_seq_len"], batch_size=values["batch_size"],
+            group_size=values["group_size"], exclude=tuple(values["exclude"]), device=resolve_device(values["device"]),
+            seed=values["seed"], export_format=values["export_format"], force=force, recipe=settings.recipe,
+            progress=stage_callback(bars))
+    summary = quantize_summary(result)
+    if json_output:
+        emit_json(summary)
+        return
+    _print_table(summary)
+    for warning in summary["warnings"]:
+        print_warning(warning)
+
+
+def quantize_summary(result: Any) -> dict[str, Any]:
+    quantized, skipped = list(result.quantized_modules), list(result.skipped_modules)
+    return {
+        "path": str(result.path), "algo": result.algo,
+        "quantized_modules": quantized, "skipped_modules": skipped,
+        "size_before_bytes": result.size_before_bytes, "size_after_bytes": result.size_after_bytes,
+        "seconds": round(result.seconds, 3), "calib_data_hash": result.calib_data_hash,
+        "warnings": list(result.warnings),
+    }
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    before, after = summary["size_before_bytes"], summary["size_after_bytes"]
+    skipped = summary["skipped_modules"]
+    table = Table(title=f"quantized -> {summary['path']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("algorithm", summary["algo"])
+    table.add_row("modules quantized", str(len(summary["quantized_modules"])))
+    table.add_row("modules skipped", f"{len(skipped)}" + (f" ({', '.join(skipped[:8])}{', ...' if len(skipped) > 8 else ''})" if skipped else ""))
+    ratio = f" ({after / before:.2f}x)" if before else ""
+    table.add_row("size", f"{format_bytes(before)} -> {format_bytes(after)}{ratio}")
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    table.add_row("calibration data", summary["calib_data_hash"] or "none")
+    table.add_row("warnings", str(len(summary["warnings"])))
+    out().print(table)

@@ -1,0 +1,171 @@
+"""Rotary position embedding in Hugging Face Llama's rotate-half (NeoX) layout, and its cos/sin table.
+
+For a head vector x of size D, the pair of dimension i is (i, i + D/2):
+    out[i]       = x[i] * cos(p * f_i) - x[i + D/2] * sin(p * f_i)
+    out[i + D/2] = x[i + D/2] * cos(p * f_i) + x[i] * sin(p * f_i)
+with f_i the (possibly scaled) inverse frequency of pair i and p the token's position.
+The table `rope_cos_sin_cache` is [max_pos, D] float32 with cos in [:, :D/2] and sin in [:, D/2:], built
+with the same float32 operations as transformers' rotary embedding (bit-identical on CPU).
+
+`apply_rotary` computes in float32 and rounds once to the input dtype; it returns new contiguous
+tensors and leaves q and k untouched, so they may be strided views of a fused qkv projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmx.common.errors import LlmxError
+from llmx.kernels._triton_util import FLOAT_DTYPES, check_launch_device, jit, next_power_of_2, tl
+from llmx.runtime.config import RopeScaling
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] float32, op for op as transformers computes them (default, linear, llama3)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.factor <= 0:
+        raise LlmxError(f"rope_scaling.factor must be positive, got {scaling.factor}; fix the model config.")
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.type == "llama3":
+        return _llama3_inverse_frequencies(inv_freq, scaling)
+    raise LlmxError(f"rope_scaling.type {scaling.type!r} is not supported; use 'llama3', 'linear' or no scaling.")
+
+
+def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, the band between blended.
+
+    Mirrors transformers' `_compute_llama3_parameters` expression by expression so float32 rounding agrees.
+    """
+    if scaling.high_freq_factor == scaling.low_freq_factor:
+        raise LlmxError("rope_scaling: llama3 needs high_freq_factor != low_freq_factor; fix the model config.")
+    factor = scaling.factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / scaling.low_freq_factor
+    high_freq_wavelen = old_context_len / scaling.high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def rope_cos_sin_cache(head_dim: int, max_pos: int, theta: float,
+                       scaling: RopeScaling | None = None) -> torch.Tensor:
+    """[max_pos, head_dim] float32 on CPU: cos(p * f) in [:, :head_dim/2], sin(p * f) in [:, head_dim/2:]."""
+    if head_dim <= 0 or head_dim % 2:
+        raise LlmxError(f"rotary: head_dim must be a positive even number, got {head_dim}; check the model config.")
+    if max_pos <= 0:
+        raise LlmxError(f"rotary: max_pos must be positive, got {max_pos}; check max_position_embeddings.")
+    if theta <= 0:
+        raise LlmxError(f"rotary: rope_theta must be positive, got {theta}; check the model config.")
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+    # transformers: position_ids.float() * inv_freq, elementwise in float32.
+    freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+
+
+@jit
+def _rotate_heads(src_ptr, dst_ptr, stride_head, cos, sin,
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate one token's [NUM_HEADS, 2*HALF] heads from src (strided heads) into dst (contiguous)."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    pairs = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < NUM_HEADS) & (pairs < HALF)
+    src = src_ptr + heads * stride_head + pairs
+    first = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    out_dtype = dst_ptr.dtype.element_ty
+    dst = dst_ptr + heads * (2 * HALF) + pairs
+    tl.store(dst, (first * cos - second * sin).to(out_dtype), mask=mask)
+    tl.store(dst + HALF, (second * cos + first * sin).to(out_dtype), mask=mask)
+
+
+@jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cache_pos,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # One program per token: its cos/sin row is loaded once and applied to every q and k head.
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token)
+    pairs = tl.arange(0, BLOCK_HALF)
+    row = cos_sin_ptr + position * stride_cache_pos + pairs
+    cos = tl.load(row, mask=pairs < HALF, other=0.0)[None, :]
+    sin = tl.load(row + HALF, mask=pairs < HALF, other=0.0)[None, :]
+    _rotate_heads(q_ptr + token * stride_q_token, q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), stride_q_head,
+                  cos, sin, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr + token * stride_k_token, k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), stride_k_head,
+                  cos, sin, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    op = "apply_rotary"
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
+        raise LlmxError(f"{op}: q and k must be [tokens, heads, head_dim] with equal tokens and even head_dim, got "
+                        f"{tuple(q.shape)} and {tuple(k.shape)}.")
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype:
+        raise LlmxError(f"{op}: q and k must share a float16/bfloat16/float32 dtype, got {q.dtype} and {k.dtype}.")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2] or cos_sin_cache.dtype != torch.float32:
+        raise LlmxError(f"{op}: cos_sin_cache must be float32 [max_pos, head_dim={q.shape[2]}], got "
+                        f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}; build it with rope_cos_sin_cache.")
+    if positions.dim() != 1 or positions.shape[0] != q.shape[0] or positions.dtype != torch.int64:
+        raise LlmxError(f"{op}: positions must be int64 [tokens={q.shape[0]}], got {positions.dtype} "
+                        f"{tuple(positions.shape)}.")
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch `apply_rotary`: q [T, Hq, D], k [T, Hkv, D] -> new rotated (q, k) in their dtype."""
+    _check(q, k, positions, cos_sin_cache)
+    if positions.numel() and int(positions.max()) >= cos_sin_cache.shape[0]:
+        raise LlmxError(f"apply_rotary: position {int(positions.max())} is beyond the rotary table's "
+                        f"{cos_sin_cache.shape[0]} positions; raise max_position_embeddings or shorten the prompt.")
+    half = q.shape[2] // 2
+    table = cos_sin_cache[positions]
+    cos, sin = table[:, None, :half], table[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        first, second = x32[..., :half], x32[..., half:]
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `apply_rotary`: one launch rotates q [T, Hq, D] and k [T, Hkv, D] (strided views allowed,
+    head_dim contiguous) and returns new contiguous tensors. Positions are trusted to be < max_pos."""
+    _check(q, k, positions, cos_sin_cache)
+    check_launch_device("apply_rotary", _rotary_kernel, q, k, positions, cos_sin_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    cos_sin_cache = cos_sin_cache.contiguous()
+    tokens, num_q_heads, head_dim = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if tokens == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    block_half = next_power_of_2(half)
+    block_hq = next_power_of_2(num_q_heads)
+    _rotary_kernel[(tokens,)](
+        q, k, q_out, k_out, positions, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half,
+        BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(k.shape[1]), BLOCK_HALF=block_half,
+        num_warps=4 if block_hq * block_half >= 2048 else 2,
+    )
+    return q_out, k_out

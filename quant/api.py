@@ -1,0 +1,331 @@
+"""`llmx quantize`: an unquantized llmx checkpoint (or an HF folder, converted on the fly) -> a quantized
+llmx checkpoint, or a ModelOpt unified HF checkpoint with `export_format="hf"`.
+
+Steps: validate every option before any heavy work; build the calibration set; load the checkpoint into
+a transformers model; calibrate it with ModelOpt (llmx.quant.modelopt); write the output atomically
+(llmx.quant.export_llmx or llmx.quant.export_hf). No printing: `progress(stage, done, total)` reports
+the stages "load", "calibrate" (one per forward pass over the data), "export".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from llmx.common.errors import LlmxError
+from llmx.quant import presets
+from llmx.quant.methods.kv_cache import check_kv_cache_dtype
+
+if TYPE_CHECKING:
+    from llmx.build.checkpoint import Checkpoint
+    from llmx.quant.export_llmx import LinearState
+    from llmx.runtime.config import ModelConfig, QuantConfig
+
+EXPORT_FORMATS = ("llmx", "hf")
+DEFAULT_EXCLUDE = ("lm_head",)  # standard practice: the logits are the most quantization-sensitive GEMM
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    algo: str
+    quantized_modules: list[str]
+    skipped_modules: list[str]
+    size_before_bytes: int
+    size_after_bytes: int
+    seconds: float
+    calib_data_hash: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    quantized: list[str]  # llmx Linear names
+    skipped: list[str]
+    warnings: list[str]
+
+
+def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
+             calib_size: int = 512, calib_seq_len: int = 512, batch_size: int = 8, group_size: int = 128,
+             exclude: tuple[str, ...] = (), device: str = "cpu", seed: int = 0, export_format: str = "llmx",
+             force: bool = False, recipe: str | None = None, progress: Progress | None = None) -> QuantizeResult:
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    algo = presets.resolve_algo(algo)
+    kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+    if algo == presets.KV_ONLY and kv_cache_dtype is None:
+        raise LlmxError("--algo none quantizes nothing: add --kv-cache-dtype fp8|int8 to quantize only the KV "
+                        f"cache, or choose an algorithm ({', '.join(presets.ALGOS)}).")
+    if export_format not in EXPORT_FORMATS:
+        raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
+    group = presets.effective_group_size(algo, group_size)
+    calibrates = presets.needs_calibration(algo, kv_cache_dtype)
+    if calibrates and calib_data is None:
+        what = f"--algo {algo}" if algo != presets.KV_ONLY else f"--kv-cache-dtype {kv_cache_dtype}"
+        raise LlmxError(f"{what} calibrates on data: pass --calib-data with a .txt/.json/.jsonl/.parquet file, a saved "
+                        "dataset folder or a hub dataset name (llmx ships no calibration set; int8_wo, int4_wo and "
+                        "fp8_pc_pt need none).")
+    device = _check_device(device)
+    exclude = tuple(exclude)
+    _check_output(src, out, export_format, force)
+
+    with _source_checkpoint(src) as ckpt:
+        if ckpt.quant is not None:
+            raise LlmxError(f"{src} is already quantized (algo {ckpt.quant.algo}); quantize the unquantized "
+                            "checkpoint it was made from.")
+        plan = plan_modules(ckpt.model, algo, exclude, group)
+        quant = _quant_config(algo, group, kv_cache_dtype, exclude, plan)
+        calib = None
+        if calibrates:
+            from llmx.quant.calibrate import build_calibration_set
+
+            calib = build_calibration_set(calib_data, _tokenizer(ckpt.path), calib_size=calib_size,
+                                          seq_len=calib_seq_len, batch_size=batch_size, seed=seed)
+        model, source_hash = _load_model(ckpt, device, progress)
+        _calibrate(model, algo, quant, plan, calib, progress)
+        provenance = _provenance(src, source_hash, calib, calib_data, calib_size, calib_seq_len, seed, recipe)
+        if export_format == "llmx":
+            _write_llmx(model, ckpt, quant, plan, out, provenance, progress)
+        else:
+            _write_hf(model, ckpt, out)
+        size_before = ckpt.rank_path(0).stat().st_size
+    warnings = plan.warnings + (calib.warnings if calib is not None else [])
+    return QuantizeResult(path=out, algo=algo, quantized_modules=plan.quantized, skipped_modules=plan.skipped,
+                          size_before_bytes=size_before, size_after_bytes=_weights_size(out),
+                          seconds=time.perf_counter() - started,
+                          calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings)
+
+
+def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None) -> ModulePlan:
+    """Which Linears get quantized; checks the exclusions and that the group size fits every one."""
+    from llmx.build.checkpoint import linear_modules
+    from llmx.quant.export_llmx import FUSED_GROUPS
+    from llmx.quant.methods.int4 import check_group_divides
+    from llmx.quant.methods.nvfp4 import check_block_divides
+
+    linears = linear_modules(model)
+    names = [m.name for m in linears]
+    warnings = []
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warnings.append(f"--exclude {pattern!r} matches no Linear module (names look like "
+                            "layers.0.mlp.down_proj or lm_head); it excluded nothing.")
+    patterns = DEFAULT_EXCLUDE + exclude
+    skipped = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    for layer in range(model.num_layers):
+        for block, projs, _ in FUSED_GROUPS:
+            group = [f"layers.{layer}.{block}.{p}" for p in projs]
+            out_of_group = [n for n in group if n in skipped]
+            if out_of_group and len(out_of_group) != len(group):
+                raise LlmxError(f"--exclude skips {out_of_group[0]} but not {next(n for n in group if n not in skipped)}: "
+                                f"{'/'.join(projs)} are fused into one GEMM at build and must be quantized alike; "
+                                f"exclude all of them (e.g. 'layers.{layer}.{block}.*') or none.")
+    if algo == presets.KV_ONLY:
+        return ModulePlan(quantized=[], skipped=names, warnings=warnings)
+    quantized = [m for m in linears if m.name not in skipped]
+    for m in quantized:
+        if algo == "nvfp4":
+            check_block_divides(m.in_features, m.name)
+        elif group_size is not None:
+            check_group_divides(m.in_features, group_size, m.name)
+    return ModulePlan(quantized=[m.name for m in quantized], skipped=[n for n in names if n in skipped],
+                      warnings=warnings)
+
+
+def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, exclude: tuple[str, ...],
+                  plan: ModulePlan) -> "QuantConfig":
+    from llmx.quant.export_llmx import PRE_QUANT_SCALE_KEY, pre_quant_scale_patterns
+    from llmx.runtime.config import QuantConfig
+
+    extra: dict[str, Any] = {}
+    patterns = pre_quant_scale_patterns(algo)
+    if patterns and any(fnmatch.fnmatchcase(n, p) for n in plan.quantized for p in patterns):
+        extra[PRE_QUANT_SCALE_KEY] = patterns
+    return QuantConfig(algo=algo, group_size=group, kv_cache_dtype=kv_cache_dtype,
+                       exclude=tuple(dict.fromkeys(DEFAULT_EXCLUDE + exclude)), extra=extra)
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LlmxError(f"--device {device} needs a CUDA GPU, and torch sees none; use --device cpu.")
+        return device
+    raise LlmxError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N.")
+
+
+def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None:
+    from llmx.build.checkpoint import CHECKPOINT_FILE
+    from llmx.common.atomic import check_output_dir
+    from llmx.quant.export_hf import HF_QUANT_CONFIG
+
+    src_r, out_r = src.resolve(), out.resolve()
+    if src_r == out_r or out_r in src_r.parents:
+        raise LlmxError(f"output {out} would replace the input {src}; choose another output directory.")
+    markers = (CHECKPOINT_FILE,) if export_format == "llmx" else (HF_QUANT_CONFIG,)
+    check_output_dir(out, force=force, marker_files=markers)
+
+
+@contextlib.contextmanager
+def _source_checkpoint(src: Path) -> Iterator["Checkpoint"]:
+    """The llmx checkpoint at `src`; an unquantized HF folder is converted into a temporary one first."""
+    from llmx.build.checkpoint import CHECKPOINT_FILE, read_checkpoint
+
+    if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
+        from llmx.build.convert import convert
+        from llmx.quant.hf_import import is_modelopt_checkpoint
+
+        if is_modelopt_checkpoint(src):
+            raise LlmxError(f"{src} is already quantized (a ModelOpt checkpoint); `llmx convert` it to an llmx "
+                            "checkpoint as it is, or quantize the unquantized model it was made from.")
+        with tempfile.TemporaryDirectory(prefix="llmx-quantize-src-") as tmp:
+            converted = convert(src, Path(tmp) / "checkpoint", dtype=_hf_dtype(src))
+            yield read_checkpoint(converted)
+        return
+    yield read_checkpoint(src)
+
+
+def _hf_dtype(hf_dir: Path) -> str:
+    from llmx.runtime.config import SUPPORTED_DTYPES
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in SUPPORTED_DTYPES and dtype != "float32" else "bfloat16"
+
+
+def _tokenizer(ckpt_dir: Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
+    except (OSError, ValueError) as exc:
+        raise LlmxError(f"{ckpt_dir} has no usable tokenizer ({str(exc).splitlines()[0]}); calibration tokenizes "
+                        "--calib-data with it: re-create the checkpoint from an HF folder with tokenizer files.") from None
+
+
+def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
+    """The calibration model and the sha256 of the source checkpoint (llmx.json + rank0), read in one pass."""
+    from llmx.build.checkpoint import CHECKPOINT_FILE
+    from llmx.build.safetensors_stream import SafetensorsFile
+    from llmx.quant.calibrate import build_calibration_model
+
+    hasher = hashlib.sha256((ckpt.path / CHECKPOINT_FILE).read_bytes())
+    with SafetensorsFile.open(ckpt.rank_path(0)) as f:
+        hasher.update(f.header_bytes)
+
+        def tensors():
+            for i, entry in enumerate(f.tensors):
+                yield entry.name, f.read(entry.name, hasher)
+                if progress is not None:
+                    progress("load", i + 1, len(f.tensors))
+
+        model = build_calibration_model(ckpt.model, ckpt.dtype, tensors(), device)
+    return model, "sha256:" + hasher.hexdigest()
+
+
+def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, progress: Progress | None) -> None:
+    from llmx.quant.calibrate import make_forward_loop
+    from llmx.quant.modelopt import quantize_model, quantized_linear_names
+
+    disabled = [_hf_module(n) for n in plan.skipped]
+    mtq_config = presets.modelopt_config(algo, group_size=quant.group_size, kv_cache_dtype=quant.kv_cache_dtype,
+                                         disabled_modules=disabled)
+    use_cache = algo == presets.KV_ONLY or presets.PRESETS[algo].calib_use_cache
+    loop = make_forward_loop(calib, use_cache=use_cache, progress=progress) if calib is not None else None
+    quantize_model(model, mtq_config, loop)
+    expected = sorted(_hf_module(n) for n in plan.quantized)
+    got = sorted(quantized_linear_names(model))
+    if got != expected:
+        raise RuntimeError(f"ModelOpt quantized {got[:3]}... but llmx planned {expected[:3]}...: the preset "
+                           f"patterns do not fit this transformers version")
+
+
+def _hf_module(llmx_module: str) -> str:
+    from llmx.build.families import llmx_to_hf_name
+
+    return llmx_to_hf_name(f"{llmx_module}.weight").removesuffix(".weight")
+
+
+class _LazyStates:
+    """llmx module name -> LinearState, read from the calibrated model on access (one layer in memory)."""
+
+    def __init__(self, model, names: list[str]):
+        self._modules = {n: model.get_submodule(_hf_module(n)) for n in names}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __getitem__(self, name: str) -> "LinearState":
+        from llmx.quant.modelopt import read_linear_state
+
+        return read_linear_state(self._modules[name])
+
+
+def _kv_amax(model, config: "ModelConfig", quant: "QuantConfig") -> dict:
+    """layer -> (k amax, v amax) from the calibrated attention modules; empty without a quantized KV cache."""
+    from llmx.quant.modelopt import read_kv_amax
+
+    if quant.kv_cache_dtype is None:
+        return {}
+    return {i: read_kv_amax(model.get_submodule(f"model.layers.{i}.self_attn")) for i in range(config.num_layers)}
+
+
+def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePlan, out: Path, provenance: dict,
+                progress: Progress | None) -> None:
+    from llmx.build.checkpoint import checkpoint_tensor_specs, rank_file, verify_tensors, write_checkpoint_meta
+    from llmx.build.safetensors_stream import SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+    from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+    from llmx.common.atomic import atomic_output_dir
+    from llmx.quant.export_llmx import export_tensors
+    from llmx.runtime.config import Mapping
+
+    specs = checkpoint_tensor_specs(ckpt.model, ckpt.dtype, quant)
+    entries = [TensorEntry(name, spec.dtype, tuple(spec.shape)) for name, spec in specs.items()]
+    states = _LazyStates(model, plan.quantized)
+    kv_amax = _kv_amax(model, ckpt.model, quant)
+    with atomic_output_dir(out) as tmp, SafetensorsFile.open(ckpt.rank_path(0)) as source:
+        with SafetensorsStreamWriter(rank_file(tmp, 0), entries) as writer:
+            for name, tensor in export_tensors(ckpt.model, ckpt.dtype, quant, source=source.read, states=states,
+                                               kv_amax=kv_amax, progress=progress):
+                writer.write(name, tensor.contiguous())
+        copy_files(find_tokenizer_files(ckpt.path, trust_remote_code=True), tmp)
+        write_checkpoint_meta(tmp, ckpt.model, ckpt.dtype, quant, Mapping(), provenance)
+        verify_tensors(rank_file(tmp, 0), specs)
+
+
+def _write_hf(model, ckpt: "Checkpoint", out: Path) -> None:
+    from llmx.build.tokenizer_files import find_tokenizer_files
+    from llmx.common.atomic import atomic_output_dir
+    from llmx.quant.export_hf import export_hf
+
+    with atomic_output_dir(out) as tmp:
+        export_hf(model, tmp, ckpt.dtype, find_tokenizer_files(ckpt.path, trust_remote_code=True))
+
+
+def _provenance(src: Path, source_hash: str, calib, calib_data: str | None, calib_size: int, calib_seq_len: int,
+                seed: int, recipe: str | None) -> dict:
+    from llmx.build.checkpoint import make_provenance
+    from llmx.quant.modelopt import modelopt_version
+
+    calibration = None
+    if calib is not None:
+        calibration = {"data": calib_data, "samples": calib.num_samples, "requested_samples": calib_size,
+                       "seq_len": calib_seq_len, "seed": seed}
+    return make_provenance(src.resolve(), source_hash, modelopt_version=modelopt_version(),
+                           calib_data_hash=calib.data_hash if calib is not None else None, recipe=recipe,
+                           calibration=calibration)
+
+
+def _weights_size(out: Path) -> int:
+    return sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))

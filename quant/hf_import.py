@@ -1,0 +1,332 @@
+"""Read a ModelOpt unified HF checkpoint (what `llmx quantize --export-format hf`, ModelOpt's hf_ptq.py and
+NVIDIA's published FP8/NVFP4/AWQ checkpoints contain) into an llmx checkpoint, keeping its quantization.
+
+`llmx convert` calls `is_modelopt_checkpoint(hf_dir)` and, when true, `import_checkpoint(hf_dir, out, ...)`.
+
+Formats (hf_quant_config.json `quant_algo` -> llmx algo): FP8 -> fp8, FP8_PER_CHANNEL_PER_TOKEN -> fp8_pc_pt,
+W8A8_SQ_PER_CHANNEL -> int8_sq, W8A16 -> int8_wo, W4A16_AWQ -> int4_awq, W4A8_AWQ -> w4a8_awq, NVFP4 -> nvfp4,
+absent (KV cache only) -> none. What differs from llmx's layout:
+- int4: ModelOpt packs two output rows per byte (uint8 [N/2, K], two's complement nibbles); llmx packs two
+  inputs per byte (uint8 [N, K/2], offset binary). Scales are float32 there, the activation dtype here.
+  W4A8's `weight_scale_2` (the per-tensor FP8 scale TensorRT-LLM's kernel applies) is not needed: the group
+  scales alone give the weight.
+- pre_quant_scale on q/k/v or gate/up (SmoothQuant exports keep it there) is folded into the RMSNorm in
+  front when the group shares one vector, as `llmx quantize` does; o_proj/down_proj keep it.
+- int8_sq's static `input_scale` is dropped: llmx quantizes SmoothQuant activations per token.
+- KV-cache scales `self_attn.k_proj.k_scale` / `v_proj.v_scale` become `attn.k_scale` / `attn.v_scale`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmx.common.errors import LlmxError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmx.runtime.config import ModelConfig, QuantConfig
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+QUANT_ALGOS = {
+    "FP8": "fp8",
+    "FP8_PER_CHANNEL_PER_TOKEN": "fp8_pc_pt",
+    "W8A8_SQ_PER_CHANNEL": "int8_sq",
+    "W8A16": "int8_wo",
+    "W4A16_AWQ": "int4_awq",
+    "W4A8_AWQ": "w4a8_awq",
+    "NVFP4": "nvfp4",
+    None: "none",
+}
+KV_ALGOS = {"FP8": "fp8", "INT8": "int8", None: None}
+# Per-tensor HF tensors llmx does not store (it recomputes or does not need them).
+_DROPPED = {"int8_sq": ("input_scale",), "w4a8_awq": ("weight_scale_2",)}
+
+
+def is_modelopt_checkpoint(hf_dir: Path | str) -> bool:
+    """True for an HF folder quantized by ModelOpt (hf_quant_config.json, or quant_method "modelopt")."""
+    hf_dir = Path(hf_dir)
+    if (hf_dir / HF_QUANT_CONFIG).is_file():
+        return True
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "modelopt"
+
+
+def read_quant_config(hf_dir: Path) -> tuple["QuantConfig", list[str]]:
+    """(the llmx QuantConfig, ModelOpt's excluded module names) of a ModelOpt checkpoint."""
+    from llmx.runtime.config import QuantConfig
+
+    q = _modelopt_quantization(hf_dir)
+    source = hf_dir / HF_QUANT_CONFIG
+    algo_name, kv_name = q.get("quant_algo"), q.get("kv_cache_quant_algo")
+    if algo_name not in QUANT_ALGOS:
+        known = ", ".join(str(k) for k in QUANT_ALGOS if k)
+        raise LlmxError(f"{source}: quant_algo {algo_name!r} is not a format llmx runs ({known}); re-quantize the "
+                        "unquantized model with `llmx quantize`.")
+    if kv_name not in KV_ALGOS:
+        raise LlmxError(f"{source}: kv_cache_quant_algo {kv_name!r} is not supported (FP8, INT8 or none).")
+    algo, kv = QUANT_ALGOS[algo_name], KV_ALGOS[kv_name]
+    if algo == "none" and kv is None:
+        raise LlmxError(f"{source} declares neither weight nor KV-cache quantization; convert the folder without it.")
+    group = q.get("group_size") if algo in ("int4_awq", "w4a8_awq") else (16 if algo == "nvfp4" else None)
+    if algo in ("int4_awq", "w4a8_awq") and not (isinstance(group, int) and group > 0):
+        raise LlmxError(f"{source}: `group_size` is missing or invalid for {algo_name}; re-export the checkpoint.")
+    excluded = [str(m) for m in q.get("exclude_modules") or []]
+    exclude = tuple(dict.fromkeys(llmx_pattern(m) for m in excluded if llmx_pattern(m) is not None))
+    return QuantConfig(algo=algo, group_size=group, kv_cache_dtype=kv, exclude=exclude), excluded
+
+
+def llmx_pattern(hf_module: str) -> str | None:
+    """ModelOpt's excluded module name or glob -> llmx naming; None for modules that are not Linears."""
+    name = hf_module.removeprefix("model.")
+    if name.startswith("embed_tokens") or name.startswith("norm"):
+        return None
+    name = name.replace(".self_attn.", ".attn.")
+    return name
+
+
+def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None = None, force: bool = False,
+                      trust_remote_code: bool = False, progress: Any = None) -> Path:
+    """Write the llmx checkpoint of a ModelOpt HF folder to `out` and return `out`.
+
+    dtype: the checkpoint's activation dtype (embeddings, norms, unquantized Linears, 16-bit scales);
+    default: the dtype of the folder's embedding. progress: as for `llmx.build.convert.convert` (None, a
+    callable(advance_bytes, total_bytes) or a rich Progress), advanced by the bytes written.
+    """
+    from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
+                                       verify_tensors, write_checkpoint_meta)
+    from llmx.build.convert import check_model_dir, check_not_overlapping, find_weight_files
+    from llmx.build.families import read_hf_config
+    from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+    from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+    from llmx.common.atomic import atomic_output_dir, check_output_dir
+    from llmx.common.hashing import hash_files
+    from llmx.quant.export_llmx import PRE_QUANT_SCALE_KEY
+    from llmx.quant.methods import is_excluded
+    from llmx.runtime.config import SUPPORTED_DTYPES, Mapping
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    check_model_dir(hf_dir)
+    check_not_overlapping(hf_dir, out)
+    _, model = read_hf_config(hf_dir / "config.json")
+    quant, _ = read_quant_config(hf_dir)
+    tokenizer_files = find_tokenizer_files(hf_dir, trust_remote_code=trust_remote_code)
+    weight_files, index_file = find_weight_files(hf_dir)
+    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,))
+
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(SafetensorsFile.open(p)) for p in weight_files]
+        reader = _Reader(files, hf_dir)
+        act_dtype = dtype or reader.dtype_of("embed.weight")
+        if act_dtype not in SUPPORTED_DTYPES:
+            raise LlmxError(f"--dtype {act_dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}.")
+        layers = [_import_layer(i, model, quant, reader, act_dtype) for i in range(model.num_layers)]
+        if quant.algo != "none" and not model.tie_word_embeddings and not is_excluded("lm_head", quant.exclude):
+            layers[-1].tensors.update(_import_linear("lm_head", quant.algo, reader, act_dtype,
+                                                     keep_pre_quant_scale=True))
+        kept = sorted({m for layer in layers for m in layer.pre_quant_scale_modules})
+        if kept:
+            quant = _with_extra(quant, {PRE_QUANT_SCALE_KEY: kept})
+        specs = checkpoint_tensor_specs(model, act_dtype, quant)
+        entries = [TensorEntry(n, s.dtype, tuple(s.shape)) for n, s in specs.items()]
+        tensors = {name: t for layer in layers for name, t in layer.tensors.items()}
+        hashed = sorted([hf_dir / "config.json", hf_dir / HF_QUANT_CONFIG, *weight_files]
+                        + ([index_file] if index_file else []))
+        with atomic_output_dir(out) as tmp:
+            with SafetensorsStreamWriter(rank_file(tmp, 0), entries) as writer:
+                bytes_done = ByteProgress(progress, "import", writer.total_bytes)
+                for entry in entries:
+                    tensor = tensors.pop(entry.name) if entry.name in tensors else reader.read(entry.name)
+                    writer.write(entry.name, _cast(tensor, entry.dtype))
+                    bytes_done.advance(entry.nbytes)
+            copy_files(tokenizer_files, tmp)
+            provenance = make_provenance(hf_dir.resolve(), hash_files([p for p in hashed if p.is_file()], hf_dir),
+                                         modelopt_version=_producer_version(hf_dir))
+            write_checkpoint_meta(tmp, model, act_dtype, quant, Mapping(), provenance)
+            verify_tensors(rank_file(tmp, 0), specs)
+    return out
+
+
+class _Reader:
+    """llmx tensor name -> the HF tensor, across the folder's shards (one tensor read at a time)."""
+
+    def __init__(self, files: list, hf_dir: Path):
+        from llmx.build.families import hf_to_llmx_name
+
+        self.where: dict[str, tuple[Any, str]] = {}
+        for f in files:
+            for t in f.tensors:
+                name = _kv_scale_name(t.name)
+                if name is None:
+                    try:
+                        name = hf_to_llmx_name(t.name)
+                    except ValueError:
+                        raise LlmxError(f"{f.path}: tensor `{t.name}` is not part of a layout llmx knows; check "
+                                        "that config.json belongs to these weights.") from None
+                if name is not None:
+                    self.where[name] = (f, t.name)
+        self.hf_dir = hf_dir
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def dtype_of(self, name: str) -> str:
+        f, hf_name = self._locate(name)
+        return f.by_name[hf_name].dtype
+
+    def read(self, name: str) -> "torch.Tensor":
+        f, hf_name = self._locate(name)
+        return f.read(hf_name)
+
+    def _locate(self, name: str):
+        if name not in self.where:
+            from llmx.build.families import llmx_to_hf_name
+
+            hf_name = name if name.endswith(("k_scale", "v_scale")) else llmx_to_hf_name(name)
+            raise LlmxError(f"{self.hf_dir}: tensor `{hf_name}` is missing; the ModelOpt checkpoint is incomplete "
+                            "or does not match its hf_quant_config.json, re-export it.")
+        return self.where[name]
+
+
+class _Layer:
+    def __init__(self):
+        self.tensors: dict[str, "torch.Tensor"] = {}
+        self.pre_quant_scale_modules: set[str] = set()
+
+
+def _import_layer(layer: int, model: "ModelConfig", quant: "QuantConfig", reader: _Reader, dtype: str) -> _Layer:
+    """The quantized Linears (and any norm a smoothing vector is folded into) of one layer."""
+    from llmx.quant.export_llmx import FUSED_GROUPS, UNFUSED
+    from llmx.quant.methods import is_excluded
+
+    out = _Layer()
+    prefix = f"layers.{layer}"
+    if quant.algo == "none":
+        return out
+    for block, projs, norm in FUSED_GROUPS:
+        names = [f"{prefix}.{block}.{p}" for p in projs if not is_excluded(f"{prefix}.{block}.{p}", quant.exclude)]
+        scales = [reader.read(f"{n}.pre_quant_scale") if f"{n}.pre_quant_scale" in reader else None for n in names]
+        if any(s is not None for s in scales):
+            if any(s is None for s in scales) or any(not _equal(s, scales[0]) for s in scales[1:]):
+                raise LlmxError(f"{reader.hf_dir}: {', '.join(names)} carry different pre_quant_scale vectors; llmx "
+                                "fuses them into one GEMM and needs one shared vector: re-export the checkpoint.")
+            norm_name = f"{prefix}.{norm}.weight"
+            out.tensors[norm_name] = reader.read(norm_name).float() * scales[0].float()
+        for n in names:
+            out.tensors.update(_import_linear(n, quant.algo, reader, dtype, keep_pre_quant_scale=False))
+    for block, proj in UNFUSED:
+        n = f"{prefix}.{block}.{proj}"
+        if is_excluded(n, quant.exclude):
+            continue
+        out.tensors.update(_import_linear(n, quant.algo, reader, dtype, keep_pre_quant_scale=True))
+        if f"{n}.pre_quant_scale" in out.tensors:
+            out.pre_quant_scale_modules.add(f"layers.*.{block}.{proj}")
+    return out
+
+
+def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pre_quant_scale: bool):
+    import torch
+
+    tensors = {"weight": reader.read(f"{name}.weight"), "weight_scale": reader.read(f"{name}.weight_scale")}
+    for suffix in ("input_scale", "weight_scale_2", "pre_quant_scale"):
+        if f"{name}.{suffix}" in reader and suffix not in _DROPPED.get(algo, ()):
+            tensors[suffix] = reader.read(f"{name}.{suffix}")
+    if not keep_pre_quant_scale:
+        tensors.pop("pre_quant_scale", None)
+    if algo in ("int4_awq", "w4a8_awq"):
+        tensors["weight"] = _repack_int4(tensors["weight"])
+        tensors["weight_scale"] = tensors["weight_scale"].to(getattr(torch, dtype))
+    elif algo == "int8_wo":
+        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).to(getattr(torch, dtype))
+    elif algo in ("int8_sq", "fp8_pc_pt"):
+        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).float()
+    for suffix in ("input_scale", "weight_scale_2"):
+        if suffix in tensors:
+            tensors[suffix] = tensors[suffix].float().reshape(())
+    if algo == "fp8":
+        tensors["weight_scale"] = tensors["weight_scale"].float().reshape(())
+    return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
+
+
+def _repack_int4(packed_rows: "torch.Tensor") -> "torch.Tensor":
+    """ModelOpt uint8 [N/2, K] (byte = row 2i low nibble | row 2i+1 high nibble, two's complement)
+    -> llmx uint8 [N, K/2] (byte = input 2j low | input 2j+1 high, offset binary)."""
+    import torch
+
+    from llmx.kernels.w4a16_gemm import pack_int4
+
+    low = (packed_rows & 0x0F).to(torch.int16)
+    high = (packed_rows >> 4).to(torch.int16)
+    low = torch.where(low >= 8, low - 16, low)
+    high = torch.where(high >= 8, high - 16, high)
+    q = torch.stack([low, high], dim=1).reshape(-1, packed_rows.shape[1])  # rows 2i, 2i+1 interleaved
+    return pack_int4(q.to(torch.int8))
+
+
+def _kv_scale_name(hf_name: str) -> str | None:
+    parts = hf_name.split(".")
+    if len(parts) == 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "self_attn":
+        if (parts[4], parts[5]) in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            return f"layers.{parts[2]}.attn.{parts[5]}"
+    return None
+
+
+def _cast(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    import torch
+
+    return tensor if str(tensor.dtype).removeprefix("torch.") == dtype else tensor.to(getattr(torch, dtype))
+
+
+def _equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _with_extra(quant: "QuantConfig", extra: dict) -> "QuantConfig":
+    import dataclasses
+
+    return dataclasses.replace(quant, extra={**quant.extra, **extra})
+
+
+def _modelopt_quantization(hf_dir: Path) -> dict:
+    path = hf_dir / HF_QUANT_CONFIG
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LlmxError(f"{path} is not valid JSON ({exc}); re-export the checkpoint.") from None
+        q = data.get("quantization") if isinstance(data, dict) else None
+        if not isinstance(q, dict):
+            raise LlmxError(f"{path}: field `quantization` is missing; re-export the checkpoint with ModelOpt.")
+        return q
+    config = json.loads((hf_dir / "config.json").read_text())
+    q = config.get("quantization_config")
+    return {"quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": _kv_from_scheme(q.get("kv_cache_scheme")),
+            "group_size": q.get("group_size"), "exclude_modules": q.get("ignore")}
+
+
+def _kv_from_scheme(scheme: Any) -> str | None:
+    if not isinstance(scheme, dict):
+        return None
+    if scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        return "FP8"
+    if scheme.get("type") == "int" and scheme.get("num_bits") == 8:
+        return "INT8"
+    return None
+
+
+def _producer_version(hf_dir: Path) -> str | None:
+    try:
+        data = json.loads((hf_dir / HF_QUANT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    producer = data.get("producer") if isinstance(data, dict) else None
+    return producer.get("version") if isinstance(producer, dict) else None

@@ -1,0 +1,164 @@
+"""The recipe format: one YAML file per model family and deployment target, validated by pydantic.
+
+A recipe holds the settings of every stage, keyed exactly like the command-line options of that stage
+(`build: {max_batch_size: 256}` is `llmx build --max-batch-size 256`). Every field is optional: an absent
+field falls back to the command's default, and a flag given on the command line overrides the recipe.
+Unknown keys are refused, so a typo never silently turns into a default.
+
+Besides the shape, a recipe is checked against its target's hardware: FP8 formats need FP8 tensor cores
+(compute capability 8.9+), so `quantize.algo: fp8` on an A100 is refused naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: the device kind engines run on and, for GPUs, the compute capability."""
+
+    name: str
+    device: str  # "cpu" | "cuda"
+    compute_capability: tuple[int, int] | None
+    description: str
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target("cpu", "cpu", None, "any CPU, through the pure-torch path"),
+    "a100": Target("a100", "cuda", (8, 0), "NVIDIA A100 (Ampere, sm80): no FP8 tensor cores"),
+    "h100": Target("h100", "cuda", (9, 0), "NVIDIA H100 (Hopper, sm90)"),
+    "h200": Target("h200", "cuda", (9, 0), "NVIDIA H200 (Hopper, sm90, 141 GB HBM3e)"),
+}
+
+# Formats whose weights, activations or scales are FP8 (e4m3): GEMMs or dequantisation need FP8 hardware
+# support, first present in Ada/Hopper (compute capability 8.9).
+FP8_ALGOS = frozenset({"fp8", "fp8_pc_pt", "w4a8_awq", "nvfp4"})
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+
+
+class _Section(BaseModel):
+    # strict: YAML `tp: "2"` or `chat: 1` is a mistake worth reporting, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def given(self) -> dict[str, Any]:
+        """The fields the recipe sets (absent ones are None and fall back to the command's defaults)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Device = Literal["cpu", "cuda", "auto"]
+
+
+class ConvertSection(_Section):
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+class QuantizeSection(_Section):
+    algo: str | None = None
+    kv_cache_dtype: Literal["fp8", "int8"] | None = None
+    calib_data: str | None = None
+    calib_size: PositiveInt | None = None
+    calib_seq_len: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    group_size: PositiveInt | None = None
+    exclude: list[str] | None = None
+    device: Device | None = None
+    seed: NonNegativeInt | None = None
+    export_format: Literal["llmx", "hf"] | None = None
+
+
+class BuildSection(_Section):
+    tp: PositiveInt | None = None
+    pp: PositiveInt | None = None
+    max_batch_size: PositiveInt | None = None
+    max_seq_len: PositiveInt | None = None
+    max_num_tokens: PositiveInt | None = None
+    kv_block_size: PositiveInt | None = None
+    device: Device | None = None
+
+
+class RunSection(_Section):
+    max_new_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_k: NonNegativeInt | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: NonNegativeInt | None = None
+    stop: list[str] | None = None
+    chat: bool | None = None
+    kv_cache_tokens: PositiveInt | None = None
+
+
+class BenchSection(_Section):
+    isl: PositiveInt | None = None
+    osl: PositiveInt | None = None
+    num_requests: PositiveInt | None = None
+    concurrency: PositiveInt | None = None
+    request_rate: Annotated[float, Field(gt=0)] | None = None
+    warmup: NonNegativeInt | None = None
+    dataset: str | None = None
+    seed: NonNegativeInt | None = None
+    tolerance: Annotated[float, Field(ge=0)] | None = None
+    kv_cache_tokens: PositiveInt | None = None
+
+
+class EvalSection(_Section):
+    data: str | None = None
+    seq_len: Annotated[int, Field(ge=2)] | None = None
+    windows: PositiveInt | None = None
+    max_increase: Annotated[float, Field(ge=0)] | None = None
+    device: Device | None = None
+
+
+class Recipe(_Section):
+    """A whole recipe file. `family` and `target` say what it was tuned for; every section is optional."""
+
+    family: Literal[FAMILIES]
+    target: Literal[tuple(TARGETS)]
+    description: str | None = None
+    convert: ConvertSection = ConvertSection()
+    quantize: QuantizeSection = QuantizeSection()
+    build: BuildSection = BuildSection()
+    run: RunSection = RunSection()
+    bench: BenchSection = BenchSection()
+    eval: EvalSection = EvalSection()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """Settings the recipe gives for one command (`convert`, `quantize`, `build`, `run`, `bench`, `eval`)."""
+        return getattr(self, name).given()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "convert": ConvertSection,
+    "quantize": QuantizeSection,
+    "build": BuildSection,
+    "run": RunSection,
+    "bench": BenchSection,
+    "eval": EvalSection,
+}
+
+
+def target_conflict(target_name: str, section: str, key: str, value: Any) -> str | None:
+    """Why `section.key = value` cannot work on the target, or None when it can.
+
+    Only hardware facts are checked here: FP8 formats on GPUs older than compute capability 8.9, and an
+    engine device that is not the target's device.
+    """
+    target = TARGETS[target_name]
+    if value is None:
+        return None
+    if section == "quantize" and key in ("algo", "kv_cache_dtype") and target.compute_capability is not None:
+        needs_fp8 = (key == "algo" and value in FP8_ALGOS) or (key == "kv_cache_dtype" and value == "fp8")
+        if needs_fp8 and target.compute_capability < FP8_MIN_COMPUTE_CAPABILITY:
+            cc = ".".join(map(str, target.compute_capability))
+            return (f"{value} needs FP8 support (compute capability 8.9+) but target {target.name} is {cc}; "
+                    "use int8_sq, int4_awq, int4_gptq or int8_wo weights and an int8 KV cache there")
+    if section in ("build", "eval") and key == "device" and value not in ("auto", target.device):
+        return f"target {target.name} runs engines on {target.device}, not {value}"
+    return None

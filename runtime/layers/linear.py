@@ -1,0 +1,47 @@
+"""Linear layers whose weights are stored in any QuantMethod's format, with tensor-parallel variants.
+
+Weights live in `self.tensors` (suffix -> tensor, e.g. {"weight", "weight_scale"}), placed on the device
+by the loader through the method's `prepare_for_device`, not as nn.Parameters: inference never trains,
+and the formats differ per method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmx.quant.methods import QuantMethod
+from llmx.runtime.distributed import tp_all_reduce
+
+
+class Linear(nn.Module):
+    """y = x W^T + b for this rank's slice of W [out_features, in_features] (sizes are per rank).
+
+    parallel: None (replicated), "column" (out features split; no communication) or "row" (in features
+    split; partial sums all-reduced, then the bias added once).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, method: QuantMethod,
+                 parallel: str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.has_bias = bias
+        self.method = method
+        self.parallel = parallel
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.bias: torch.Tensor | None = None
+
+    def expected_tensors(self, act_dtype: str) -> dict:
+        specs = dict(self.method.weight_specs(self.out_features, self.in_features, act_dtype))
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel == "row":
+            y = self.method.apply(self.tensors, x, None)
+            y = tp_all_reduce(y)
+            return y if self.bias is None else y + self.bias
+        return self.method.apply(self.tensors, x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, parallel={self.parallel}"

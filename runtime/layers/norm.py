@@ -1,0 +1,22 @@
+"""RMSNorm, with the residual add fused in when a residual is passed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmx.runtime.layers import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.size = size
+        self.eps = eps
+        self.weight: torch.Tensor | None = None  # [size], set by the loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [T, size] -> normed [T, size]; with `residual`: (normed(x + residual), x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

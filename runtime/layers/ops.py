@@ -1,0 +1,69 @@
+"""Dispatch of the hot-path operations: Triton kernels on CUDA, pure-torch references elsewhere.
+
+Each kernel module in llmx.kernels exposes a launching wrapper and a `*_ref` with the same signature;
+this is the single place that chooses between them, so model code never branches on the device.
+`set_use_triton(False)` forces the references on GPU too (for A/B checks and debugging).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_USE_TRITON = True
+
+
+def set_use_triton(enabled: bool) -> None:
+    global _USE_TRITON
+    _USE_TRITON = enabled
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    return _USE_TRITON and t.is_cuda and _triton_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from llmx.kernels import rms_norm as k
+
+    return k.rms_norm(x, weight, eps) if use_kernels(x) else k.rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Returns (rmsnorm(x + residual) * weight, x + residual)."""
+    from llmx.kernels import rms_norm as k
+
+    fn = k.fused_add_rms_norm if use_kernels(x) else k.fused_add_rms_norm_ref
+    return fn(x, residual, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    from llmx.kernels import rotary as r
+
+    fn = r.apply_rotary if use_kernels(q) else r.apply_rotary_ref
+    return fn(q, k, positions, cos_sin_cache)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    from llmx.kernels import kv_cache_write as w
+
+    fn = w.write_kv_cache if use_kernels(k) else w.write_kv_cache_ref
+    fn(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
+                    k_scale=None, v_scale=None, sliding_window=None, max_query_len=None):
+    from llmx.kernels import paged_attention as a
+
+    fn = a.paged_attention if use_kernels(q) else a.paged_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale,
+              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len)

@@ -1,0 +1,129 @@
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families.
+
+These families differ only in switches of ModelConfig (q/k/v bias, o bias, q/k norm, sliding window,
+RoPE scaling, tied embeddings), so one module implements them all; a family whose block structure
+differs gets a file of its own next to this one.
+
+Module names equal the engine's tensor names (`layers.3.attn.qkv_proj` holds `layers.3.attn.qkv_proj.weight`),
+so loading is a walk over named modules. With pipeline parallelism a model holds only its stage's
+layers, under their global indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmx.quant.methods import method_for
+from llmx.runtime.config import ModelConfig, QuantConfig
+from llmx.runtime.distributed import ParallelContext
+from llmx.runtime.layers.attention import Attention, AttentionMetadata
+from llmx.runtime.layers.embedding import LMHead, VocabEmbedding
+from llmx.runtime.layers.linear import Linear
+from llmx.runtime.layers.norm import RMSNorm
+from llmx.runtime.layers.rotary import RotaryEmbedding
+
+
+def local_kv_heads(config: ModelConfig, tp: int) -> int:
+    """KV heads per rank: split when they divide by tp, else each rank holds one (replicated) head."""
+    return config.num_kv_heads // tp if config.num_kv_heads % tp == 0 else 1
+
+
+def vocab_per_rank(config: ModelConfig, tp: int) -> int:
+    return -(-config.vocab_size // tp)
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
+    """Contiguous layers of pipeline stage `pp_rank`; earlier stages take the remainder."""
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up: Linear, down: Linear):
+        super().__init__()
+        self.gate_up_proj = gate_up
+        self.down_proj = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None, ctx: ParallelContext, index: int):
+        super().__init__()
+        tp = ctx.tp_size
+        heads = config.num_heads // tp
+        kv_heads = local_kv_heads(config, tp)
+        hd = config.head_dim
+        inter = config.intermediate_size // tp
+        prefix = f"layers.{index}"
+        qkv = Linear(config.hidden_size, (heads + 2 * kv_heads) * hd, bias=config.qkv_bias,
+                     method=method_for(quant, f"{prefix}.attn.q_proj"), parallel="column")
+        o_proj = Linear(heads * hd, config.hidden_size, bias=config.o_bias,
+                        method=method_for(quant, f"{prefix}.attn.o_proj"), parallel="row")
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=kv_heads,
+                              head_dim=hd, qkv=qkv, o_proj=o_proj,
+                              qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
+                              sliding_window=config.sliding_window)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        gate_up = Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias,
+                         method=method_for(quant, f"{prefix}.mlp.gate_proj"), parallel="column")
+        down = Linear(inter, config.hidden_size, bias=config.mlp_bias,
+                      method=method_for(quant, f"{prefix}.mlp.down_proj"), parallel="row")
+        self.mlp = MLP(gate_up, down)
+
+    def forward(self, positions, hidden, residual, meta: AttentionMetadata, rotary: RotaryEmbedding):
+        if residual is None:
+            residual = hidden
+            hidden = self.attn_norm(hidden)
+        else:
+            hidden, residual = self.attn_norm(hidden, residual)
+        hidden = self.attn(positions, hidden, meta, rotary)
+        hidden, residual = self.mlp_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None, ctx: ParallelContext,
+                 max_positions: int, device: torch.device | str):
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+        self.layer_indices = stage_layers(config.num_layers, ctx.pp_size, ctx.pp_rank)
+        tied = config.tie_word_embeddings
+        needs_embed = ctx.is_first_stage or (ctx.is_last_stage and tied)
+        self.embed = VocabEmbedding(vocab_per_rank(config, ctx.tp_size)) if needs_embed else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, quant, ctx, i) for i in self.layer_indices})
+        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device)
+        if ctx.is_last_stage:
+            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = LMHead(config.vocab_size, vocab_per_rank(config, ctx.tp_size), config.hidden_size,
+                                  method_for(quant, "lm_head"), self.embed if tied else None)
+        else:
+            self.final_norm = None
+            self.lm_head = None
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.attn for layer in self.layers.values()]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """input_ids, positions [T] -> final hidden [T, hidden] (last stage) or (hidden, residual) to pass on."""
+        if intermediate is None:
+            hidden, residual = self.embed(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers.values():
+            hidden, residual = layer(positions, hidden, residual, meta, self.rotary)
+        if self.final_norm is None:
+            return hidden, residual
+        hidden, _ = self.final_norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden] -> float32 logits [S, vocab]."""
+        return self.lm_head(hidden)

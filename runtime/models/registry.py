@@ -1,0 +1,16 @@
+"""Architecture name -> model class. llmx.build.families validates names against the same set."""
+
+from __future__ import annotations
+
+from llmx.runtime.models.decoder import DecoderModel
+
+MODEL_REGISTRY: dict[str, type] = {
+    "LlamaForCausalLM": DecoderModel,
+    "MistralForCausalLM": DecoderModel,
+    "Qwen2ForCausalLM": DecoderModel,
+    "Qwen3ForCausalLM": DecoderModel,
+}
+
+
+def model_class(architecture: str) -> type:
+    return MODEL_REGISTRY[architecture]

@@ -1,0 +1,91 @@
+"""Perplexity over a text file: the accuracy yardstick for quantization (`llmx eval`).
+
+The text is tokenized without special tokens and cut into non-overlapping windows of `seq_len` tokens
+from its start; each window is scored independently (a fresh KV cache), predicting tokens 2..seq_len
+from their prefixes. The same file, seq_len and window count give the same windows for every model
+with the same tokenizer, which is what makes two perplexities comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from llmx.common.errors import LlmxError
+from llmx.common.hashing import hash_files
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    num_tokens: int  # predicted tokens: num_windows * (seq_len - 1)
+    num_windows: int
+    seq_len: int
+    data_hash: str
+    data: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _windows(token_ids: list[int], seq_len: int, windows: int | None, data: Path) -> list[list[int]]:
+    available = len(token_ids) // seq_len
+    if available == 0 or (windows is not None and windows > available):
+        wanted = seq_len * (windows or 1)
+        raise LlmxError(f"{data}: has {len(token_ids)} tokens, {wanted} are needed for "
+                        f"{windows or 1} window(s) of {seq_len}; use a longer text, a smaller --seq-len or fewer --windows.")
+    count = available if windows is None else windows
+    return [token_ids[i * seq_len:(i + 1) * seq_len] for i in range(count)]
+
+
+def evaluate_perplexity(path: str | Path, data: str | Path, *, seq_len: int = 512, windows: int | None = None,
+                        device: str | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Perplexity of the engine (or checkpoint: a temporary engine is built) at `path` on the text `data`."""
+    path, data = Path(path), Path(data)
+    if not data.is_file():
+        raise LlmxError(f"{data}: no such file; pass a UTF-8 text file with --data.")
+    if seq_len < 2:
+        raise LlmxError(f"--seq-len must be at least 2, got {seq_len}.")
+    if (path / "llmx.json").exists() and not (path / "engine.json").exists():
+        with tempfile.TemporaryDirectory(prefix="llmx-eval-") as tmp:
+            engine_dir = _build_temporary_engine(path, Path(tmp) / "engine", seq_len, device)
+            return _evaluate_engine(engine_dir, data, seq_len, windows, device, progress)
+    return _evaluate_engine(path, data, seq_len, windows, device, progress)
+
+
+def _build_temporary_engine(ckpt: Path, out: Path, seq_len: int, device: str | None) -> Path:
+    import torch
+
+    from llmx.build.engine import build_engine
+    from llmx.runtime.config import BuildConfig
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    build = BuildConfig(max_batch_size=1, max_seq_len=seq_len, max_num_tokens=seq_len, device=dev)
+    return build_engine(ckpt, out, build).path
+
+
+def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | None, device: str | None,
+                     progress) -> PerplexityResult:
+    from llmx.runtime.engine import LLM
+
+    llm = LLM(engine_dir, device=device, kv_cache_tokens=seq_len)
+    if seq_len > llm.max_seq_len:
+        raise LlmxError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {llm.max_seq_len}; "
+                        "use a smaller --seq-len or rebuild with a larger --max-seq-len.")
+    text = data.read_text(encoding="utf-8")
+    token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    chunks = _windows(token_ids, seq_len, windows, data)
+    total_nll = 0.0
+    for i, window in enumerate(chunks):
+        total_nll -= float(llm.runner.score(window).double().sum())
+        if progress:
+            progress(i + 1, len(chunks))
+    num_tokens = len(chunks) * (seq_len - 1)
+    mean = total_nll / num_tokens
+    return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, num_tokens=num_tokens,
+                            num_windows=len(chunks), seq_len=seq_len, data_hash=hash_files([data]),
+                            data=str(data))

@@ -1,0 +1,285 @@
+"""In-flight batching: which sequences run in the next step, and how many of their tokens.
+
+A step is a list of ScheduledSeq(seq, num_new_tokens): the model runner computes positions
+[seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens) of seq.token_ids into the KV slots of
+seq.block_table, and samples one token only for entries that reach the end of the known tokens. Prefill,
+chunked prefill, decode and the recompute of a preempted sequence are all this one operation.
+
+Policy per step, under a budget of max_num_tokens tokens and at most max_num_seqs running sequences:
+1. RUNNING sequences in arrival order each get their remaining tokens (a decode token or the next prefill
+   chunk). When KV blocks run out, the most recently arrived running sequence is preempted: its blocks are
+   freed and it goes back to the front of the waiting queue, to recompute prompt + generated tokens later.
+2. If nothing was preempted, WAITING sequences are admitted first come first served while the budget, the
+   seats and the KV blocks allow, each starting from its longest prefix-cache hit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from llmx.common.errors import LlmxError
+from llmx.runtime.block_manager import BlockManager
+from llmx.runtime.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step: positions [start_position, end_position) of seq.token_ids.
+
+    start_position and samples are taken when the entry is made (at schedule time), so they stay right
+    after postprocess has advanced the sequence.
+    """
+
+    seq: Sequence
+    num_new_tokens: int
+    start_position: int = field(init=False)
+    samples: bool = field(init=False)  # the step reaches the end of the known tokens: the runner samples
+
+    def __post_init__(self):
+        start = self.seq.num_computed_tokens
+        object.__setattr__(self, "start_position", start)
+        object.__setattr__(self, "samples", start + self.num_new_tokens == self.seq.num_tokens)
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What schedule() decided for one step."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to WAITING this step (KV freed)
+    errored: list[Sequence] = field(default_factory=list)  # finished with FinishReason.ERROR since last step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+
+class Scheduler:
+    """Decides each step's batch and applies its results (see the module docstring for the policy)."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_tokens: int,
+                 max_model_len: int, block_size: int, eos_token_ids: tuple[int, ...] = (),
+                 chunked_prefill: bool = True):
+        if max_num_seqs < 1:
+            raise LlmxError(f"max_batch_size must be at least 1, got {max_num_seqs}; rebuild the engine with a "
+                            "positive --max-batch-size.")
+        if max_num_tokens < 1:
+            raise LlmxError(f"max_num_tokens must be at least 1, got {max_num_tokens}; rebuild the engine with a "
+                            "positive --max-num-tokens.")
+        if max_model_len < 2:
+            raise LlmxError(f"max_seq_len must be at least 2 (one prompt token and one generated), got "
+                            f"{max_model_len}; rebuild the engine with a larger --max-seq-len.")
+        if block_size != block_manager.block_size:
+            raise LlmxError(f"the scheduler's block_size {block_size} differs from the KV cache's "
+                            f"{block_manager.block_size}; build both from the engine's kv_block_size.")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.chunked_prefill = chunked_prefill
+        self.num_preemptions = 0  # total over the scheduler's life, for stats
+
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # in arrival order (preempted ones come back in order, see _preempt)
+        self._errored: list[Sequence] = []
+        # Most output tokens each sequence may have: max_new_tokens clipped to max_model_len and the KV cache.
+        self._output_limits: dict[Sequence, int] = {}
+
+    # ---- state -------------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
+    def has_unfinished(self) -> bool:
+        """True while a sequence waits, runs, or finished with an error not yet returned by schedule()."""
+        return bool(self._waiting or self._running or self._errored)
+
+    def output_limit(self, seq: Sequence) -> int:
+        """The most output tokens seq will get: its max_new_tokens clipped to what the engine can hold."""
+        return self._output_limits[seq]
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. One that can never be served is finished with FinishReason.ERROR and handed
+        back by the next schedule() call; the others are unaffected."""
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens \
+                or seq in self._output_limits:
+            raise ValueError(f"sequence {seq.seq_id} was already added or has state; add a fresh Sequence")
+        error = self._admission_error(seq)
+        if error is not None:
+            seq.finish(FinishReason.ERROR, error)
+            self._errored.append(seq)
+            return
+        kv_capacity = self.block_manager.num_blocks * self.block_size
+        # A sequence ending with T tokens has KV for T - 1 of them (the last one is sampled, never computed).
+        self._output_limits[seq] = min(seq.params.max_new_tokens, self.max_model_len - seq.num_prompt_tokens,
+                                       kv_capacity - seq.num_prompt_tokens + 1)
+        self._waiting.append(seq)
+
+    def _admission_error(self, seq: Sequence) -> str | None:
+        n = seq.num_prompt_tokens
+        if n == 0:
+            return f"Request {seq.seq_id}: the prompt is empty; send at least one token."
+        if n >= self.max_model_len:
+            return (f"Request {seq.seq_id}: the prompt has {n} tokens but the engine's max sequence length is "
+                    f"{self.max_model_len}, so prompts may have at most {self.max_model_len - 1} tokens; shorten "
+                    "the prompt or rebuild the engine with a larger --max-seq-len.")
+        kv_capacity = self.block_manager.num_blocks * self.block_size
+        if n > kv_capacity:
+            return (f"Request {seq.seq_id}: the prompt has {n} tokens but the KV cache holds only {kv_capacity} "
+                    "tokens; give the engine more KV-cache memory or shorten the prompt.")
+        if not self.chunked_prefill and n > self.max_num_tokens:
+            return (f"Request {seq.seq_id}: the prompt has {n} tokens but a step processes at most "
+                    f"{self.max_num_tokens} tokens and chunked prefill is off; enable chunked prefill or "
+                    "rebuild the engine with a larger --max-num-tokens.")
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End seq now (stop string, abort): free its KV blocks and mark it. No-op if already finished."""
+        if seq.is_finished:
+            return
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        self.block_manager.free(seq)
+        self._output_limits.pop(seq, None)
+        seq.finish(reason, error)
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(errored=self._errored)
+        self._errored = []
+        budget = self._schedule_running(out, self.max_num_tokens)
+        if not out.preempted:
+            # After a preemption the cache is short of blocks: admitting now would only thrash.
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        queue = deque(self._running)
+        kept: list[Sequence] = []  # running after this step, in arrival order
+        while queue:
+            seq = queue.popleft()
+            if budget == 0:
+                kept.append(seq)
+                kept.extend(queue)
+                break
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._allocate_or_preempt(seq, num_new, queue, has_older=bool(kept), out=out):
+                kept.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+        self._running = kept
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, queue: deque[Sequence], *, has_older: bool,
+                             out: SchedulerOutput) -> bool:
+        """Get seq the blocks for num_new tokens, preempting the newest unscheduled running sequences (from
+        the back of queue) as needed, and seq itself last. Returns False if seq was preempted."""
+        while not self.block_manager.allocate_for(seq, num_new):
+            if queue:
+                victim = queue.pop()
+            elif has_older:
+                victim = seq  # only older sequences hold blocks now: seq is the newest, so it yields
+            else:
+                raise RuntimeError(f"sequence {seq.seq_id} cannot get KV blocks even alone; add() should have "
+                                   "clipped it to the cache capacity")
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's KV and send it to the front of the waiting queue; it recomputes its tokens later.
+        Victims are taken newest first, so pushing each to the front keeps the queue in arrival order."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            num_new = self._try_admit(seq, budget)
+            if num_new == 0:
+                break  # first come first served: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+    def _try_admit(self, seq: Sequence, budget: int) -> int:
+        """Give seq its prefix-cache hit and blocks for its first chunk; returns the chunk's token count, or
+        0 with nothing held if it does not fit now."""
+        self.block_manager.allocate_prefix(seq)
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        # Without chunked prefill a prompt runs whole. A preempted sequence's prompt + generated tokens can
+        # exceed a step's budget; it is recomputed in chunks anyway, else it could never come back.
+        if self.chunked_prefill or remaining > self.max_num_tokens:
+            num_new = min(remaining, budget)
+        else:
+            num_new = remaining if remaining <= budget else 0
+        if num_new and self.block_manager.allocate_for(seq, num_new):
+            return num_new
+        self.block_manager.cancel_admission(seq)
+        return 0
+
+    # ---- results ---------------------------------------------------------------------------------------------
+    def postprocess(self, batch: SchedulerOutput | Iterable[ScheduledSeq],
+                    sampled: Mapping[Sequence, int]) -> list[Sequence]:
+        """Apply a step's results: advance each sequence, append its sampled token, finish it on EOS, a stop
+        token id or its length limit, and free its blocks. Returns the sequences finished by this step."""
+        items = batch.scheduled if isinstance(batch, SchedulerOutput) else list(batch)
+        live = [item for item in items if not item.seq.is_finished]  # finish() may have ended one mid-step
+        for item in live:
+            if item.seq.num_computed_tokens != item.start_position:
+                raise ValueError(f"sequence {item.seq.seq_id}: postprocess got a batch that is not the last "
+                                 "schedule() output (or applied it twice)")
+            if item.samples != (item.seq in sampled):
+                raise ValueError(
+                    f"sequence {item.seq.seq_id}: the model runner must sample exactly when a step reaches the "
+                    f"end of the known tokens (step ends at {item.end_position} of {item.seq.num_tokens}, "
+                    f"sampled: {item.seq in sampled})")
+        finished = []
+        for item in live:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                seq.output_token_ids.append(int(sampled[seq]))
+            self.block_manager.mark_computed(seq)
+            reason = self._finish_reason(seq) if item.samples else None
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+        token = seq.output_token_ids[-1]
+        if not seq.params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.EOS
+        if token in seq.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= self._output_limits[seq]:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,205 @@
+"""Multi-rank execution: llmx starts one process per rank itself and drives them from rank 0.
+
+Rank 0 (the caller's process) owns the scheduler. Every step it broadcasts a self-contained plan (the
+WorkItems) over a gloo control group; every rank runs its shard of the model on it (NCCL between GPUs,
+gloo between CPU processes); the last pipeline stage's first TP rank samples and, when that is not
+rank 0, sends the tokens back. A rank that dies is noticed before the next broadcast (its exit code is
+reported) or by the collective timeout, never a hang; the other ranks are then stopped.
+
+Ranks are numbered rank = pp_rank * tp + tp_rank. Under `torchrun` (RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set), every process runs the same command: rank 0 drives, the others serve.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmx.common.errors import LlmxError
+from llmx.runtime.config import Mapping
+from llmx.runtime.distributed import ParallelContext, set_parallel_context
+
+# NVLink multicast (NVLS) can take a shared host's GPUs out of service: keep it off in every process we start.
+SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLMX_COLLECTIVE_TIMEOUT", "120"))
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """What every rank needs to build its runner; picklable for spawn."""
+
+    engine_dir: str
+    device: str
+    kv_cache_tokens: int | None
+    kv_cache_fraction: float
+    enforce_eager: bool
+    master_addr: str
+    master_port: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_rank(rank: int, mapping: Mapping, opts: RankOptions) -> dist.ProcessGroup:
+    """Join the process group, set this process's ParallelContext; returns the gloo control group."""
+    os.environ.update(SAFE_NCCL_ENV)
+    world = mapping.world_size
+    backend = "nccl" if opts.device == "cuda" else "gloo"
+    if opts.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=opts.timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://{opts.master_addr}:{opts.master_port}",
+                            rank=rank, world_size=world, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    tp_group = None
+    for pp_rank in range(mapping.pp):
+        ranks = list(range(pp_rank * mapping.tp, (pp_rank + 1) * mapping.tp))
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            tp_group = group
+    set_parallel_context(ParallelContext(tp_rank=mapping.tp_rank(rank), tp_size=mapping.tp,
+                                         pp_rank=mapping.pp_rank(rank), pp_size=mapping.pp, tp_group=tp_group))
+    return control
+
+
+def build_runner(rank: int, opts: RankOptions, control) -> "ModelRunner":
+    from llmx.build.engine import read_engine
+    from llmx.runtime.model_runner import ModelRunner
+    from llmx.runtime.distributed import get_parallel_context
+
+    engine = read_engine(Path(opts.engine_dir))
+    device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
+    runner = ModelRunner(model_config=engine.model, quant=engine.quant, build=engine.build,
+                         act_dtype=engine.dtype, weights_path=engine.path / f"rank{rank}.safetensors",
+                         device=device, ctx=get_parallel_context(), kv_cache_tokens=opts.kv_cache_tokens,
+                         kv_cache_fraction=opts.kv_cache_fraction, control_group=control,
+                         enforce_eager=opts.enforce_eager)
+    return runner
+
+
+def serve(rank: int, mapping: Mapping, opts: RankOptions) -> None:
+    """A non-driver rank: build the runner, then execute broadcast commands until told to stop."""
+    control = init_rank(rank, mapping, opts)
+    try:
+        runner = build_runner(rank, opts, control)
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=control)
+            command, payload = box[0]
+            if command == "stop":
+                break
+            if command == "step":
+                runner.execute(payload)
+            elif command == "logits":
+                runner.prompt_logits(payload)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned_rank(rank: int, mapping: Mapping, opts: RankOptions) -> None:
+    try:
+        serve(rank, mapping, opts)
+    except Exception as exc:  # the driver reports the failure; keep the worker's own output short
+        print(f"llmx rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+        raise SystemExit(1)
+
+
+class DistributedRunner:
+    """Rank 0's view of all ranks: the ModelRunner interface, with every call mirrored to the others."""
+
+    def __init__(self, mapping: Mapping, opts: RankOptions):
+        self.mapping = mapping
+        self.procs = []
+        if not launched_by_torchrun():
+            os.environ.update(SAFE_NCCL_ENV)  # inherited by the spawned ranks
+            ctx = torch.multiprocessing.get_context("spawn")
+            for rank in range(1, mapping.world_size):
+                proc = ctx.Process(target=_spawned_rank, args=(rank, mapping, opts), daemon=True)
+                proc.start()
+                self.procs.append(proc)
+        try:
+            self.control = init_rank(0, mapping, opts)
+            self.local = build_runner(0, opts, self.control)
+        except BaseException:
+            self._terminate()
+            raise
+        self._closed = False
+
+    def __getattr__(self, name):  # num_blocks, block_size, kv_dtype, ... come from rank 0's runner
+        return getattr(self.__dict__["local"], name)
+
+    def _check_ranks(self) -> None:
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                self._terminate()
+                raise LlmxError(f"rank {rank} of {self.mapping.world_size} exited with code {proc.exitcode}; "
+                                "the job is stopped (see that rank's message above).", exit_code=1)
+
+    def _broadcast(self, command: str, payload) -> None:
+        self._check_ranks()
+        try:
+            dist.broadcast_object_list([(command, payload)], src=0, group=self.control)
+        except RuntimeError as exc:
+            self._terminate()
+            raise LlmxError(f"lost contact with another rank ({exc}); the job is stopped.", exit_code=1) from exc
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if self.procs and not all(p.is_alive() for p in self.procs):
+                self._check_ranks()
+            raise
+
+    def execute(self, work):
+        self._broadcast("step", work)
+        return self._guarded(self.local.execute, work)
+
+    def prompt_logits(self, token_ids):
+        self._broadcast("logits", list(token_ids))
+        return self._guarded(self.local.prompt_logits, token_ids)
+
+    def score(self, token_ids):
+        logits = self.prompt_logits(token_ids)
+        return self.local.logprobs_of(logits, token_ids)
+
+    def release(self, seq_id: int) -> None:
+        self.local.release(seq_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if all(p.is_alive() for p in self.procs):
+                dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
+            for proc in self.procs:
+                proc.join(timeout=30)
+        finally:
+            self._terminate()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            set_parallel_context(ParallelContext())
+
+    def _terminate(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()

@@ -1,0 +1,26 @@
+"""Puts tests/ on sys.path so test files can `from helpers.tiny_models import make_tiny_hf_model`."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """Factory: tiny_model_dir("qwen2", tie=True, ...) -> a fresh tiny HF folder under tmp_path."""
+    from helpers.tiny_models import make_tiny_hf_model
+
+    counter = itertools.count()
+
+    def make(family: str = "llama", **kwargs) -> Path:
+        return make_tiny_hf_model(family, tmp_path / f"hf-{family}-{next(counter)}", **kwargs)
+
+    return make

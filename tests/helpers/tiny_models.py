@@ -1,0 +1,133 @@
+"""Tiny random Hugging Face checkpoints, one per supported family, for fast tests (shared by every package).
+
+`make_tiny_hf_model("qwen3", tmp_path / "hf")` writes config.json, safetensors weights and a real
+(tiny) tokenizer that `transformers.AutoTokenizer.from_pretrained` loads offline. Sizes: hidden 64,
+intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 256, 512 positions. Family variants:
+
+- llama:   Llama-2 style, no RoPE scaling
+- llama3:  Llama-3.1 style: rope_theta 500000, rope_scaling type "llama3"
+- mistral: sliding_window 32, so prompts longer than 32 tokens exercise the window
+- qwen2:   q/k/v bias, no o bias
+- qwen3:   q_norm/k_norm, head_dim 32 (q_size 128 != hidden 64)
+
+Norm weights and biases are perturbed away from their 1 / 0 initialisation, so a test that swaps or
+drops one of them sees different logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+# The shared corpus sits next to the repository (../shared/data, see DESIGN.md); the opening of the same
+# novel is the fallback where that folder is absent, so the tokenizer can always be trained.
+_CORPUS_CANDIDATES = (Path(__file__).resolve().parents[2].parent / "shared/data/corpus/austen_emma.txt",
+                      Path("/work/shared/data/corpus/austen_emma.txt"))
+_FALLBACK_TEXT = """Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition,
+seemed to unite some of the best blessings of existence; and had lived nearly twenty-one years in the
+world with very little to distress or vex her.
+She was the youngest of the two daughters of a most affectionate, indulgent father; and had, in
+consequence of her sister's marriage, been mistress of his house from a very early period. Her mother
+had died too long ago for her to have more than an indistinct remembrance of her caresses; and her
+place had been supplied by an excellent woman as governess, who had fallen little short of a mother
+in affection.
+"""
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    # 5x the usual 0.02: attention then shapes the logits enough that RoPE, masking and KV mistakes
+    # change greedy tokens instead of hiding behind the embedding -> lm_head path.
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rope_theta=10000.0),
+    "llama3": dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128}),
+    "mistral": dict(rope_theta=10000.0, sliding_window=32),
+    "qwen2": dict(rope_theta=1000000.0),
+    "qwen3": dict(rope_theta=1000000.0, head_dim=32),
+}
+
+
+def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
+    """The transformers config object of a tiny model of `family` (see TINY_FAMILIES)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+               "qwen3": Qwen3Config}
+    if family not in classes:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")
+    kwargs = {**_COMMON, **_VARIANTS[family], "tie_word_embeddings": tie, **overrides}
+    return classes[family](**kwargs)
+
+
+def make_tiny_hf_model(family: str, out_dir: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                       tie: bool = False, multi_shard: bool = False, **overrides: Any) -> Path:
+    """Write a tiny random HF model folder (config, safetensors, tokenizer) to `out_dir` and return it.
+
+    multi_shard: several model-0000x-of-0000y.safetensors shards plus model.safetensors.index.json.
+    overrides: any config field (e.g. num_hidden_layers=3, attention_bias=True).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out_dir = Path(out_dir)
+    config = tiny_hf_config(family, tie=tie, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms and biases
+                p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(dtype)
+    # A tiny fp32 model is ~0.5 MB: 100 kB shards give several files.
+    model.save_pretrained(out_dir, max_shard_size="100KB" if multi_shard else "10GB")
+    write_tiny_tokenizer(out_dir, vocab_size=config.vocab_size)
+    return out_dir
+
+
+def write_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> None:
+    """A BPE tokenizer (<= vocab_size tokens; <unk>=0, <s>=1, </s>=2; prepends <s>) with a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_trained_tokenizer(vocab_size), bos_token=BOS,
+                                        eos_token=EOS, unk_token=UNK, chat_template=CHAT_TEMPLATE)
+    tokenizer.save_pretrained(out_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = next((p for p in _CORPUS_CANDIDATES if p.is_file()), None)
+    text = corpus.read_text()[:40_000] if corpus is not None else _FALLBACK_TEXT
+    lines = [line for line in text.splitlines() if line.strip()]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[UNK, BOS, EOS], limit_alphabet=80,
+                                  show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok

@@ -1,0 +1,130 @@
+"""The LLM API end to end on CPU: batching invariance, preemption, prefix caching, sampling, stop
+strings, streaming, per-request errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny_models import make_tiny_hf_model
+from llmx.build.convert import convert
+from llmx.build.engine import build_engine
+from llmx.runtime.config import BuildConfig
+from llmx.runtime.engine import LLM
+from llmx.runtime.sequence import SamplingParams
+
+
+def engine_for(hf_dir, tmp, dtype="float32", **build):
+    ckpt = convert(hf_dir, tmp / "ckpt", dtype=dtype)
+    options = dict(max_batch_size=16, max_seq_len=256, max_num_tokens=128, kv_block_size=16, device="cpu")
+    options.update(build)
+    return build_engine(ckpt, tmp / "engine", BuildConfig(**options)).path
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(tmp_path_factory):
+    from helpers.smollm2 import smollm2_dir
+
+    return engine_for(smollm2_dir(), tmp_path_factory.mktemp("smol"), max_num_tokens=96)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    return engine_for(make_tiny_hf_model("llama", tmp / "hf", dtype=torch.float32), tmp, max_seq_len=64)
+
+
+def mixed_prompts(tokenizer, n=16):
+    from helpers.smollm2 import CORPUS
+
+    words = (CORPUS / "austen_persuasion.txt").read_text(encoding="utf-8").split()[2000:]
+    return [" ".join(words[i * 37:i * 37 + 3 + (i * 7) % 41]) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_greedy_output_is_the_same_alone_batched_and_under_preemption(smollm2_engine):
+    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    llm = LLM(smollm2_engine)
+    prompts = mixed_prompts(llm.tokenizer)
+    alone = [llm.generate([p], greedy)[0].output_token_ids for p in prompts]
+    batched = [o.output_token_ids for o in llm.generate(prompts, greedy)]
+    assert batched == alone
+    # 12 blocks of 16 tokens cannot hold 16 sequences of up to ~80 tokens: the scheduler must preempt.
+    tight = LLM(smollm2_engine, kv_cache_tokens=12 * 16)
+    pressured = [o.output_token_ids for o in tight.generate(prompts, greedy)]
+    assert tight.stats()["num_preemptions"] > 0
+    assert pressured == alone
+
+
+@pytest.mark.slow
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(smollm2_engine):
+    llm = LLM(smollm2_engine)
+    shared = " ".join(["It is a truth universally acknowledged"] * 8)
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    first = llm.generate([shared + " that a single man"], greedy)[0]
+    second = llm.generate([shared + " that a single man"], greedy)[0]
+    assert first.num_cached_prompt_tokens == 0
+    assert second.num_cached_prompt_tokens >= 16
+    assert second.output_token_ids == first.output_token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_engine):
+    llm = LLM(tiny_engine)
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7, 8]], params)[0].output_token_ids
+    others = SamplingParams(max_new_tokens=16, temperature=1.0, seed=99, ignore_eos=True)
+    batched = llm.generate([[9, 9, 9], [5, 6, 7, 8], [11, 12]], [others, params, others])
+    assert batched[1].output_token_ids == alone
+    different_seed = llm.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=16, temperature=0.9, seed=8,
+                                                               ignore_eos=True))[0]
+    assert different_seed.output_token_ids != alone
+
+
+def test_top_k_one_is_greedy(tiny_engine):
+    llm = LLM(tiny_engine)
+    greedy = llm.generate([[3, 4, 5]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    topk1 = llm.generate([[3, 4, 5]], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=1,
+                                                      ignore_eos=True))[0]
+    assert topk1.output_token_ids == greedy.output_token_ids
+
+
+def test_streamed_pieces_concatenate_to_the_final_text(tiny_engine):
+    llm = LLM(tiny_engine)
+    pieces, final = [], None
+    for out in llm.stream(["Emma was"], SamplingParams(max_new_tokens=20, ignore_eos=True)):
+        pieces.append(out.new_text)
+        final = out
+    assert final.finished and len(final.output_token_ids) == 20
+    assert "".join(pieces) == final.text
+    assert final.text == llm.tokenizer.decode(final.output_token_ids, skip_special_tokens=True)
+    assert len(final.metrics.token_times) == 20 and final.metrics.ttft > 0
+
+
+def test_stop_token_ids_and_stop_strings(tiny_engine):
+    llm = LLM(tiny_engine)
+    free = llm.generate(["Emma was"], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop_id = free.output_token_ids[5]
+    stopped = llm.generate(["Emma was"], SamplingParams(max_new_tokens=20, ignore_eos=True,
+                                                        stop_token_ids=(stop_id,)))[0]
+    first = free.output_token_ids.index(stop_id)
+    assert stopped.output_token_ids == free.output_token_ids[:first + 1]
+    assert stopped.finish_reason == "stop"
+    needle = free.text[len(free.text) // 2:][:3]
+    if needle.strip():
+        cut = llm.generate(["Emma was"], SamplingParams(max_new_tokens=20, ignore_eos=True, stop=(needle,)))[0]
+        assert cut.finish_reason == "stop"
+        assert cut.text == free.text[:free.text.find(needle)]
+
+
+def test_too_long_prompt_errors_while_others_proceed(tiny_engine):
+    llm = LLM(tiny_engine)
+    outs = llm.generate([[7] * 100, [7, 8, 9]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert outs[0].finish_reason == "error" and "64" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].output_token_ids) == 4
+
+
+def test_max_new_tokens_is_clipped_at_max_seq_len(tiny_engine):
+    llm = LLM(tiny_engine)
+    out = llm.generate([[7] * 60], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
+    assert len(out.output_token_ids) == 64 - 60
+    assert out.finish_reason == "length"
