@@ -44,9 +44,16 @@ class BenchOptions:
 def make_requests(llm: Any, options: BenchOptions) -> tuple[list[BenchRequest], list[BenchRequest]]:
     """(measured, warmup) requests for `llm`, checked against its max_seq_len before anything runs."""
     tokenizer = llm.tokenizer
-    vocab = min(llm.engine.model.vocab_size, len(tokenizer))
-    token_ids = sampleable_token_ids(vocab, tokenizer.all_special_ids)
+    model = llm.engine.model
+    if tokenizer is None:  # a --dummy-weights engine made from a bare config.json: ids only
+        special = [i for i in (model.bos_token_id, *model.eos_token_ids) if i is not None]
+        token_ids = sampleable_token_ids(model.vocab_size, special)
+    else:
+        token_ids = sampleable_token_ids(min(model.vocab_size, len(tokenizer)), tokenizer.all_special_ids)
     if options.dataset is not None:
+        if tokenizer is None:
+            raise LlmxError(f"{llm.engine.path} has no tokenizer, so --dataset prompts cannot be tokenized; "
+                            "use synthetic requests (--isl/--osl) or an engine built from a model with tokenizer files.")
         requests = dataset_requests(options.dataset, tokenizer.encode, default_output_len=options.osl,
                                     num_requests=options.num_requests)
         source = str(options.dataset)

@@ -271,7 +271,7 @@ def measure(case: Case, ceil: Ceilings, tolerance: float) -> dict:
               "gb_per_s": case.bytes / seconds / 1e9, "hbm_fraction": case.bytes / seconds / (ceil.hbm_tbps * 1e12),
               "tflops": case.flops / seconds / 1e12, "roofline_fraction": roofline_s / seconds}
     if case.baseline is not None:
-        result["baseline_sdpa_ms"] = do_bench(case.baseline, warmup=25, rep=200, quantiles=[0.5])[0]
+        result["baseline_sdpa_ms"] = do_bench(case.baseline, warmup=25, rep=200, return_mode="median")
     return result
 
 

@@ -225,7 +225,7 @@ def _int8_gemm_kernel(
             k_ok = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
 
     y = acc.to(tl.float32)
     if PER_TOKEN:

@@ -85,13 +85,16 @@ class LLM:
     # ---- requests ---------------------------------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.engine.model.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
 
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
             return list(prompt)
+        if self.tokenizer is None:
+            raise LlmxError(f"{self.engine.path} has no tokenizer (built from a bare config.json); "
+                            "pass prompts as token ids, or build from a model folder with tokenizer files.")
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise LlmxError(f"{self.engine.path}: the tokenizer has no chat template; drop --chat or use an "
@@ -143,7 +146,7 @@ class LLM:
         req.emitted_tokens = len(seq.output_token_ids)
         req.metrics.token_times.extend([now] * len(new_ids))
         visible = [t for t in new_ids if not (seq.finish_reason is FinishReason.EOS and t in self.scheduler.eos_token_ids)]
-        if visible:
+        if visible and self.tokenizer is not None:
             detokenize_step(self.tokenizer, req.detok, visible)
         decoded = req.detok.text
         stops = seq.params.stop
@@ -264,8 +267,16 @@ def _start_ranks(engine, device: str, kv_cache_tokens, kv_cache_fraction, enforc
     return runner
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def _load_tokenizer(path: Path):
+    """The engine's HF tokenizer, or None for an engine made from a bare config (--dummy-weights),
+    which then takes token-id prompts only."""
     from transformers import AutoTokenizer
+
+    if not any((path / name).exists() for name in TOKENIZER_MARKERS):
+        return None
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -82,9 +82,9 @@ class ModelRunner:
         load_rank_weights(self.model, weights_path, device, act_dtype)
         self.model.eval()
         self.kv_dtype = kv_cache_dtype(build, self.act_dtype)
+        self.graphs = None  # decode CUDA graphs, captured once the KV cache exists
         self.num_blocks = self._agree(self._size_kv_cache(kv_cache_tokens, kv_cache_fraction))
         self._allocate_kv_cache()
-        self.graphs = None
         if device.type == "cuda" and ctx.pp_size == 1 and not enforce_eager:
             self._capture_graphs()
         self.generators: dict[int, torch.Generator] = {}
