@@ -120,15 +120,16 @@ class ModelRunner:
         return int(t.item())
 
     def _profile_cuda_blocks(self, fraction: float) -> int:
-        """Blocks that fit in `fraction` of the GPU after weights and the peak activation of a full step."""
+        """Blocks that fit in `fraction` of the device memory free once the weights are loaded, less the
+        activation peak of a full step (max_num_tokens of prefill) measured by running one."""
         torch.cuda.synchronize(self.device)
+        free_after_weights, _ = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._dummy_forward()
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        in_use_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * fraction - peak - max(0, in_use_elsewhere)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated
+        budget = free_after_weights * fraction - activation_peak
         return int(budget // self.kv_bytes_per_block)
 
     def _dummy_forward(self) -> None:
