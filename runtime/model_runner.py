@@ -18,7 +18,7 @@ from llmx.runtime.layers.attention import AttentionMetadata
 from llmx.runtime.layers.sampler import sample
 from llmx.runtime.loader import load_rank_weights
 from llmx.runtime.models import model_class
-from llmx.runtime.models.decoder import local_kv_heads
+from llmx.build.shard import kv_heads_per_rank
 from llmx.runtime.sequence import SamplingParams, Sequence
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -93,7 +93,7 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        kv_heads = local_kv_heads(self.config, self.ctx.tp_size)
+        kv_heads = kv_heads_per_rank(self.config.num_kv_heads, self.ctx.tp_size)
         per_layer = 2 * self.block_size * kv_heads * self.config.head_dim * self.kv_dtype.itemsize
         return per_layer * len(self.model.layers)
 
@@ -150,7 +150,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
         num_blocks = num_blocks or self.num_blocks
-        kv_heads = local_kv_heads(self.config, self.ctx.tp_size)
+        kv_heads = kv_heads_per_rank(self.config.num_kv_heads, self.ctx.tp_size)
         shape = (num_blocks, self.block_size, kv_heads, self.config.head_dim)
         for attn in self.model.attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)

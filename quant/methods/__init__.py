@@ -36,8 +36,7 @@ def method_for(quant: "QuantConfig | None", module_name: str) -> QuantMethod:
     if method is None:
         raise LlmxError(f"quantization.algo {quant.algo!r} is not a weight format this llmx knows "
                         f"({', '.join(sorted(METHODS))}); re-create the checkpoint with this llmx version.")
-    configure = getattr(method, "configure", None)
-    return configure(quant, module_name) if configure is not None else method
+    return method.configure(quant, module_name)
 
 
 def _load_registry() -> None:

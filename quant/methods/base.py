@@ -38,6 +38,11 @@ class QuantMethod:
 
     name: str = ""
 
+    def configure(self, quant, module_name: str) -> "QuantMethod":
+        """The method for one module of a checkpoint quantized with `quant` (formats whose stored tensors
+        depend on the checkpoint, e.g. the int4 group size, return a configured copy)."""
+        return self
+
     def weight_specs(self, out_features: int, in_features: int, act_dtype: str) -> dict[str, TensorSpec]:
         """The tensors a Linear [out_features, in_features] stores, keyed by suffix ("weight", ...)."""
         raise NotImplementedError

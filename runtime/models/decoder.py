@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmx.build.shard import kv_heads_per_rank, stage_layers, vocab_per_rank
 from llmx.quant.methods import method_for
 from llmx.runtime.config import ModelConfig, QuantConfig
 from llmx.runtime.distributed import ParallelContext
@@ -22,22 +23,6 @@ from llmx.runtime.layers.embedding import LMHead, VocabEmbedding
 from llmx.runtime.layers.linear import Linear
 from llmx.runtime.layers.norm import RMSNorm
 from llmx.runtime.layers.rotary import RotaryEmbedding
-
-
-def local_kv_heads(config: ModelConfig, tp: int) -> int:
-    """KV heads per rank: split when they divide by tp, else each rank holds one (replicated) head."""
-    return config.num_kv_heads // tp if config.num_kv_heads % tp == 0 else 1
-
-
-def vocab_per_rank(config: ModelConfig, tp: int) -> int:
-    return -(-config.vocab_size // tp)
-
-
-def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
-    """Contiguous layers of pipeline stage `pp_rank`; earlier stages take the remainder."""
-    base, extra = divmod(num_layers, pp)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
 class MLP(nn.Module):
@@ -56,7 +41,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         tp = ctx.tp_size
         heads = config.num_heads // tp
-        kv_heads = local_kv_heads(config, tp)
+        kv_heads = kv_heads_per_rank(config.num_kv_heads, tp)
         hd = config.head_dim
         inter = config.intermediate_size // tp
         prefix = f"layers.{index}"
@@ -96,12 +81,12 @@ class DecoderModel(nn.Module):
         self.layer_indices = stage_layers(config.num_layers, ctx.pp_size, ctx.pp_rank)
         tied = config.tie_word_embeddings
         needs_embed = ctx.is_first_stage or (ctx.is_last_stage and tied)
-        self.embed = VocabEmbedding(vocab_per_rank(config, ctx.tp_size)) if needs_embed else None
+        self.embed = VocabEmbedding(vocab_per_rank(config.vocab_size, ctx.tp_size)) if needs_embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, quant, ctx, i) for i in self.layer_indices})
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device)
         if ctx.is_last_stage:
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = LMHead(config.vocab_size, vocab_per_rank(config, ctx.tp_size), config.hidden_size,
+            self.lm_head = LMHead(config.vocab_size, vocab_per_rank(config.vocab_size, ctx.tp_size), config.hidden_size,
                                   method_for(quant, "lm_head"), self.embed if tied else None)
         else:
             self.final_norm = None
