@@ -18,12 +18,17 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import Mapping
 from llmx.runtime.distributed import ParallelContext, set_parallel_context
+
+if TYPE_CHECKING:
+    from llmx.runtime.model_runner import ModelRunner
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: keep it off in every process we start.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -158,9 +163,10 @@ class DistributedRunner:
             raise LlmxError(f"lost contact with another rank ({exc}); the job is stopped.", exit_code=1) from exc
 
     def _guarded(self, fn, *args):
+        """Run rank 0's share; a collective that failed because another rank died is reported as that."""
         try:
             return fn(*args)
-        except RuntimeError as exc:
+        except RuntimeError:
             if self.procs and not all(p.is_alive() for p in self.procs):
                 self._check_ranks()
             raise

@@ -21,11 +21,9 @@ def set_use_triton(enabled: bool) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    from llmx.kernels._triton_util import triton_available
+
+    return triton_available() and torch.cuda.is_available()
 
 
 def use_kernels(t: torch.Tensor) -> bool:

@@ -8,38 +8,19 @@ covered by the CUDA tests at the end, skipped on CPU-only machines.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import rms_norm as norm, rotary
-from llmx.kernels._triton_util import interpreter_active, triton_available
+from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children
 from llmx.runtime.config import RopeScaling
 
-IN_INTERPRETER = interpreter_active()
-interpreted = pytest.mark.skipif(
-    not IN_INTERPRETER, reason="Triton-interpreter test: runs in test_kernels_in_triton_interpreter's child process")
-needs_cuda = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (compiled Triton kernels)")
-
-
-@pytest.mark.skipif(IN_INTERPRETER or not triton_available(),
-                    reason="this process already runs the interpreter tests directly (or triton is missing)")
+@runs_children
 def test_kernels_in_triton_interpreter():
     """Runs this file's test_interpreted_* tests in a fresh process with TRITON_INTERPRET=1."""
-    repo_root = Path(__file__).resolve().parents[2]
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-k", "test_interpreted_",
-         "-p", "no:cacheprovider"],
-        cwd=repo_root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    report = child.stdout[-8000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    assert " passed" in child.stdout and "skipped" not in child.stdout, report
+    run_interpreted_tests(__file__)
 
 
 def _hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
