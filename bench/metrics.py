@@ -92,6 +92,13 @@ def compute_metrics(records: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
+def per_device_throughput(metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Throughput per rank (GPU, or CPU process) of a multi-rank engine: totals / world size."""
+    total = metrics["output_throughput_tok_s"]
+    return {"world_size": world_size,
+            "output_throughput_per_device_tok_s": total / world_size if total is not None else None}
+
+
 def memory_metrics(stats: dict[str, Any], *, stats_before: dict[str, Any] | None = None,
                    peak_process_rss_bytes: int | None = None) -> dict[str, Any]:
     """Peak memory and KV-cache use from `LLM.stats()` (peak blocks used / blocks allocated).

@@ -118,6 +118,9 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
     summary.add_row("request throughput", f"{_number(m['request_throughput_rps'])} req/s")
     summary.add_row("output throughput", f"{_number(m['output_throughput_tok_s'])} tok/s")
     summary.add_row("total throughput", f"{_number(m['total_throughput_tok_s'])} tok/s")
+    if m.get("world_size", 1) > 1:
+        summary.add_row(f"output throughput per device ({m['world_size']} ranks)",
+                        f"{_number(m['output_throughput_per_device_tok_s'])} tok/s")
     console.print(summary)
 
     latency = Table(title="latency (ms)", title_justify="left")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmx.bench.driver import drive
-from llmx.bench.metrics import compute_metrics, memory_metrics
+from llmx.bench.metrics import compute_metrics, memory_metrics, per_device_throughput
 from llmx.bench.report import build_report, engine_description, environment_description
 from llmx.bench.workload import (BenchRequest, check_fits, dataset_requests, sampleable_token_ids,
                                  synthetic_requests, warmup_requests)
@@ -87,6 +87,7 @@ def run_benchmark(llm: Any, options: BenchOptions, *, recipe: str | None = None,
     stats = llm.stats()
     metrics = compute_metrics(records)
     metrics.update(memory_metrics(stats, stats_before=stats_before, peak_process_rss_bytes=_peak_rss_bytes()))
+    metrics.update(per_device_throughput(metrics, llm.engine.mapping.world_size))
     return build_report(engine=engine_description(llm.engine), config=_config(options, recipe), metrics=metrics,
                         environment=environment_description(stats))
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmx.runtime.config import Mapping
 from llmx.bench.driver import drive, poisson_arrival_offsets
 from llmx.bench.runner import BenchOptions, run_benchmark
 from llmx.bench.workload import BenchRequest
@@ -41,7 +42,7 @@ class FakeLLM:
         self.tokenizer = _Tokenizer()
         self.engine = SimpleNamespace(path="fake-engine", model=SimpleNamespace(
             vocab_size=64, architecture="FakeForCausalLM", family="llama", num_layers=2, hidden_size=8),
-            dtype="bfloat16", quant=None, build={"max_batch_size": max_batch}, mapping={"tp": 1, "pp": 1},
+            dtype="bfloat16", quant=None, build={"max_batch_size": max_batch}, mapping=Mapping(tp=1, pp=1),
             target={"device": "cpu"})
 
     def add_request(self, prompt, params):

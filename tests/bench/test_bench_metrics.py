@@ -98,3 +98,11 @@ def test_memory_metrics_report_kv_use_and_subtract_warmup_counters():
     assert m["num_preemptions"] == 5
     assert m["prefix_cache_hit_tokens"] == 0
     assert m["peak_device_memory_bytes"] == 123 and m["peak_process_rss_bytes"] == 999
+
+
+def test_per_device_throughput_divides_the_total_by_the_ranks():
+    from llmx.bench.metrics import per_device_throughput
+
+    assert per_device_throughput({"output_throughput_tok_s": 900.0}, 3) == {
+        "world_size": 3, "output_throughput_per_device_tok_s": 300.0}
+    assert per_device_throughput({"output_throughput_tok_s": None}, 2)["output_throughput_per_device_tok_s"] is None
