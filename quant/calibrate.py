@@ -47,9 +47,17 @@ class CalibrationSet:
 
 def load_texts(spec: str) -> list[str]:
     """Every document of the calibration source, in source order."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt":
+        # A plain text file is one document: read it directly, so calibrating on text needs no `datasets`.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text:
+            raise LlmxError(f"calibration file {path} is empty; pass a file with text to calibrate on.")
+        if not text.strip():
+            raise LlmxError(f"calibration data {spec} holds no text; pass data with text to calibrate on.")
+        return [text]
     import datasets
 
-    path = Path(spec).expanduser()
     with _quiet_datasets(), _scratch_cache() as cache_dir:
         if path.is_dir():
             dataset = _load_saved(path, datasets)
