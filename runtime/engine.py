@@ -80,7 +80,6 @@ class LLM:
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._peak_blocks_used = 0
-        self._num_preemptions = 0
 
     # ---- requests ---------------------------------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -121,7 +120,6 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Advance every running request by one scheduled chunk; returns requests that progressed or ended."""
         out = self.scheduler.schedule()
-        self._num_preemptions += len(out.preempted)
         outputs = [self._error_output(seq) for seq in out.errored]
         if not out.scheduled:
             return outputs
@@ -243,8 +241,8 @@ class LLM:
             "kv_cache_dtype": str(self.runner.kv_dtype).removeprefix("torch."),
             "kv_blocks_peak_used": self._peak_blocks_used,
             "peak_device_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
-            "num_preemptions": self._num_preemptions,
-            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens if hasattr(self.block_manager, "prefix_hit_tokens") else None,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
         }
 
 
