@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "tolerance": 5.0,
     "kv_cache_tokens": None,
+    "kv_cache_fraction": 0.9,
 }
 
 
@@ -62,6 +63,10 @@ def bench_command(
         help=f"Allowed regression in percent of the baseline [default: {DEFAULTS['tolerance']}].")] = None,
     kv_cache_tokens: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="KV-cache size in tokens (sizing on CPU) [default: the runtime's].")] = None,
+    kv_cache_fraction: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, show_default=False,
+        help="GPU: fraction of the device memory free after loading the weights, less the measured activation "
+             "peak, that the KV cache takes [default: 0.9].")] = None,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:
@@ -86,7 +91,8 @@ def bench_command(
     """
     flags = {"isl": isl, "osl": osl, "num_requests": num_requests, "concurrency": concurrency,
              "request_rate": request_rate, "warmup": warmup, "dataset": str(dataset) if dataset else None,
-             "seed": seed, "tolerance": tolerance, "kv_cache_tokens": kv_cache_tokens}
+             "seed": seed, "tolerance": tolerance, "kv_cache_tokens": kv_cache_tokens,
+             "kv_cache_fraction": kv_cache_fraction}
     settings = resolve_settings("bench", recipe=recipe, flags=flags, defaults=DEFAULTS)
     if print_config:
         emit_json(settings.to_dict())
@@ -104,7 +110,7 @@ def bench_command(
                            seed=values["seed"], kv_cache_tokens=values["kv_cache_tokens"])
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine, kv_cache_tokens=options.kv_cache_tokens)
+    llm = LLM(engine, kv_cache_tokens=options.kv_cache_tokens, kv_cache_fraction=values["kv_cache_fraction"])
     print_info(f"benchmarking {engine} on {llm.stats()['device_name']}: {options.describe()}")
     with progress_bars() as bars:
         report = run_benchmark(llm, options, recipe=settings.recipe, progress=stage_callback(bars))

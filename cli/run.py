@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "stop": [],
     "chat": False,
     "kv_cache_tokens": None,
+    "kv_cache_fraction": 0.9,
 }
 
 
@@ -55,6 +56,10 @@ def run_command(
         min=1, show_default=False,
         help="KV-cache size in tokens (sizing on CPU) [default: max batch x max seq len, capped at 2 GiB; "
              "on GPU the free memory].")] = None,
+    kv_cache_fraction: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, show_default=False,
+        help="GPU: fraction of the device memory free after loading the weights, less the measured activation "
+             "peak, that the KV cache takes [default: 0.9].")] = None,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,
@@ -73,7 +78,8 @@ def run_command(
       llmx run engines/llama8b --prompts-file prompts.jsonl --json > outputs.json
     """
     flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "seed": seed, "stop": stop or None, "chat": chat, "kv_cache_tokens": kv_cache_tokens}
+             "seed": seed, "stop": stop or None, "chat": chat, "kv_cache_tokens": kv_cache_tokens,
+             "kv_cache_fraction": kv_cache_fraction}
     settings = resolve_settings("run", recipe=recipe, flags=flags, defaults=DEFAULTS)
     if print_config:
         emit_json(settings.to_dict())
@@ -85,7 +91,7 @@ def run_command(
 
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"])
+    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"], kv_cache_fraction=settings["kv_cache_fraction"])
     start = time.perf_counter()
     if stream:
         outputs = _stream(llm, prompts, params, settings["chat"])

@@ -93,6 +93,7 @@ class RunSection(_Section):
     stop: list[str] | None = None
     chat: bool | None = None
     kv_cache_tokens: PositiveInt | None = None
+    kv_cache_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class BenchSection(_Section):
@@ -106,6 +107,7 @@ class BenchSection(_Section):
     seed: NonNegativeInt | None = None
     tolerance: Annotated[float, Field(ge=0)] | None = None
     kv_cache_tokens: PositiveInt | None = None
+    kv_cache_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class EvalSection(_Section):

@@ -96,3 +96,13 @@ def test_the_recipe_for_another_target_device_is_refused(capsys):
 def test_print_config_needs_no_model_files(argv, capsys):
     config = print_config(capsys, *argv)
     assert config["sources"][argv[2].lstrip("-").replace("-", "_")] == "flag"
+
+
+def test_kv_cache_fraction_comes_from_recipe_then_flag(tmp_path, capsys):
+    recipe = tmp_path / "gpu.yaml"
+    recipe.write_text("family: llama\ntarget: h100\nbench: {kv_cache_fraction: 0.5}\n")
+    assert print_config(capsys, "bench", "engine", "--recipe", str(recipe))["settings"]["kv_cache_fraction"] == 0.5
+    config = print_config(capsys, "bench", "engine", "--recipe", str(recipe), "--kv-cache-fraction", "0.7")
+    assert config["settings"]["kv_cache_fraction"] == 0.7 and config["sources"]["kv_cache_fraction"] == "flag"
+    assert print_config(capsys, "run", "engine")["settings"]["kv_cache_fraction"] == 0.9
+    assert run_cli(["run", "engine", "--kv-cache-fraction", "1.5", "--print-config"]) == 2
