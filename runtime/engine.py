@@ -8,6 +8,7 @@ prefilled in chunks, and sequences preempted when KV blocks run out are recomput
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
@@ -62,7 +63,11 @@ class LLM:
             raise LlmxError(f"{engine.path} has {world} ranks (tp {engine.mapping.tp} x pp {engine.mapping.pp}) but "
                             f"this machine has {torch.cuda.device_count()} GPU(s); rebuild it with a --tp/--pp "
                             "whose product fits, e.g. `llmx build CKPT --tp 1`.")
-        check_engine_runnable(engine, device=self.device.type, world_size=world)
+        # Under torchrun the launcher fixed the world size; otherwise llmx starts exactly the engine's ranks.
+        from llmx.runtime.workers import launched_by_torchrun
+
+        launched = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else world
+        check_engine_runnable(engine, device=self.device.type, world_size=launched)
         self.tokenizer = _load_tokenizer(engine.path)
         if world > 1:
             self.runner = _start_ranks(engine, self.device.type, kv_cache_tokens, kv_cache_fraction, enforce_eager)
@@ -132,7 +137,7 @@ class LLM:
         by_id = {w.seq.seq_id: w.seq for w in out.scheduled}
         sampled = {by_id[i]: token for i, token in sampled_ids.items()}
         self.scheduler.postprocess(out.scheduled, sampled)
-        self._peak_blocks_used = max(self._peak_blocks_used, self.block_manager.num_blocks - self.block_manager.num_free_blocks)
+        self._peak_blocks_used = max(self._peak_blocks_used, self.block_manager.num_used_blocks)
         now = time.perf_counter()
         for seq in sampled:
             outputs.append(self._progress(self._requests[seq.seq_id], now))
@@ -249,7 +254,6 @@ class LLM:
 def _start_ranks(engine, device: str, kv_cache_tokens, kv_cache_fraction, enforce_eager):
     """Start the other ranks (or join torchrun's) and return rank 0's DistributedRunner."""
     import atexit
-    import os
 
     from llmx.runtime.workers import DistributedRunner, RankOptions, free_port, launched_by_torchrun
 
