@@ -81,6 +81,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     build = resolve_build_config(build, ckpt)
     validate_mapping(ckpt.model, mapping, ckpt.quant, ckpt.dtype)
     target = detect_target(build.device)
+    check_target_supports(ckpt, target)
     input_hash = engine_input_hash(ckpt, build, mapping, target, recipe)
     if not force and _reusable(out, input_hash, mapping.world_size):
         return BuildResult(out, True, time.perf_counter() - start)
@@ -153,6 +154,22 @@ def detect_target(device: str) -> dict[str, Any]:
     major, minor = torch.cuda.get_device_capability()
     return {"device": "cuda", "device_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
             "backend": "torch"}
+
+
+def check_target_supports(ckpt: Checkpoint, target: dict[str, Any]) -> None:
+    """Refuse FP8 formats (weights, activations, scales or KV cache) on GPUs without FP8 support."""
+    from llmx.recipes.schema import FP8_ALGOS, FP8_MIN_COMPUTE_CAPABILITY
+
+    if target["compute_capability"] is None or ckpt.quant is None:
+        return
+    capability = tuple(int(v) for v in target["compute_capability"].split("."))
+    needs = [f"--algo {ckpt.quant.algo}"] if ckpt.quant.algo in FP8_ALGOS else []
+    if ckpt.quant.kv_cache_dtype == "fp8":
+        needs.append("--kv-cache-dtype fp8")
+    if needs and capability < FP8_MIN_COMPUTE_CAPABILITY:
+        raise LlmxError(f"{ckpt.path} was quantized with {' and '.join(needs)}, which needs FP8 support (compute "
+                        f"capability 8.9+), but {target['device_name']} is {target['compute_capability']}; "
+                        "re-quantize with int8_sq, int4_awq, int4_gptq or int8_wo (and an int8 KV cache) for it.")
 
 
 def engine_input_hash(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, target: dict,

@@ -122,3 +122,22 @@ def test_missing_engine(built, tmp_path):
     (bad / ENGINE_FILE).write_text("{truncated")
     with pytest.raises(LlmxError, match="engine.json is not valid JSON"):
         read_engine(bad)
+
+
+@pytest.mark.parametrize("quantization, named", [
+    ({"algo": "fp8", "kv_cache_dtype": None}, "--algo fp8"),
+    ({"algo": "int8_wo", "kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+])
+def test_build_refuses_fp8_formats_on_a_gpu_without_fp8(built, tmp_path, monkeypatch, quantization, named):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(built[0], ckpt)
+    meta = json.loads((ckpt / "llmx.json").read_text())
+    meta["quantization"] = {**quantization, "group_size": None, "exclude": ["lm_head"], "extra": {}}
+    (ckpt / "llmx.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    build = BuildConfig(max_batch_size=2, max_seq_len=64, max_num_tokens=64, device="cuda")
+    with pytest.raises(LlmxError, match=f"{named}, which needs FP8 support .* NVIDIA A100-SXM4-80GB is 8.0; re-quantize"):
+        build_engine(ckpt, tmp_path / "engine", build)
+    assert not (tmp_path / "engine").exists()
