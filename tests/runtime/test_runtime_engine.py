@@ -128,3 +128,24 @@ def test_max_new_tokens_is_clipped_at_max_seq_len(tiny_engine):
     out = llm.generate([[7] * 60], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
     assert len(out.output_token_ids) == 64 - 60
     assert out.finish_reason == "length"
+
+
+def test_engine_without_tokenizer_takes_token_ids_and_benchmarks(tiny_engine, tmp_path):
+    import shutil
+
+    from llmx.bench.runner import BenchOptions, run_benchmark
+    from llmx.common.errors import LlmxError
+    from llmx.runtime.engine import TOKENIZER_MARKERS
+
+    bare = shutil.copytree(tiny_engine, tmp_path / "bare")
+    for path in bare.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")) or path.name in TOKENIZER_MARKERS:
+            path.unlink()
+    llm = LLM(bare)
+    assert llm.tokenizer is None
+    with pytest.raises(LlmxError, match="has no tokenizer"):
+        llm.generate(["Emma was"])
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert len(out.output_token_ids) == 6 and out.text == ""
+    report = run_benchmark(llm, BenchOptions(isl=8, osl=4, num_requests=3, warmup=0))
+    assert report["metrics"]["total_output_tokens"] == 12
