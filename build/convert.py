@@ -21,7 +21,7 @@ from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, mak
 from llmx.build.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config
 from llmx.build.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
                                            TensorEntry)
-from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
 from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import SUPPORTED_DTYPES, Mapping, ModelConfig
@@ -86,6 +86,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
             source_hash = _stream(items, hashed, hf_dir, rank_file(tmp, 0), dtype,
                                   ByteProgress(progress, "convert", sum(s.stored.nbytes for s in items)))
             copy_files(tokenizer_files, tmp)
+            pin_tokenizer_class(hf_dir, tmp, trust_remote_code=trust_remote_code)
             provenance = make_provenance(hf_dir.resolve(), source_hash)
             write_checkpoint_meta(tmp, model, dtype, None, Mapping(), provenance)
             verify_tensors(rank_file(tmp, 0), checkpoint_tensor_specs(model, dtype, None))

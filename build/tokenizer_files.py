@@ -54,3 +54,25 @@ def _needs_custom_code(tokenizer_config: Path) -> bool:
 def copy_files(files: list[Path], dst_dir: Path) -> None:
     for f in files:
         shutil.copy2(f, Path(dst_dir) / f.name)
+
+
+def pin_tokenizer_class(src_dir: Path, dst_dir: Path, *, trust_remote_code: bool = False) -> None:
+    """Record in the copied tokenizer_config.json the tokenizer class transformers picks for the source.
+
+    Without the source's config.json, which llmx outputs do not carry, transformers may load the same
+    tokenizer files as a generic class that splits text differently from the model's own (seen with
+    Qwen2), so the class resolved from the complete source folder is written down.
+    """
+    config_path = Path(dst_dir) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        cls = type(AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=trust_remote_code)).__name__
+    except (OSError, ValueError) as exc:
+        raise LlmxError(f"{src_dir}: its tokenizer files could not be loaded ({exc}); fix or remove them.") from None
+    data = json.loads(config_path.read_text())
+    if data.get("tokenizer_class") != cls:
+        data["tokenizer_class"] = cls
+        config_path.write_text(json.dumps(data, indent=2, ensure_ascii=False))

@@ -105,7 +105,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
     from llmx.build.convert import check_model_dir, check_not_overlapping, find_weight_files
     from llmx.build.families import read_hf_config
     from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
-    from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+    from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
     from llmx.common.atomic import atomic_output_dir, check_output_dir
     from llmx.common.hashing import hash_files
     from llmx.quant.export_llmx import PRE_QUANT_SCALE_KEY
@@ -147,6 +147,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
                     writer.write(entry.name, _cast(tensor, entry.dtype))
                     bytes_done.advance(entry.nbytes)
             copy_files(tokenizer_files, tmp)
+            pin_tokenizer_class(hf_dir, tmp, trust_remote_code=trust_remote_code)
             provenance = make_provenance(hf_dir.resolve(), hash_files([p for p in hashed if p.is_file()], hf_dir),
                                          modelopt_version=_producer_version(hf_dir))
             write_checkpoint_meta(tmp, model, act_dtype, quant, Mapping(), provenance)
