@@ -86,7 +86,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
             source_hash = _stream(items, hashed, hf_dir, rank_file(tmp, 0), dtype,
                                   ByteProgress(progress, "convert", sum(s.stored.nbytes for s in items)))
             copy_files(tokenizer_files, tmp)
-            pin_tokenizer_class(hf_dir, tmp, trust_remote_code=trust_remote_code)
+            pin_tokenizer_class(hf_dir, tmp)
             provenance = make_provenance(hf_dir.resolve(), source_hash)
             write_checkpoint_meta(tmp, model, dtype, None, Mapping(), provenance)
             verify_tensors(rank_file(tmp, 0), checkpoint_tensor_specs(model, dtype, None))

@@ -56,7 +56,7 @@ def copy_files(files: list[Path], dst_dir: Path) -> None:
         shutil.copy2(f, Path(dst_dir) / f.name)
 
 
-def pin_tokenizer_class(src_dir: Path, dst_dir: Path, *, trust_remote_code: bool = False) -> None:
+def pin_tokenizer_class(src_dir: Path, dst_dir: Path) -> None:
     """Record in the copied tokenizer_config.json the tokenizer class transformers picks for the source.
 
     Without the source's config.json, which llmx outputs do not carry, transformers may load the same
@@ -64,12 +64,12 @@ def pin_tokenizer_class(src_dir: Path, dst_dir: Path, *, trust_remote_code: bool
     Qwen2), so the class resolved from the complete source folder is written down.
     """
     config_path = Path(dst_dir) / "tokenizer_config.json"
-    if not config_path.is_file():
-        return
+    if not config_path.is_file() or _needs_custom_code(config_path):
+        return  # no config to pin, or a custom class (auto_map) that already names itself: never run its code
     from transformers import AutoTokenizer
 
     try:
-        cls = type(AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=trust_remote_code)).__name__
+        cls = type(AutoTokenizer.from_pretrained(str(src_dir))).__name__
     except (OSError, ValueError) as exc:
         raise LlmxError(f"{src_dir}: its tokenizer files could not be loaded ({exc}); fix or remove them.") from None
     data = json.loads(config_path.read_text())

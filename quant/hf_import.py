@@ -147,7 +147,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
                     writer.write(entry.name, _cast(tensor, entry.dtype))
                     bytes_done.advance(entry.nbytes)
             copy_files(tokenizer_files, tmp)
-            pin_tokenizer_class(hf_dir, tmp, trust_remote_code=trust_remote_code)
+            pin_tokenizer_class(hf_dir, tmp)
             provenance = make_provenance(hf_dir.resolve(), hash_files([p for p in hashed if p.is_file()], hf_dir),
                                          modelopt_version=_producer_version(hf_dir))
             write_checkpoint_meta(tmp, model, act_dtype, quant, Mapping(), provenance)
