@@ -269,29 +269,32 @@ def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
             "original_max_position_embeddings": scaling.original_max_position_embeddings}
 
 
-# Tensor names. Linear modules keep any suffix (weight, bias, and the quantized formats' weight_scale,
-# input_scale, ...), so the same maps serve quantized checkpoints.
-_LINEAR_SUFFIX = r"([A-Za-z_][A-Za-z0-9_]*)"
-_HF_TO_LLMX: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"model\.embed_tokens\.weight"), "embed.weight"),
-    (re.compile(r"model\.norm\.weight"), "final_norm.weight"),
-    (re.compile(r"lm_head\." + _LINEAR_SUFFIX), "lm_head.{0}"),
-    (re.compile(r"model\.layers\.(\d+)\.input_layernorm\.weight"), "layers.{0}.attn_norm.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight"), "layers.{0}.mlp_norm.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\." + _LINEAR_SUFFIX), "layers.{0}.attn.{1}_proj.{2}"),
-    (re.compile(r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), "layers.{0}.attn.{1}_norm.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\." + _LINEAR_SUFFIX), "layers.{0}.mlp.{1}_proj.{2}"),
+# Tensor names, one row per (HF name, llmx name) pair; both directions are derived from it. `{i}` is
+# slot i, matched by SLOTS[i]. Linear modules keep any suffix (weight, bias, and the quantized formats'
+# weight_scale, input_scale, ...), so the same rows serve quantized checkpoints.
+_LAYER, _SUFFIX = r"\d+", r"[A-Za-z_][A-Za-z0-9_]*"
+_NAME_PAIRS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("model.embed_tokens.weight", "embed.weight", ()),
+    ("model.norm.weight", "final_norm.weight", ()),
+    ("lm_head.{0}", "lm_head.{0}", (_SUFFIX,)),
+    ("model.layers.{0}.input_layernorm.weight", "layers.{0}.attn_norm.weight", (_LAYER,)),
+    ("model.layers.{0}.post_attention_layernorm.weight", "layers.{0}.mlp_norm.weight", (_LAYER,)),
+    ("model.layers.{0}.self_attn.{1}_proj.{2}", "layers.{0}.attn.{1}_proj.{2}", (_LAYER, "[qkvo]", _SUFFIX)),
+    ("model.layers.{0}.self_attn.{1}_norm.weight", "layers.{0}.attn.{1}_norm.weight", (_LAYER, "[qk]")),
+    ("model.layers.{0}.mlp.{1}_proj.{2}", "layers.{0}.mlp.{1}_proj.{2}", (_LAYER, "gate|up|down", _SUFFIX)),
 ]
-_LLMX_TO_HF: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"embed\.weight"), "model.embed_tokens.weight"),
-    (re.compile(r"final_norm\.weight"), "model.norm.weight"),
-    (re.compile(r"lm_head\." + _LINEAR_SUFFIX), "lm_head.{0}"),
-    (re.compile(r"layers\.(\d+)\.attn_norm\.weight"), "model.layers.{0}.input_layernorm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp_norm\.weight"), "model.layers.{0}.post_attention_layernorm.weight"),
-    (re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\." + _LINEAR_SUFFIX), "model.layers.{0}.self_attn.{1}_proj.{2}"),
-    (re.compile(r"layers\.(\d+)\.attn\.([qk])_norm\.weight"), "model.layers.{0}.self_attn.{1}_norm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\." + _LINEAR_SUFFIX), "model.layers.{0}.mlp.{1}_proj.{2}"),
-]
+
+
+def _pattern(template: str, slots: tuple[str, ...]) -> re.Pattern[str]:
+    """A template with {i} slots -> a regex whose group `g{i}` matches slot i."""
+    parts = re.split(r"\{(\d)\}", template)
+    regex = "".join(re.escape(part) if n % 2 == 0 else f"(?P<g{part}>{slots[int(part)]})"
+                    for n, part in enumerate(parts))
+    return re.compile(regex)
+
+
+_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
+_LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
 # Buffers some exporters save next to the weights; they are recomputed, never loaded.
 _HF_SKIPPED = re.compile(r"(.*\.)?rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\..*")
 
@@ -311,9 +314,9 @@ def llmx_to_hf_name(name: str) -> str:
     return _translate(name, _LLMX_TO_HF)
 
 
-def _translate(name: str, table: list[tuple[re.Pattern[str], str]]) -> str:
-    for pattern, template in table:
+def _translate(name: str, table: list[tuple[re.Pattern[str], str, int]]) -> str:
+    for pattern, template, num_slots in table:
         m = pattern.fullmatch(name)
         if m:
-            return template.format(*m.groups())
+            return template.format(*(m.group(f"g{i}") for i in range(num_slots)))
     raise ValueError(f"tensor `{name}` is not part of any supported model family")
