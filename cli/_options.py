@@ -19,6 +19,11 @@ PrintConfigOption = Annotated[bool, typer.Option(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of tables.")]
 
+KvCacheFractionOption = Annotated[Optional[float], typer.Option(
+    "--kv-cache-fraction", min=0.01, max=1.0, show_default=False,
+    help="GPU: fraction of the device memory free after loading the weights, less the measured activation "
+         "peak, that the KV cache takes [default: 0.9].")]
+
 ForceOption = Annotated[bool, typer.Option(
     "--force", help="Replace the output directory even if it holds something else.")]
 

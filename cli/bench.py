@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
-from llmx.cli._options import PrintConfigOption, RecipeOption
+from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import GateFailure
 
@@ -63,10 +63,7 @@ def bench_command(
         help=f"Allowed regression in percent of the baseline [default: {DEFAULTS['tolerance']}].")] = None,
     kv_cache_tokens: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="KV-cache size in tokens (sizing on CPU) [default: the runtime's].")] = None,
-    kv_cache_fraction: Annotated[Optional[float], typer.Option(
-        min=0.01, max=1.0, show_default=False,
-        help="GPU: fraction of the device memory free after loading the weights, less the measured activation "
-             "peak, that the KV cache takes [default: 0.9].")] = None,
+    kv_cache_fraction: KvCacheFractionOption = None,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmx.cli._console import emit_json, out, print_error, print_info
-from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption
+from llmx.cli._options import JsonOption, KvCacheFractionOption, PrintConfigOption, RecipeOption
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import LlmxError
 
@@ -56,10 +56,7 @@ def run_command(
         min=1, show_default=False,
         help="KV-cache size in tokens (sizing on CPU) [default: max batch x max seq len, capped at 2 GiB; "
              "on GPU the free memory].")] = None,
-    kv_cache_fraction: Annotated[Optional[float], typer.Option(
-        min=0.01, max=1.0, show_default=False,
-        help="GPU: fraction of the device memory free after loading the weights, less the measured activation "
-             "peak, that the KV cache takes [default: 0.9].")] = None,
+    kv_cache_fraction: KvCacheFractionOption = None,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,
