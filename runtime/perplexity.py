@@ -72,7 +72,8 @@ def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | 
                      progress) -> PerplexityResult:
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine_dir, device=device, kv_cache_tokens=seq_len)
+    # Scoring runs whole windows as prefill: decode CUDA graphs would only cost start-up time.
+    llm = LLM(engine_dir, device=device, kv_cache_tokens=seq_len, enforce_eager=True)
     if seq_len > llm.max_seq_len:
         raise LlmxError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {llm.max_seq_len}; "
                         "use a smaller --seq-len or rebuild with a larger --max-seq-len.")

@@ -33,8 +33,7 @@ class Linear(nn.Module):
         self.bias: torch.Tensor | None = None
 
     def expected_tensors(self, act_dtype: str) -> dict:
-        specs = dict(self.method.weight_specs(self.out_features, self.in_features, act_dtype))
-        return specs
+        return self.method.weight_specs(self.out_features, self.in_features, act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel == "row":
