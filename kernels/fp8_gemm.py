@@ -26,7 +26,9 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
+                                      tile_kwargs)
+from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_fp8, quantize_fp8_ref
 from llmx.kernels.tuning import TileConfig
 from llmx.kernels.w4a16_gemm import dequantize_int4
@@ -158,19 +160,14 @@ def w4a8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     block_k = min(cfg.block_k, group_size & -group_size)
     xq, xs = quantize_fp8(x, input_scale, pre_scale=pre_scale)
     qweight, scales = qweight.contiguous(), scales.contiguous()
-    split_k = cfg.split_k
-    y = (torch.zeros if split_k > 1 else torch.empty)(
-        (m, n), device=x.device, dtype=torch.float32 if split_k > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _w4a8_kernel[grid](
+    y = new_output(m, n, x.dtype, x.device, cfg)
+    _w4a8_kernel[launch_grid(m, n, cfg)](
         xq, xs.reshape(-1), qweight, scales, x if bias is None else bias.to(x.dtype).contiguous(), y,
         m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, PER_TOKEN=input_scale is None, HAS_BIAS=bias is not None,
-        EVEN_K=k % (block_k * split_k) == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % (block_k * cfg.split_k) == 0, **tile_kwargs(cfg, block_k),
     )
-    return y.to(x.dtype) if split_k > 1 else y
+    return finish_output(y, x.dtype)
 
 
 def w4a8_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
@@ -201,17 +198,11 @@ def _w4a8_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out^T tiles = W @ xq^T (see w4a16_gemm): the converted weight is the register operand, and
-    # xq [M, K] row-major is the K-major shared-memory operand FP8 wgmma requires.
-    pid = tl.program_id(0)
+    # xq [M, K] row-major is the K-major shared-memory operand FP8 wgmma requires. The nibbles are put
+    # back in K order (unlike w4a16's two half-depth dots): with 32-input groups a half tile would be
+    # 16 deep, below FP8 wgmma's K of 32.
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -223,31 +214,21 @@ def _w4a8_kernel(
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in range(0, iters):
         k0 = (pid_k * iters + it) * BLOCK_K
-        x_ptrs = xq_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
-        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_kb)[None, :]
-        if EVEN_K:
-            xq = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            xq = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None] & ((k0 // 2 + offs_kb) < K // 2)[None, :], other=0)
-        nibbles = tl.interleave(packed & 0xF, packed >> 4).to(tl.uint16)
-        # nibble - 8 via the fp16 magic exponent (exact), then to e4m3 (exact for -8..7).
-        w = ((nibbles | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float8e4nv)
-        s = tl.load(scales_ptr + offs_n * stride_sn + tl.minimum(k0, K - 1) // GROUP_SIZE,
-                        mask=n_ok, other=0.0)
+        xq = load_rows(xq_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], m_ok, k0 + offs_k, K, EVEN_K)
+        packed = load_rows(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_kb)[None, :], n_ok,
+                           k0 // 2 + offs_kb, K // 2, EVEN_K)
+        w = _int4_to_e4m3(tl.interleave(packed & 0xF, packed >> 4))
+        s = tl.load(scales_ptr + offs_n * stride_sn + tl.minimum(k0, K - 1) // GROUP_SIZE, mask=n_ok, other=0.0)
         acc += tl.dot(w, tl.trans(xq)) * s.to(tl.float32)[:, None]
 
     if PER_TOKEN:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
     else:
         acc = acc * tl.load(xs_ptr)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[:, None]  # split-K: added once
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True, HAS_BIAS, SPLIT_K)
+
+
+@jit
+def _int4_to_e4m3(nibbles):
+    """uint8 nibbles -> nibble - 8 as float8 e4m3 (via the fp16 magic exponent; exact for -8..7)."""
+    return ((nibbles.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float8e4nv)

@@ -20,7 +20,9 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
+                                      tile_kwargs, weight_dot)
+from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_int8, quantize_int8_ref
 from llmx.kernels.tuning import TileConfig
 
@@ -81,19 +83,14 @@ def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     cfg = tuning.gemm_config("int8", m, n, k, config)
     xq = xq if xq.stride(1) == 1 else xq.contiguous()
     wq = wq.contiguous()
-    split_k = cfg.split_k
-    y = (torch.zeros if split_k > 1 else torch.empty)(
-        (m, n), device=xq.device, dtype=torch.float32 if split_k > 1 else out_dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _int8_gemm_kernel[grid](
+    y = new_output(m, n, out_dtype, xq.device, cfg)
+    _int8_gemm_kernel[launch_grid(m, n, cfg)](
         xq, wq, x_scale.reshape(-1).contiguous(), w_scale.contiguous(), xq if bias is None else bias.contiguous(), y,
         m, n, k, xq.stride(0), wq.stride(0), y.stride(0),
         PER_TOKEN=x_scale.numel() > 1, HAS_BIAS=bias is not None,
-        EVEN_K=k % (cfg.block_k * split_k) == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, **tile_kwargs(cfg),
     )
-    return y.to(out_dtype) if split_k > 1 else y
+    return finish_output(y, out_dtype)
 
 
 def int8_linear_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -138,18 +135,13 @@ def int8_wo_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias:
     cfg = tuning.gemm_config("int8_wo", m, n, k, config)
     x = x if x.stride(1) == 1 else x.contiguous()
     wq = wq.contiguous()
-    split_k = cfg.split_k
-    y = (torch.zeros if split_k > 1 else torch.empty)(
-        (m, n), device=x.device, dtype=torch.float32 if split_k > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _int8_wo_kernel[grid](
+    y = new_output(m, n, x.dtype, x.device, cfg)
+    _int8_wo_kernel[launch_grid(m, n, cfg)](
         x, wq, w_scale.contiguous(), x if bias is None else bias.to(x.dtype).contiguous(), y,
         m, n, k, x.stride(0), wq.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % (cfg.block_k * split_k) == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=bias is not None, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, **tile_kwargs(cfg),
     )
-    return y.to(x.dtype) if split_k > 1 else y
+    return finish_output(y, x.dtype)
 
 
 def int8_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -195,16 +187,8 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -215,16 +199,9 @@ def _int8_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in range(0, iters):
-        k0 = (pid_k * iters + it) * BLOCK_K
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :]
-        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (k0 + offs_k)[None, :]
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0)
-            b = tl.load(b_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        k = (pid_k * iters + it) * BLOCK_K + offs_k
+        a = load_rows(a_ptr + offs_m[:, None] * stride_am + k[None, :], m_ok, k, K, EVEN_K)
+        b = load_rows(b_ptr + offs_n[:, None] * stride_bn + k[None, :], n_ok, k, K, EVEN_K)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
 
     y = acc.to(tl.float32)
@@ -233,15 +210,7 @@ def _int8_gemm_kernel(
     else:
         y = y * tl.load(a_scale_ptr)
     y = y * tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        y += tl.where(pid_k == 0, b, 0.0)[None, :]  # split-K: added once
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, y, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(y, out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, False, HAS_BIAS, SPLIT_K)
 
 
 @jit
@@ -255,16 +224,8 @@ def _int8_wo_kernel(
     # out^T tiles = W @ x^T: the converted weight is the register operand, the batch the narrow side
     # (see w4a16_gemm). The per-channel scale is applied once to the accumulator.
     act = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -274,29 +235,10 @@ def _int8_wo_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in range(0, iters):
-        k0 = (pid_k * iters + it) * BLOCK_K
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        # int8 values are exact in fp16, bf16 and fp32.
-        if act == tl.float32:
-            acc = tl.dot(w.to(act), tl.trans(x), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(act), tl.trans(x), acc)
+        k = (pid_k * iters + it) * BLOCK_K + offs_k
+        x = load_rows(x_ptr + offs_m[:, None] * stride_xm + k[None, :], m_ok, k, K, EVEN_K)
+        w = load_rows(w_ptr + offs_n[:, None] * stride_wn + k[None, :], n_ok, k, K, EVEN_K)
+        acc = weight_dot(w.to(act), x, acc, act)  # int8 values are exact in fp16, bf16 and fp32
 
     acc = acc * tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[:, None]  # split-K: added once
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True, HAS_BIAS, SPLIT_K)

@@ -100,7 +100,7 @@ def _write_kv_cache_kernel(
         tl.store(v_dst, quantize_for_cache(v, v_scale, QUANT, v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+def check_kv_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     op = "write_kv_cache"
     if k.dim() != 3 or v.shape != k.shape:
         raise LlmxError(f"{op}: k and v must both be [tokens, kv_heads, head_dim], got {tuple(k.shape)} and "
@@ -124,6 +124,11 @@ def _check_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Non
         check_scale(op, "v_scale", v_scale)
 
 
+def quant_mode(cache_dtype: torch.dtype) -> int:
+    """The kernels' QUANT constexpr for a cache element type."""
+    return {torch.float8_e4m3fn: _FP8, torch.int8: _INT8}.get(cache_dtype, _NO_QUANT)
+
+
 def _quantize_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     if cache_dtype == torch.float8_e4m3fn:
         return (x.float() / scale.float()).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache_dtype)
@@ -139,7 +144,7 @@ def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
 
     Scales are ignored for a float cache (a checkpoint may carry them while the engine keeps the model dtype).
     """
-    _check_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    check_kv_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     block_size = k_cache.shape[1]
@@ -156,7 +161,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     In place; one Triton program per token. k/v may be strided views (e.g. slices of a fused qkv output)
     as long as head_dim is contiguous.
     """
-    _check_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    check_kv_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     quantized = k_cache.dtype in QUANTIZED_KV_DTYPES
     check_launch_device("write_kv_cache", _write_kv_cache_kernel, k, v, k_cache, v_cache, slot_mapping,
                         k_scale if quantized else None, v_scale if quantized else None)
@@ -169,7 +174,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         v = v.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise LlmxError("write_kv_cache: the caches must have a contiguous head_dim; allocate them with torch.empty.")
-    quant = {torch.float8_e4m3fn: _FP8, torch.int8: _INT8}.get(k_cache.dtype, _NO_QUANT)
+    quant = quant_mode(k_cache.dtype)
     # Unused pointers still need a tensor argument; the cache itself is a harmless stand-in.
     k_scale_arg = k_scale if quantized else k_cache
     v_scale_arg = v_scale if quantized else v_cache

@@ -32,7 +32,9 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
+                                      swizzled_tile, tile_kwargs, weight_dot)
+from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
 BLOCK_SIZE = 16
@@ -139,18 +141,14 @@ def nvfp4_gemm(x: torch.Tensor, qweight: torch.Tensor, block_scales: torch.Tenso
     # The kernel decodes the e4m3 bits itself: no fp8 support needed from Triton or its interpreter.
     scale_bits = block_scales.contiguous().view(torch.uint8)
     qweight = qweight.contiguous()
-    split_k = cfg.split_k
-    y = (torch.zeros if split_k > 1 else torch.empty)(
-        (m, n), device=x.device, dtype=torch.float32 if split_k > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _nvfp4_kernel[grid](
+    block_k = max(cfg.block_k, 32)  # each nibble half of a K tile is a 16-deep tensor-core K
+    y = new_output(m, n, x.dtype, x.device, cfg)
+    _nvfp4_kernel[launch_grid(m, n, cfg)](
         x, qweight, scale_bits, global_scale.reshape(1), x if bias is None else bias.to(x.dtype).contiguous(), y,
         m, n, k, x.stride(0), qweight.stride(0), scale_bits.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % (cfg.block_k * split_k) == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=bias is not None, EVEN_K=k % (block_k * cfg.split_k) == 0, **tile_kwargs(cfg, block_k),
     )
-    return y.to(x.dtype) if split_k > 1 else y
+    return finish_output(y, x.dtype)
 
 
 def nvfp4_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -195,56 +193,33 @@ def _nvfp4_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     act = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kb = tl.arange(0, BLOCK_K // 2)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # packed byte j: inputs 2j (low nibble) and 2j + 1 (high)
     offs_s = tl.arange(0, BLOCK_K // 16)
     m_ok = offs_m < M
     n_ok = offs_n < N
 
+    # Low and high nibbles multiply the even and odd input features (two half-depth dots, as in
+    # w4a16_gemm); a block of 16 inputs is 8 bytes, so each byte's scale is block_scales[j // 8].
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in range(0, iters):
         k0 = (pid_k * iters + it) * BLOCK_K
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
-        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_kb)[None, :]
-        s_ptrs = bs_ptr + offs_n[:, None] * stride_sn + (k0 // 16 + offs_s)[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-            raw_scales = tl.load(s_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None] & ((k0 // 2 + offs_kb) < K // 2)[None, :], other=0)
-            raw_scales = tl.load(s_ptrs, mask=n_ok[:, None] & ((k0 // 16 + offs_s) < K // 16)[None, :],
-                                 other=0)
-        values = _e2m1_to_f16(tl.interleave(packed & 0xF, packed >> 4))  # [BLOCK_N, BLOCK_K]
+        packed = load_rows(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_j)[None, :], n_ok,
+                           k0 // 2 + offs_j, K // 2, EVEN_K)
+        raw_scales = load_rows(bs_ptr + offs_n[:, None] * stride_sn + (k0 // 16 + offs_s)[None, :], n_ok,
+                               k0 // 16 + offs_s, K // 16, EVEN_K)
+        # Contiguous [BLOCK_M, BLOCK_K] load, then even/odd columns apart in registers: the activation
+        # tile is the small one at decode sizes, and strided loads would not vectorize.
+        x = load_rows(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], m_ok, k0 + offs_k, K, EVEN_K)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
         scales = _e4m3_to_f16(raw_scales)  # [BLOCK_N, BLOCK_K // 16]
-        w = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // 16, 16)) * scales[:, :, None],
-                       (BLOCK_N, BLOCK_K)).to(act)
-        if act == tl.float32:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, tl.trans(x), acc)
+        acc = weight_dot(scale_groups(_e2m1_to_f16(packed & 0xF), scales, BLOCK_N, BLOCK_K // 16, 8, act), x_even, acc, act)
+        acc = weight_dot(scale_groups(_e2m1_to_f16(packed >> 4), scales, BLOCK_N, BLOCK_K // 16, 8, act), x_odd, acc, act)
 
-    acc = acc * tl.load(gs_ptr)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[:, None]  # split-K: added once
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc * tl.load(gs_ptr), out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True,
+               HAS_BIAS, SPLIT_K)

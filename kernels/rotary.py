@@ -18,7 +18,9 @@ import math
 import torch
 
 from llmx.common.errors import LlmxError
-from llmx.kernels._triton_util import FLOAT_DTYPES, check_launch_device, jit, next_power_of_2, tl
+from llmx.kernels._triton_util import (FLOAT_DTYPES, QUANTIZED_KV_DTYPES, check_launch_device, jit, next_power_of_2,
+                                      tl)
+from llmx.kernels.kv_cache_write import check_kv_write_inputs, quant_mode, quantize_for_cache, write_kv_cache_ref
 from llmx.runtime.config import RopeScaling
 
 
@@ -73,19 +75,37 @@ def rope_cos_sin_cache(head_dim: int, max_pos: int, theta: float,
 
 
 @jit
-def _rotate_heads(src_ptr, dst_ptr, stride_head, cos, sin,
-                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate one token's [NUM_HEADS, 2*HALF] heads from src (strided heads) into dst (contiguous)."""
+def _rotate_heads(src_ptr, dst_ptr, stride_src_head, stride_dst_head, cos, sin, scale,
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  QUANT: tl.constexpr):
+    """Rotate one token's [NUM_HEADS, 2*HALF] heads from src into dst (both with strided heads).
+
+    The rotated values round to src's dtype first (what `apply_rotary` returns); a KV-cache destination
+    then stores them as `write_kv_cache` would (QUANT 1 = fp8, 2 = int8 with the layer's `scale`).
+    """
     heads = tl.arange(0, BLOCK_H)[:, None]
     pairs = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < NUM_HEADS) & (pairs < HALF)
-    src = src_ptr + heads * stride_head + pairs
+    src = src_ptr + heads * stride_src_head + pairs
     first = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    act_dtype = src_ptr.dtype.element_ty
     out_dtype = dst_ptr.dtype.element_ty
-    dst = dst_ptr + heads * (2 * HALF) + pairs
-    tl.store(dst, (first * cos - second * sin).to(out_dtype), mask=mask)
-    tl.store(dst + HALF, (second * cos + first * sin).to(out_dtype), mask=mask)
+    dst = dst_ptr + heads * stride_dst_head + pairs
+    tl.store(dst, quantize_for_cache((first * cos - second * sin).to(act_dtype), scale, QUANT, out_dtype), mask=mask)
+    tl.store(dst + HALF, quantize_for_cache((second * cos + first * sin).to(act_dtype), scale, QUANT, out_dtype),
+             mask=mask)
+
+
+@jit
+def _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache_pos, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The token's cos and sin rows, [1, BLOCK_HALF] float32 each."""
+    position = tl.load(positions_ptr + token)
+    pairs = tl.arange(0, BLOCK_HALF)
+    row = cos_sin_ptr + position * stride_cache_pos + pairs
+    cos = tl.load(row, mask=pairs < HALF, other=0.0)[None, :]
+    sin = tl.load(row + HALF, mask=pairs < HALF, other=0.0)[None, :]
+    return cos, sin
 
 
 @jit
@@ -97,15 +117,45 @@ def _rotary_kernel(
 ):
     # One program per token: its cos/sin row is loaded once and applied to every q and k head.
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token)
-    pairs = tl.arange(0, BLOCK_HALF)
-    row = cos_sin_ptr + position * stride_cache_pos + pairs
-    cos = tl.load(row, mask=pairs < HALF, other=0.0)[None, :]
-    sin = tl.load(row + HALF, mask=pairs < HALF, other=0.0)[None, :]
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache_pos, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), stride_q_head,
-                  cos, sin, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF)
+                  2 * HALF, cos, sin, 1.0, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, 0)
     _rotate_heads(k_ptr + token * stride_k_token, k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), stride_k_head,
-                  cos, sin, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF)
+                  2 * HALF, cos, sin, 1.0, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF, 0)
+
+
+@jit
+def _rotary_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, positions_ptr, cos_sin_ptr,
+    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+    stride_cache_pos, stride_c_block, stride_c_slot, stride_c_head,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+):
+    # One program per token: rotate its q heads into q_out, and its k heads straight into the token's
+    # KV-cache slot next to its v heads; the rotated k never makes a round trip through memory.
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache_pos, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr + token * stride_q_token, q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), stride_q_head,
+                  2 * HALF, cos, sin, 1.0, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, 0)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot >= 0:  # negative: a padding token with no cache slot
+        k_scale = 1.0
+        v_scale = 1.0
+        if QUANT != 0:
+            k_scale = tl.load(k_scale_ptr)
+            v_scale = tl.load(v_scale_ptr)
+        slot_offset = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
+        _rotate_heads(k_ptr + token * stride_k_token, k_cache_ptr + slot_offset, stride_k_head, stride_c_head,
+                      cos, sin, k_scale, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF, QUANT)
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < NUM_K_HEADS) & (dims < 2 * HALF)
+        v = tl.load(v_ptr + token * stride_v_token + heads * stride_v_head + dims, mask=mask)
+        tl.store(v_cache_ptr + slot_offset + heads * stride_c_head + dims,
+                 quantize_for_cache(v, v_scale, QUANT, v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
@@ -169,3 +219,51 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         num_warps=4 if block_hq * block_half >= 2048 else 2,
     )
     return q_out, k_out
+
+
+def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch `rotary_write_kv`: `apply_rotary_ref`, then `write_kv_cache_ref` of the rotated k and v."""
+    q_rotated, k_rotated = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    write_kv_cache_ref(k_rotated, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    return q_rotated
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton, one launch: rotate q [T, Hq, D] (returned, contiguous) and k [T, Hkv, D], and store the
+    rotated k and v [T, Hkv, D] into the paged caches at `slot_mapping` (quantized for an fp8/int8 cache).
+
+    Same results as `apply_rotary` followed by `write_kv_cache`, minus one kernel and the rotated k's trip
+    through memory. q/k/v may be strided views of the fused qkv output (head_dim contiguous).
+    """
+    _check(q, k, positions, cos_sin_cache)
+    check_kv_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    quantized = k_cache.dtype in QUANTIZED_KV_DTYPES
+    check_launch_device("rotary_write_kv", _rotary_write_kv_kernel, q, k, v, positions, cos_sin_cache, k_cache,
+                        v_cache, slot_mapping, k_scale if quantized else None, v_scale if quantized else None)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise LlmxError("rotary_write_kv: k_cache and v_cache need equal strides and a contiguous head_dim; "
+                        "allocate them with torch.empty.")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    tokens, num_q_heads, head_dim = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return q_out
+    half = head_dim // 2
+    block_hq = next_power_of_2(num_q_heads)
+    _rotary_write_kv_kernel[(tokens,)](
+        q, k, v, q_out, positions, cos_sin_cache.contiguous(), k_cache, v_cache, slot_mapping,
+        k_scale if quantized else k_cache, v_scale if quantized else v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(k.shape[1]), BLOCK_HALF=next_power_of_2(half),
+        BLOCK_D=next_power_of_2(head_dim), QUANT=quant_mode(k_cache.dtype),
+        num_warps=4 if block_hq * half >= 2048 else 2,
+    )
+    return q_out

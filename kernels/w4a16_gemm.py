@@ -17,9 +17,10 @@ Kernel: each program computes a [BLOCK_N, BLOCK_M] tile of out^T = W @ x^T. Putt
 weight on the left makes it the tensor cores' register operand (Hopper's wgmma reads only the left
 operand from registers) and makes the batch, not N, the narrow side of the tile, so decode batches of
 1..16 rows waste little work. Nibbles become floats with a magic-exponent bit trick (an OR and a
-subtract) instead of int-to-float conversions, which run at a fraction of the FMA rate. When a K tile
-sits inside one quantization group, the group scale multiplies the [BLOCK_N, BLOCK_M] partial product
-instead of every weight.
+subtract) instead of int-to-float conversions, which run at a fraction of the FMA rate. The low and
+high nibbles of a byte are kept apart, as two half-depth operands against the even and odd input
+features. When a K tile sits inside one quantization group, the group scale multiplies the
+[BLOCK_N, BLOCK_M] partial product instead of every weight.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
+                                      swizzled_tile, tile_kwargs, weight_dot)
+from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,34 +135,30 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     block_k = _block_k_for_group(cfg.block_k, group_size)
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous().to(x.dtype)
-    split_k = cfg.split_k
-    out = torch.zeros if split_k > 1 else torch.empty
-    # Split-K programs add float32 partial sums atomically; a single split writes x's dtype directly.
-    y = out((m, n), device=x.device, dtype=torch.float32 if split_k > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _w4a16_kernel[grid](
+    y = new_output(m, n, x.dtype, x.device, cfg)
+    _w4a16_kernel[launch_grid(m, n, cfg)](
         x, qweight, scales, x if pre_scale is None else pre_scale.to(x.dtype).contiguous(),
         x if bias is None else bias.to(x.dtype).contiguous(), y,
         m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, SCALE_AFTER_DOT=group_size % block_k == 0,
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None,
-        EVEN_K=k % (block_k * split_k) == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % (block_k * cfg.split_k) == 0, **tile_kwargs(cfg, block_k),
     )
-    return y.to(x.dtype) if split_k > 1 else y
+    return finish_output(y, x.dtype)
 
 
 def _block_k_for_group(block_k: int, group_size: int) -> int:
-    """A K tile either inside one group (group % tile == 0) or made of whole power-of-two groups."""
+    """A K tile either inside one group (group % tile == 0) or made of whole power-of-two groups; at
+    least 32 wide, so each nibble half of it is a 16-deep tensor-core K."""
+    block_k = max(block_k, 32)
     if group_size % block_k == 0:
         return block_k
     if block_k % group_size == 0 and group_size & (group_size - 1) == 0:
         return block_k
     largest_pow2_divisor = group_size & -group_size
-    if largest_pow2_divisor < 16:
-        raise LlmxError(f"w4a16_gemm: group_size={group_size} must be a multiple of 16 for the Triton kernel; "
-                        f"use w4a16_gemm_ref or requantize with group size 32, 64 or 128.")
+    if largest_pow2_divisor < 32:
+        raise LlmxError(f"w4a16_gemm: group_size={group_size} must be a power of two or a multiple of 32 for the "
+                        f"Triton kernel; use w4a16_gemm_ref or requantize with group size 32, 64 or 128.")
     return min(block_k, largest_pow2_divisor)
 
 
@@ -204,69 +203,43 @@ def _w4a16_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     act = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Swizzle: GROUP_M consecutive programs share a weight column tile, so it stays in L2.
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kb = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K tile
+    offs_j = tl.arange(0, BLOCK_K // 2)  # packed byte j of a K tile: inputs 2j (low nibble) and 2j + 1 (high)
     m_ok = offs_m < M
     n_ok = offs_n < N
 
+    # The low and high nibbles multiply the even and odd input features: two half-depth dots instead of
+    # interleaving the nibbles back into K order, which would shuffle every weight through shared memory.
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in range(0, iters):
         k0 = (pid_k * iters + it) * BLOCK_K
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
-        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_kb)[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            packed = tl.load(q_ptrs, mask=n_ok[:, None] & ((k0 // 2 + offs_kb) < K // 2)[None, :], other=0)
+        packed = load_rows(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_j)[None, :], n_ok,
+                           k0 // 2 + offs_j, K // 2, EVEN_K)
+        # Contiguous [BLOCK_M, BLOCK_K] load, then even/odd columns apart in registers: the activation
+        # tile is the small one at decode sizes, and strided loads would not vectorize.
+        x = load_rows(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], m_ok, k0 + offs_k, K, EVEN_K)
         if HAS_PRE_SCALE:
-            pre = tl.load(pre_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
-            x = (x * pre[None, :]).to(act)
-        # [BLOCK_N, BLOCK_K]: low nibble of byte j is k = 2j, high nibble k = 2j + 1.
-        w = _int4_to_float(tl.interleave(packed & 0xF, packed >> 4), act)
+            x = (x * tl.load(pre_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)[None, :]).to(act)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        w_low = _int4_to_float(packed & 0xF, act)  # [BLOCK_N, BLOCK_K // 2]
+        w_high = _int4_to_float(packed >> 4, act)
         if SCALE_AFTER_DOT:
             # The whole K tile lies in group k0 // GROUP_SIZE: scale the partial product per row n.
-            s = tl.load(scales_ptr + offs_n * stride_sn + tl.minimum(k0, K - 1) // GROUP_SIZE,
-                        mask=n_ok, other=0.0)
-            if act == tl.float32:
-                part = tl.dot(w, tl.trans(x), input_precision="ieee")
-            else:
-                part = tl.dot(w, tl.trans(x))
-            acc += part * s.to(tl.float32)[:, None]
+            s = tl.load(scales_ptr + offs_n * stride_sn + tl.minimum(k0, K - 1) // GROUP_SIZE, mask=n_ok, other=0.0)
+            part = weight_dot(w_low, x_even, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), act)
+            acc += weight_dot(w_high, x_odd, part, act) * s.to(tl.float32)[:, None]
         else:
-            # BLOCK_K spans BLOCK_K // GROUP_SIZE whole groups: scale each weight before the dot.
+            # BLOCK_K spans BLOCK_K // GROUP_SIZE whole groups of GROUP_SIZE // 2 bytes: scale each weight.
             offs_g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
             s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
                         mask=n_ok[:, None] & (offs_g < K // GROUP_SIZE)[None, :], other=0.0)
-            w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE)) * s[:, :, None],
-                           (BLOCK_N, BLOCK_K)).to(act)
-            if act == tl.float32:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
+            acc = weight_dot(scale_groups(w_low, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act), x_even, acc, act)
+            acc = weight_dot(scale_groups(w_high, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act), x_odd, acc, act)
 
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[:, None]  # split-K: added once
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True, HAS_BIAS, SPLIT_K)
+

@@ -44,18 +44,19 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return fn(x, residual, weight, eps)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+def rotary_write_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """Rotate q and k, store the rotated k and v into the paged KV cache; returns the rotated q."""
     from llmx.kernels import rotary as r
 
-    fn = r.apply_rotary if use_kernels(q) else r.apply_rotary_ref
-    return fn(q, k, positions, cos_sin_cache)
+    fn = r.rotary_write_kv if use_kernels(q) else r.rotary_write_kv_ref
+    return fn(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-    from llmx.kernels import kv_cache_write as w
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
+    from llmx.kernels import activation as a
 
-    fn = w.write_kv_cache if use_kernels(k) else w.write_kv_cache_ref
-    fn(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    return a.silu_and_mul(x) if use_kernels(x) else a.silu_and_mul_ref(x)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,

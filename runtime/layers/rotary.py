@@ -18,6 +18,10 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim] float32: cos in [:, :head_dim/2], sin in [:, head_dim/2:]
         self.cos_sin_cache = rope_cos_sin_cache(head_dim, max_positions, theta, scaling).to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T] int64, q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k) in their dtype."""
-        return ops.apply_rotary(q, k, positions, self.cos_sin_cache)
+    def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+        """positions [T] int64, q [T, Hq, D], k/v [T, Hkv, D]: stores the rotated k and v in the paged cache
+        at slot_mapping [T] and returns the rotated q (one kernel on GPU)."""
+        return ops.rotary_write_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                   k_scale=k_scale, v_scale=v_scale)

@@ -18,6 +18,7 @@ from llmx.build.shard import kv_heads_per_rank, stage_layers, vocab_per_rank
 from llmx.quant.methods import method_for
 from llmx.runtime.config import ModelConfig, QuantConfig
 from llmx.runtime.distributed import ParallelContext
+from llmx.runtime.layers import ops
 from llmx.runtime.layers.attention import Attention, AttentionMetadata
 from llmx.runtime.layers.embedding import LMHead, VocabEmbedding
 from llmx.runtime.layers.linear import Linear
@@ -32,8 +33,7 @@ class MLP(nn.Module):
         self.down_proj = down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

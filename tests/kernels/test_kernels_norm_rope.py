@@ -188,6 +188,46 @@ def test_interpreted_apply_rotary_kernel_matches_reference(heads, kv_heads, head
     assert out_q.is_contiguous() and out_k.is_contiguous()
 
 
+def _qkv_and_cache(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype, cache_dtype, device="cpu"):
+    """q, k, v strided views of a fused qkv output, two empty paged caches (blocks of 4 slots) and
+    shuffled slots with one padding token (-1); scales for a quantized cache."""
+    fused = _rand(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype).to(device)
+    q = fused[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = fused[:, heads * head_dim: (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = fused[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    num_blocks = tokens // 2 + 2
+    slots = torch.randperm(num_blocks * 4, generator=torch.Generator().manual_seed(7))[:tokens].to(device)
+    slots[tokens // 2] = -1
+    caches = [torch.zeros(num_blocks, 4, kv_heads, head_dim, device=device).to(cache_dtype) for _ in range(4)]
+    scales = {}
+    if cache_dtype in (torch.float8_e4m3fn, torch.int8):
+        scales = dict(k_scale=torch.tensor(0.03, device=device), v_scale=torch.tensor(0.02, device=device))
+    return q, k, v, slots, caches, scales
+
+
+@pytest.mark.parametrize("cache_dtype", ["same", torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (5, 1, 48), (8, 2, 64)])
+@interpreted
+def test_interpreted_rotary_write_kv_matches_rotate_then_write(heads, kv_heads, head_dim, dtype, cache_dtype):
+    cache_dtype = dtype if cache_dtype == "same" else cache_dtype
+    q, k, v, slots, caches, scales = _qkv_and_cache(9, heads, kv_heads, head_dim, dtype, cache_dtype)
+    positions = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(4))
+    cos_sin = rotary.rope_cos_sin_cache(head_dim, 512, 10000.0, ROPE_SCALINGS["llama3"][0])
+    out_q = rotary.rotary_write_kv(q, k, v, positions, cos_sin, caches[0], caches[1], slots, **scales)
+    ref_q = rotary.rotary_write_kv_ref(q, k, v, positions, cos_sin, caches[2], caches[3], slots, **scales)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out_q, ref_q, **tol)
+    if cache_dtype == dtype:
+        torch.testing.assert_close(caches[0], caches[2], **tol)
+        torch.testing.assert_close(caches[1], caches[3], **tol)
+    else:  # quantized: at most one step of the cache's grid apart (rounding of near-ties)
+        for got, want, scale in ((caches[0], caches[2], scales["k_scale"]), (caches[1], caches[3], scales["v_scale"])):
+            step = 16.0 * scale if cache_dtype == torch.float8_e4m3fn else scale
+            assert (got.float() * scale - want.float() * scale).abs().max() <= step
+    assert caches[0].float().abs().sum() > 0  # something was written
+
+
 def test_rotary_rejects_bad_inputs():
     cache = rotary.rope_cos_sin_cache(32, 16, 10000.0)
     q, k = _rand(2, 2, 32), _rand(2, 1, 32)
@@ -223,6 +263,22 @@ def test_gpu_rms_norm_kernels_match_reference_bf16(rows):
     head_weight = _rand(128, dtype=torch.bfloat16, seed=3).cuda()
     torch.testing.assert_close(norm.rms_norm_heads(q.cuda(), head_weight, 1e-6),
                                norm.rms_norm_heads_ref(q.cuda(), head_weight, 1e-6), **_BF16_TOL)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_rotary_write_kv_matches_reference_bf16(cache_dtype):
+    q, k, v, slots, caches, scales = _qkv_and_cache(257, 32, 8, 128, torch.bfloat16, cache_dtype, device="cuda")
+    positions = torch.randint(0, 8192, (257,), generator=torch.Generator().manual_seed(5)).cuda()
+    cos_sin = rotary.rope_cos_sin_cache(128, 8192, 500000.0, ROPE_SCALINGS["llama3"][0]).cuda()
+    out_q = rotary.rotary_write_kv(q, k, v, positions, cos_sin, caches[0], caches[1], slots, **scales)
+    ref_q = rotary.rotary_write_kv_ref(q, k, v, positions, cos_sin, caches[2], caches[3], slots, **scales)
+    torch.testing.assert_close(out_q, ref_q, **_BF16_TOL)
+    # Both round the rotated k to bf16 first; the quantized stores then agree up to one grid step.
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        torch.testing.assert_close(got.float(), want.float(), atol=16.0 if cache_dtype != torch.bfloat16 else 1e-2,
+                                   rtol=0.13 if cache_dtype != torch.bfloat16 else 1.6e-2)
 
 
 @needs_cuda
