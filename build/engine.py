@@ -4,7 +4,8 @@ An engine holds `engine.json` (docs/ARCHITECTURE.md), one `rank{r}.safetensors` 
 slices already fused the way the runtime's layers read them (q/k/v -> qkv_proj, gate/up -> gate_up_proj),
 and the tokenizer files. Builds are keyed by an input hash over the checkpoint's metadata and file
 stats, the build options, the mapping, the target device and the llmx version: an unchanged build is
-reused in milliseconds instead of rewritten.
+reused in milliseconds instead of rewritten. A CUDA build of a format with Triton GEMMs also tunes their
+tile configs for this GPU (llmx.build.tune) and stores them in engine.json `build.kernels["gemm_tiles"]`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, Safeten
 from llmx.build.shard import (layout_summary, local_features, rank_holds, shard_spec, shard_tensor, split_name,
                               validate_mapping)
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+from llmx.build.tune import TuneReport, gemm_shapes, tune_for_engine
 from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.common.hashing import hash_json
@@ -46,6 +48,7 @@ class BuildResult:
     path: Path
     reused: bool
     seconds: float
+    tuning: TuneReport | None = None  # None when the build did not try to tune (cpu, --no-tune, reused)
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ class Engine:
 
 
 def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapping: Mapping = Mapping(), *,
-                 force: bool = False, recipe: str | Path | None = None, progress: Any = None) -> BuildResult:
+                 force: bool = False, recipe: str | Path | None = None, progress: Any = None,
+                 tune: bool = True) -> BuildResult:
     """Build (or reuse) the engine for `ckpt_dir` at `out`.
 
     An existing engine at `out` built from the same inputs is returned untouched with reused=True;
     `force` rebuilds it anyway and may replace a directory llmx did not write. `recipe` is recorded in
-    engine.json. progress: None, callable(advance_bytes, total_bytes) or a rich Progress.
+    engine.json. progress: None, callable(advance_bytes, total_bytes) or a rich Progress. `tune`: time the
+    Triton GEMM tile configs of a CUDA build on this GPU (False: the runtime uses default tiles).
     """
     start = time.perf_counter()
     ckpt_dir, out = Path(ckpt_dir), Path(out)
@@ -82,7 +87,8 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     validate_mapping(ckpt.model, mapping, ckpt.quant, ckpt.dtype)
     target = detect_target(build.device)
     check_target_supports(ckpt, target)
-    input_hash = engine_input_hash(ckpt, build, mapping, target, recipe)
+    tune_gemm = tune and target["device"] == "cuda" and bool(gemm_shapes(ckpt.model, ckpt.quant, mapping))
+    input_hash = engine_input_hash(ckpt, build, mapping, target, recipe, tune_gemm=tune_gemm)
     if not force and _reusable(out, input_hash, mapping.world_size):
         return BuildResult(out, True, time.perf_counter() - start)
 
@@ -90,6 +96,11 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     verify_checkpoint(ckpt)
     plan = _plan(ckpt, mapping)
     tokenizer_files = find_tokenizer_files(ckpt_dir, trust_remote_code=True)  # vetted when the checkpoint was made
+    tuned = None
+    if tune_gemm:  # before writing anything: a GPU that cannot run any tile fails the build in seconds
+        tuned = tune_for_engine(ckpt.model, ckpt.quant, ckpt.dtype, mapping, build.max_num_tokens, progress=progress)
+        if tuned.table is not None:
+            build = dataclasses.replace(build, kernels={**build.kernels, "gemm_tiles": tuned.table})
     with atomic_output_dir(out) as tmp:
         _write_rank_files(ckpt, mapping, plan, tmp, progress)
         copy_files(tokenizer_files, tmp)
@@ -110,7 +121,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return BuildResult(out, False, time.perf_counter() - start)
+    return BuildResult(out, False, time.perf_counter() - start, tuned)
 
 
 def resolve_build_config(build: BuildConfig, ckpt: Checkpoint) -> BuildConfig:
@@ -173,12 +184,16 @@ def check_target_supports(ckpt: Checkpoint, target: dict[str, Any]) -> None:
 
 
 def engine_input_hash(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, target: dict,
-                      recipe: str | Path | None) -> str:
+                      recipe: str | Path | None, *, tune_gemm: bool = False) -> str:
     """Hash of everything a build depends on, cheap to compute: the checkpoint's llmx.json (which holds the
-    source content hash) plus name, size and mtime of its files instead of their multi-GB contents."""
+    source content hash) plus name, size and mtime of its files instead of their multi-GB contents.
+
+    `tune_gemm`: whether this build tunes GEMM tiles (a CUDA build of Triton-GEMM formats without --no-tune).
+    The tuned table itself is an output, not an input: the GPU model, which decides it, is in `target`.
+    """
     files = sorted(p for p in ckpt.path.iterdir() if p.is_file())
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return hash_json({
+    inputs = {
         "checkpoint": ckpt.meta,
         "checkpoint_files": stats,
         "build": build.to_dict(),
@@ -187,7 +202,10 @@ def engine_input_hash(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, ta
         "llmx": llmx_version(),
         "engine_format": ENGINE_FORMAT_VERSION,
         "recipe": str(recipe) if recipe is not None else None,
-    })
+    }
+    if tune_gemm:  # only then, so engines that never tune keep the hash they had before tuning existed
+        inputs["tune_gemm"] = True
+    return hash_json(inputs)
 
 
 def _reusable(out: Path, input_hash: str, world_size: int) -> bool:

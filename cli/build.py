@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from llmx.cli._console import emit_json, out, progress_bars, resolve_device
+from llmx.cli._console import emit_json, out, print_info, print_warning, progress_bars, resolve_device
 from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import resolve_settings
 
@@ -44,6 +44,11 @@ def build_command(
     force: Annotated[bool, typer.Option(
         "--force", help="Rebuild even when the inputs are unchanged, and replace an output directory that llmx "
                         "did not write.")] = False,
+    tune: Annotated[bool, typer.Option(
+        "--tune/--no-tune", help="Time the tile configs of the quantized formats' Triton GEMMs on this GPU for the "
+                                 "engine's shapes and store the fastest in engine.json (CUDA builds only; results "
+                                 "are cached per user in $LLMX_CACHE_DIR or ~/.cache/llmx). --no-tune: the runtime "
+                                 "uses default tiles.")] = True,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,
@@ -52,6 +57,7 @@ def build_command(
 
     A build whose inputs (checkpoint content, options, llmx version) are unchanged reuses the existing engine
     instead of rebuilding, and says so. The engine only runs on the device kind and world size it was built for.
+    A CUDA build of an int4, int8 or nvfp4 checkpoint also tunes its GEMM tiles for this GPU (--no-tune skips).
 
     Examples:
 
@@ -77,9 +83,14 @@ def build_command(
                         device=resolve_device(values["device"]))
     mapping = Mapping(tp=values["tp"], pp=values["pp"])
     with progress_bars() as progress:
-        result = build_engine(ckpt, target, build, mapping, force=force, recipe=settings.recipe, progress=progress)
+        result = build_engine(ckpt, target, build, mapping, force=force, recipe=settings.recipe, progress=progress,
+                              tune=tune)
+    tuning = result.tuning
     summary = {"path": str(result.path), "reused": result.reused, "seconds": round(result.seconds, 3),
-               "build": build.to_dict(), "mapping": mapping.to_dict()}
+               "build": build.to_dict(), "mapping": mapping.to_dict(),
+               "tuning": tuning.summary() if tuning is not None else None}
+    for warning in tuning.warnings if tuning is not None else ():
+        print_warning(warning)
     if json_output:
         emit_json(summary)
         return
@@ -90,3 +101,8 @@ def build_command(
         out().print(f"[bold green]built[/] engine {result.path} for {build.device}, tp={mapping.tp} pp={mapping.pp}, "
                     f"max batch {build.max_batch_size}, max seq len {build.max_seq_len} in {result.seconds:.1f} s",
                     highlight=False)
+    if tuning is not None and tuning.skipped:
+        print_info(f"note: {tuning.skipped}")
+    elif tuning is not None:
+        out().print(f"tuned GEMM tiles for {tuning.entries} (kernel, M bucket, N, K) shapes: {tuning.timed} timed now, "
+                    f"{tuning.cached} from the cache, in {tuning.seconds:.1f} s", highlight=False)

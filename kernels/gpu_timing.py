@@ -6,9 +6,10 @@ takes longer than the kernel, the GPU waits for the launch, and the figure is la
 time. In llmx's decode steps those launches replay from CUDA graphs, so what matters is GPU time: this
 module captures `calls` launches in one graph and divides the replay time by `calls`.
 
-Between calls the graph overwrites an L2-sized buffer, so every call reads its operands from HBM as it
-would inside a forward pass (where each layer's weights are read once); the time of those flushes,
-measured by a graph of flushes alone, is subtracted.
+Between calls the graph reads a buffer twice the L2's size, so every call reads its operands from HBM
+as it would inside a forward pass (where each layer's weights are read once); the time of those reads,
+measured by a graph of them alone, is subtracted. Reading, not writing, keeps the evicted lines clean:
+a written buffer would leave the L2 full of dirty lines whose write-back the timed kernel would pay.
 
 Used by `llmx build`'s tile tuning (kernels/tuning.py) and by the kernel benchmarks under benchmarks/.
 """
@@ -28,14 +29,14 @@ def _graph_of(fn: Callable[[], object], calls: int, flush: torch.Tensor | None) 
         for _ in range(2):  # compile, autotune and allocate outside the capture
             fn()
             if flush is not None:
-                flush.zero_()
+                flush.sum()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             if flush is not None:
-                flush.zero_()
+                flush.sum()
             fn()
     return graph
 
@@ -74,7 +75,7 @@ def graph_time_ms(fn: Callable[[], object], *, calls: int = 20, replays: int = 1
 def _flush_buffer() -> torch.Tensor:
     """Twice the L2 cache, int32, on the current GPU."""
     l2_bytes = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
-    return torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device="cuda")
+    return torch.zeros(2 * l2_bytes // 4, dtype=torch.int32, device="cuda")
 
 
 @functools.lru_cache(maxsize=8)

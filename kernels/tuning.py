@@ -5,8 +5,9 @@ kernel, on the weight shape (N, K) and on M, and M changes every step (decode ba
 prefill chunks of thousands), so configurations are tuned per M bucket: a config tuned at M = bucket
 serves every M whose `m_bucket(M)` is that bucket.
 
-`autotune(...)` times every candidate on the GPU and returns a JSON-able table; `llmx build` stores it in
-engine.json (`build.kernels["gemm_tiles"]`) and the runtime hands it back through `load_tuned(table)`.
+`autotune(...)` times every candidate on the GPU and returns a JSON-able table; `llmx build` (llmx.build.tune)
+stores it in engine.json (`build.kernels["gemm_tiles"]`, with the GPU it was tuned on) and the runtime
+hands it back through `load_engine_tiles(table, gpu_name)`, which installs it with `load_tuned(table)`.
 Wrappers ask `gemm_config(kernel, M, N, K)`: the tuned entry when one exists, else a heuristic default.
 
 This module imports nothing heavy at import time: the CPU runtime and `llmx --help` reach it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -184,6 +186,33 @@ def load_tuned(table: dict[str, Any] | None) -> None:
         _TUNED[kernel] = {key: TileConfig.from_dict(cfg) for key, cfg in entries.items()}
 
 
+_log = logging.getLogger(__name__)
+# (GPU the table was tuned on, GPU here) pairs already warned about: the warning is printed once per process.
+_WARNED_MISMATCH: set[tuple[str | None, str]] = set()
+
+
+def load_engine_tiles(table: dict[str, Any] | None, device_name: str | None, *, warn: bool = True) -> bool:
+    """Install engine.json's `build.kernels.gemm_tiles` for the GPU named `device_name`; True when installed.
+
+    Tiles tuned on another GPU model are not installed (they may not even fit its shared memory, and
+    they were timed for other SM counts and bandwidths): the defaults apply and, when `warn`, one line says
+    so. `device_name` None (not running on a GPU) or no table clears any earlier table.
+    """
+    if table is None or device_name is None:
+        load_tuned(None)
+        return False
+    tuned_on = (table.get("device") or {}).get("name")
+    if tuned_on != device_name:
+        load_tuned(None)
+        if warn and (tuned_on, device_name) not in _WARNED_MISMATCH:
+            _WARNED_MISMATCH.add((tuned_on, device_name))
+            _log.warning(f"warning: the engine's GEMM tiles were tuned on {tuned_on or 'an unnamed GPU'}, not on "
+                         f"this {device_name}; using default tiles (rebuild the engine on this GPU to tune them).")
+        return False
+    load_tuned(table)
+    return True
+
+
 def gemm_config(kernel: str, m: int, n: int, k: int, override: TileConfig | dict | None = None) -> TileConfig:
     """The config a wrapper launches with: `override`, else the tuned entry, else `default_config`."""
     if override is not None:
@@ -197,9 +226,11 @@ def _pow2_at_least(x: int) -> int:
 
 
 def _bench_median_ms(fn: Callable[[], Any]) -> float:
-    import triton.testing
+    """GPU time of one launch, replayed from a CUDA graph: at decode sizes a kernel runs for less time
+    than its Python launch takes, so timing launches from Python would rank configs by launch cost."""
+    from llmx.kernels.gpu_timing import graph_time_ms
 
-    return float(triton.testing.do_bench(fn, return_mode="median"))
+    return graph_time_ms(fn, calls=10, replays=5)[0]
 
 
 def autotune(
