@@ -7,15 +7,15 @@
 For each kernel, Llama-3.1-8B linear shape (N, K) and batch M, on fresh random data:
 1. the kernel's output is compared with its `*_ref` (max |error| <= 2% of max |reference|); a mismatch
    is printed as FAIL and makes the script exit with status 1;
-2. it is timed with triton.testing.do_bench (median of repeated runs; the L2 cache is flushed before
-   each run, so weights come from HBM as in a real forward pass);
+2. it is timed on the GPU alone: calls replayed from a CUDA graph, the L2 cache overwritten between
+   calls so weights come from HBM as in a real forward pass (llmx/kernels/gpu_timing.py; launch overhead
+   is excluded, as in llmx's graph-replayed decode steps);
 3. TFLOP/s (2*M*N*K / time) and GB/s (unavoidable bytes / time: weights and their scales, activations
    in and output out, each once) are printed next to the roofline time max(FLOPs / compute ceiling,
    bytes / HBM bandwidth) and the fraction of it reached. torch's bf16 matmul runs on the same shapes.
 
 What is timed: the whole call a linear layer makes: activation quantization included for int8_linear,
-fp8 and w4a8 (int8_gemm is also timed alone on pre-quantized input); CUDA-graph-free, so at M = 1 the
-launch overhead (a few us) is part of the figure.
+fp8 and w4a8 (int8_gemm is also timed alone on pre-quantized input).
 
 Ceilings: measured on the lent H100 SXM (bf16 786 TFLOP/s, FP8 torch._scaled_mm 1,413 per tensor and
 1,257 row-wise, HBM 3.0 TB/s); INT8 uses the H100 SXM data-sheet 1,979 TOP/s (torch._int_mm reached
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from llmx.kernels import tuning
 
+    from llmx.kernels.gpu_timing import graph_time_ms
+
     ceil = Ceilings(**{f: getattr(args, f) for f in vars(Ceilings())})
     kernels = [k for k in args.kernels.split(",") if k]
     m_values = [int(v) for v in args.m.split(",") if v]
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 ok, rel_err = check(case)
                 failures += not ok
-                ms = triton.testing.do_bench(case.run, return_mode="median")
+                ms = graph_time_ms(case.run)[0]
                 us = ms * 1e3
                 flops = 2.0 * m * n * k
                 compute_us = flops / (case.peak_tflops * 1e12) * 1e6
