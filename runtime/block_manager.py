@@ -38,15 +38,6 @@ class _BlockContent:
     token_ids: tuple[int, ...]
 
 
-def _token_slice(seq: Sequence, start: int, end: int) -> tuple[int, ...]:
-    """seq.token_ids[start:end] without concatenating prompt and output (token_ids copies both)."""
-    prompt = seq.prompt_token_ids
-    if end <= len(prompt):
-        return tuple(prompt[start:end])
-    n = len(prompt)
-    return tuple(prompt[start:end]) + tuple(seq.output_token_ids[max(start - n, 0):end - n])
-
-
 class BlockManager:
     """Hands out KV block ids to sequences, with reference counts so prefix-cached blocks can be shared."""
 
@@ -133,7 +124,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             parent = _ROOT_HASH
             for i in range((seq.num_tokens - 1) // self.block_size):
-                tokens = _token_slice(seq, i * self.block_size, (i + 1) * self.block_size)
+                tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
                 block_hash = self._hash_block(parent, tokens)
                 block = self._hash_to_block.get(block_hash)
                 if block is None or self._block_content[block] != _BlockContent(parent, tokens):
@@ -167,7 +158,7 @@ class BlockManager:
         hashes = self._seq_hashes.setdefault(seq, [])
         for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
             parent = hashes[-1] if hashes else _ROOT_HASH
-            tokens = _token_slice(seq, i * self.block_size, (i + 1) * self.block_size)
+            tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
             block_hash = self._hash_block(parent, tokens)
             hashes.append(block_hash)
             if block_hash in self._hash_to_block:

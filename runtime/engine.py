@@ -1,6 +1,8 @@
 """`LLM`: the Python API over an engine directory — add requests, step, generate, stream.
 
-A step is schedule -> run the model -> postprocess (append tokens, detokenize, stop strings, finish).
+A step is schedule -> run the model -> postprocess (append tokens, stop strings, finish). Output text is
+detokenized within the step only for requests with stop strings; for the others when it is first read
+(runtime/detokenizer.py), so the host work of a step stays small at large batches.
 Requests are batched in flight: new ones join between steps, finished ones leave, long prompts are
 prefilled in chunks, and sequences preempted when KV blocks run out are recomputed later.
 """
@@ -16,7 +18,8 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from llmx.common.errors import LlmxError
-from llmx.runtime.detokenizer import DetokenizerState, detokenize_step
+from llmx.runtime.detokenizer import OutputText, decoder_for
+from llmx.runtime.config import BuildConfig
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.model_runner import ModelRunner, WorkItem
 from llmx.runtime.outputs import RequestMetrics, RequestOutput
@@ -32,13 +35,12 @@ def resolve_device(requested: str | None, built_for: str) -> torch.device:
 
 
 class _Request:
-    __slots__ = ("seq", "detok", "metrics", "text", "emitted_tokens")
+    __slots__ = ("seq", "text", "metrics", "emitted_tokens")
 
-    def __init__(self, seq: Sequence, metrics: RequestMetrics):
+    def __init__(self, seq: Sequence, metrics: RequestMetrics, decode):
         self.seq = seq
-        self.detok = DetokenizerState.for_prompt(seq.prompt_token_ids)
+        self.text = OutputText(decode, seq.prompt_token_ids, seq.output_token_ids, seq.params.stop)
         self.metrics = metrics
-        self.text = ""
         self.emitted_tokens = 0
 
 
@@ -53,8 +55,6 @@ class LLM:
     def __init__(self, engine_dir: str | Path, *, device: str | None = None, kv_cache_fraction: float = 0.9,
                  kv_cache_tokens: int | None = None, enforce_eager: bool = False):
         from llmx.build.engine import check_engine_runnable, read_engine
-        from llmx.runtime.block_manager import BlockManager
-        from llmx.runtime.scheduler import Scheduler
 
         self.engine = engine = read_engine(Path(engine_dir))
         self.device = resolve_device(device, engine.build.device)
@@ -68,40 +68,59 @@ class LLM:
 
         launched = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else world
         check_engine_runnable(engine, device=self.device.type, world_size=launched)
-        self.tokenizer = _load_tokenizer(engine.path)
+        tokenizer = _load_tokenizer(engine.path)
         if world > 1:
-            self.runner = _start_ranks(engine, self.device.type, kv_cache_tokens, kv_cache_fraction, enforce_eager)
+            runner = _start_ranks(engine, self.device.type, kv_cache_tokens, kv_cache_fraction, enforce_eager)
         else:
-            self.runner = ModelRunner(
+            runner = ModelRunner(
                 model_config=engine.model, quant=engine.quant, build=engine.build, act_dtype=engine.dtype,
                 weights_path=engine.path / "rank0.safetensors", device=self.device, ctx=ParallelContext(),
                 kv_cache_tokens=kv_cache_tokens, kv_cache_fraction=kv_cache_fraction, enforce_eager=enforce_eager)
-        self.max_seq_len = engine.build.max_seq_len
-        self.block_manager = BlockManager(self.runner.num_blocks, engine.build.kv_block_size)
+        self._serve(runner, engine.build, tokenizer, engine.model.eos_token_ids, str(engine.path))
+
+    @classmethod
+    def over_runner(cls, runner, build: BuildConfig, *, tokenizer=None, eos_token_ids: Seq[int] = ()) -> "LLM":
+        """An LLM over a runner made elsewhere, without an engine directory: anything with ModelRunner's
+        `execute(work) -> {seq_id: token}`, `release(seq_id)`, `num_blocks` and `block_size`. It measures and
+        tests the host side of steps with a stand-in model (benchmarks/host_overhead.py); `engine` is None,
+        so what reads the engine's description (bench's runner, stats) does not apply."""
+        llm = cls.__new__(cls)
+        llm.engine = None
+        llm.device = torch.device("cpu")
+        llm._serve(runner, build, tokenizer, tuple(eos_token_ids), "LLM.over_runner")
+        return llm
+
+    def _serve(self, runner, build: BuildConfig, tokenizer, eos_token_ids: Seq[int], name: str) -> None:
+        """Set up the request bookkeeping over `runner`: the block manager, the scheduler, the detokenizer."""
+        from llmx.runtime.block_manager import BlockManager
+        from llmx.runtime.scheduler import Scheduler
+
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._name = name
+        self._decode = decoder_for(tokenizer) if tokenizer is not None else None
+        eos = set(eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.max_seq_len = build.max_seq_len
+        self.block_manager = BlockManager(runner.num_blocks, build.kv_block_size)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs=engine.build.max_batch_size,
-            max_num_tokens=engine.build.max_num_tokens, max_model_len=engine.build.max_seq_len,
-            block_size=engine.build.kv_block_size, eos_token_ids=self._eos_ids())
+            self.block_manager, max_num_seqs=build.max_batch_size, max_num_tokens=build.max_num_tokens,
+            max_model_len=build.max_seq_len, block_size=build.kv_block_size, eos_token_ids=tuple(sorted(eos)))
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._peak_blocks_used = 0
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def _eos_ids(self) -> tuple[int, ...]:
-        ids = set(self.engine.model.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return tuple(sorted(ids))
-
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
             return list(prompt)
         if self.tokenizer is None:
-            raise LlmxError(f"{self.engine.path} has no tokenizer (built from a bare config.json); "
+            raise LlmxError(f"{self._name} has no tokenizer (built from a bare config.json); "
                             "pass prompts as token ids, or build from a model folder with tokenizer files.")
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise LlmxError(f"{self.engine.path}: the tokenizer has no chat template; drop --chat or use an "
+                raise LlmxError(f"{self._name}: the tokenizer has no chat template; drop --chat or use an "
                                 "instruct model whose tokenizer_config.json defines one.")
             return list(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
@@ -114,7 +133,7 @@ class LLM:
         now = time.perf_counter()
         seq = Sequence(seq_id=request_id, prompt_token_ids=self.encode(prompt, chat), params=params,
                        arrival_time=now)
-        self._requests[request_id] = _Request(seq, RequestMetrics(arrival_time=now))
+        self._requests[request_id] = _Request(seq, RequestMetrics(arrival_time=now), self._decode)
         self.scheduler.add(seq)
         return request_id
 
@@ -129,67 +148,47 @@ class LLM:
         if not out.scheduled:
             return outputs
         now = time.perf_counter()
-        for work in out.scheduled:
-            req = self._requests[work.seq.seq_id]
-            if req.metrics.scheduled_time is None:
-                req.metrics.scheduled_time = now
-        sampled_ids = self.runner.execute([WorkItem.from_sequence(w.seq, w.num_new_tokens) for w in out.scheduled])
+        for seq in out.admitted:  # first scheduled now (or resumed after a preemption)
+            metrics = self._requests[seq.seq_id].metrics
+            if metrics.scheduled_time is None:
+                metrics.scheduled_time = now
+        sampled_ids = self.runner.execute([WorkItem.from_sequence(seq, n) for seq, n, _, _ in out.scheduled])
         by_id = {w.seq.seq_id: w.seq for w in out.scheduled}
         sampled = {by_id[i]: token for i, token in sampled_ids.items()}
         self.scheduler.postprocess(out.scheduled, sampled)
         self._peak_blocks_used = max(self._peak_blocks_used, self.block_manager.num_used_blocks)
         now = time.perf_counter()
-        for seq in sampled:
-            outputs.append(self._progress(self._requests[seq.seq_id], now))
+        requests = self._requests
+        outputs.extend([self._progress(requests[seq.seq_id], now) for seq in sampled])
         return outputs
 
     def _progress(self, req: _Request, now: float) -> RequestOutput:
+        """The output of a request that just got its sampled token (one per step), after its stop strings."""
         seq = req.seq
-        new_ids = seq.output_token_ids[req.emitted_tokens:]
-        req.emitted_tokens = len(seq.output_token_ids)
+        tokens = seq.output_token_ids
+        num_tokens = len(tokens)
+        new_ids = tokens[req.emitted_tokens:]
+        req.emitted_tokens = num_tokens
         req.metrics.token_times.extend([now] * len(new_ids))
-        visible = [t for t in new_ids if not (seq.finish_reason is FinishReason.EOS and t in self.scheduler.eos_token_ids)]
-        if visible and self.tokenizer is not None:
-            detokenize_step(self.tokenizer, req.detok, visible)
-        decoded = req.detok.text
-        stops = seq.params.stop
-        if stops and not seq.is_finished:
-            decoded = self._cut_at_stop_string(req, decoded)
-        # While a stop string could still complete, hold back the characters that might begin it, so
-        # streamed pieces never include text that a later token turns into a stop.
-        hold = 0 if seq.is_finished or not stops else max(len(x) for x in stops) - 1
-        visible_len = max(len(req.text), len(decoded) - hold)
-        new_text = decoded[len(req.text):visible_len]
-        req.text = decoded[:visible_len]
-        if seq.is_finished:
+        finished = seq.is_finished
+        if finished and new_ids and seq.finish_reason is FinishReason.EOS \
+                and tokens[-1] in self.scheduler.eos_token_ids:
+            req.text.hide(num_tokens - 1)  # the EOS token that ended the request is not text
+        # A stop string must be seen the step it appears, so these requests are detokenized now; streamed
+        # pieces then leave out the characters that a later token could still turn into a stop string.
+        if req.text.stops and new_ids and req.text.check_stops(num_tokens, finished):
+            self.scheduler.finish(seq, FinishReason.STOP)
+            finished = True
+        if finished:
             req.metrics.finish_time = now
             self.runner.release(seq.seq_id)
             del self._requests[seq.seq_id]
-        return self._output(req, new_ids, new_text)
-
-    def _cut_at_stop_string(self, req: _Request, decoded: str) -> str:
-        """Finish the request at the first stop string; returns the text up to (excluding) it."""
-        longest = max(len(x) for x in req.seq.params.stop)
-        search_from = max(0, len(req.text) - longest)
-        hits = [i for x in req.seq.params.stop if (i := decoded.find(x, search_from)) >= 0]
-        if not hits:
-            return decoded
-        self.scheduler.finish(req.seq, FinishReason.STOP)
-        return decoded[:min(hits)]
-
-    def _output(self, req: _Request, new_ids: list[int], new_text: str) -> RequestOutput:
-        seq = req.seq
-        return RequestOutput(
-            request_id=seq.seq_id, prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=list(seq.output_token_ids), text=req.text, new_token_ids=new_ids,
-            new_text=new_text, finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None, metrics=req.metrics,
-            error=seq.error, num_cached_prompt_tokens=seq.num_cached_prompt_tokens)
+        return RequestOutput(seq, req.metrics, new_ids, finished, req.text)
 
     def _error_output(self, seq: Sequence) -> RequestOutput:
         req = self._requests.pop(seq.seq_id)
         req.metrics.finish_time = time.perf_counter()
-        return self._output(req, [], "")
+        return RequestOutput(seq, req.metrics, [], True, req.text)
 
     # ---- conveniences ---------------------------------------------------------------------------------------
     def _add_all(self, prompts: Seq[str | list[int]], params, chat: bool) -> list[int]:

@@ -5,13 +5,18 @@ One instance per rank. It owns the model, the KV cache and the per-request rando
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
+from itertools import chain, compress
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from llmx.common.errors import LlmxError
+from llmx.kernels import tuning
 from llmx.runtime.config import BuildConfig, ModelConfig
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.layers.attention import AttentionMetadata
@@ -26,12 +31,12 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # CPU engines: KV budget when the user nam
 _DUMMY_PARAMS = SamplingParams(max_new_tokens=1)  # for profiling and scoring passes, which never sample
 
 
-@dataclass(frozen=True)
-class WorkItem:
+class WorkItem(NamedTuple):
     """One sequence's share of a step, self-contained so it can be broadcast to other ranks.
 
     tokens: the ids at positions [start, start + len(tokens)); block_table: the sequence's KV blocks;
     sample: whether this chunk reaches the end of the known tokens (then a token is sampled).
+    A named tuple: a step builds one per running sequence, and `prepare` transposes the batch with zip.
     """
 
     seq_id: int
@@ -43,10 +48,12 @@ class WorkItem:
 
     @classmethod
     def from_sequence(cls, seq: Sequence, num_new_tokens: int) -> "WorkItem":
+        """The item of seq's next num_new_tokens positions. block_table is seq's own list, not a copy: the step
+        reads it (or pickles it, to broadcast) before the scheduler runs again."""
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        return cls(seq.seq_id, seq.token_ids[start:end], start, list(seq.block_table),
-                   end == seq.num_tokens, seq.params)
+        return cls(seq.seq_id, seq.token_slice(start, end), start, seq.block_table, end == seq.num_tokens,
+                   seq.params)
 
 
 @dataclass
@@ -56,6 +63,83 @@ class StepInputs:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [S] int64: packed row of the last token of each sampling sequence
     sampling: list[WorkItem]
+
+
+class StepInputsBuilder:
+    """A step's input tensors from its WorkItems, built on the host with a few whole-batch operations.
+
+    The batch is transposed once (zip over the named tuples) and read into numpy arrays by C loops; positions,
+    KV slots and the padded block tables are then vectorized, so the Python work of a step does not grow
+    token by token. On CUDA the arrays are written into reusable pinned buffers and copied asynchronously
+    (one non-blocking copy per tensor, no pageable staging, no synchronization of the host).
+    """
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+        self._pinned: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # name -> (pinned buffer, its numpy view)
+        self._copies_done = None  # torch.cuda.Event recorded after the last step's copies
+
+    def build(self, work: list[WorkItem]) -> StepInputs:
+        if not work:
+            raise ValueError("a step needs at least one WorkItem")
+        n, bs = len(work), self.block_size
+        _, token_lists, starts, tables, samples, _ = zip(*work)
+        query_lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=n)  # [B] new tokens per sequence
+        start = np.array(starts, dtype=np.int64)  # [B] position of each sequence's first new token
+        seq_lens = start + query_lens  # [B] KV length of each sequence after the step
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)  # [B+1] offsets in the packed batch
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        total = int(query_start_loc[-1])
+        input_ids = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=total)  # [T]
+        if total == n:  # a decode step: one token per sequence
+            rows, positions = np.arange(n), start
+        else:
+            rows = np.repeat(np.arange(n), query_lens)  # [T] batch row of each token
+            positions = np.arange(total) - np.repeat(query_start_loc[:-1] - start, query_lens)  # [T]
+        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        short = table_lens * bs < seq_lens
+        if short.any():
+            i = int(short.argmax())
+            raise ValueError(f"WorkItem of sequence {work[i].seq_id}: its {table_lens[i]} KV blocks hold "
+                             f"{table_lens[i] * bs} positions but the step reaches position {seq_lens[i] - 1}")
+        block_tables = np.zeros((n, int(table_lens.max())), dtype=np.int32)  # [B, max_blocks], 0-padded
+        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
+        slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs  # [T]
+        logits_rows = query_start_loc[1:][np.array(samples, dtype=bool)] - 1  # [S] last token of each sampler
+        t = self._upload(input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
+                         seq_lens=seq_lens.astype(np.int32), query_start_loc=query_start_loc.astype(np.int32),
+                         logits_rows=logits_rows)
+        meta = AttentionMetadata(slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
+                                 seq_lens=t["seq_lens"], query_start_loc=t["query_start_loc"],
+                                 max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
+        return StepInputs(input_ids=t["input_ids"], positions=t["positions"], meta=meta,
+                          logits_rows=t["logits_rows"], sampling=list(compress(work, samples)))
+
+    def _upload(self, **arrays: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.device.type != "cuda":
+            return {name: torch.from_numpy(array) for name, array in arrays.items()}
+        # The last step's copies read these same buffers: they must be done before the buffers are rewritten
+        # (normally long since, as that step's sampled tokens were read back on the host).
+        if self._copies_done is not None:
+            self._copies_done.synchronize()
+        out = {name: self._staged(name, array).to(self.device, non_blocking=True) for name, array in arrays.items()}
+        self._copies_done = torch.cuda.Event()
+        self._copies_done.record(torch.cuda.current_stream(self.device))
+        return out
+
+    def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """array copied into the pinned buffer `name`, grown to the next power of two when too small."""
+        buffer, view = self._pinned.get(name, (None, None))
+        if buffer is None or buffer.numel() < array.size:
+            size = 1 << max(array.size - 1, 1).bit_length()
+            with torch.inference_mode(False):  # a plain tensor: usable in and out of inference mode
+                buffer = torch.empty(size, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+            view = buffer.numpy()
+            self._pinned[name] = (buffer, view)
+        view[:array.size] = array.ravel()
+        return buffer[:array.size].view(array.shape)
 
 
 def kv_cache_dtype(build: BuildConfig, act_dtype: torch.dtype) -> torch.dtype:
@@ -76,6 +160,11 @@ class ModelRunner:
         self.ctx = ctx
         self.act_dtype = getattr(torch, act_dtype)
         self.block_size = build.kv_block_size
+        # Tiles tuned by `llmx build` for this GPU, in place before the profiling pass and the CUDA-graph
+        # capture below launch (and graphs freeze) the first GEMMs; elsewhere the kernels' defaults.
+        tuning.load_engine_tiles(build.kernels.get("gemm_tiles"),
+                                 torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                 warn=ctx.tp_rank == 0 and ctx.pp_rank == 0)
         cls = model_class(model_config.architecture)
         with torch.device(device):
             self.model = cls(model_config, quant, ctx, build.max_seq_len, device)
@@ -133,11 +222,16 @@ class ModelRunner:
         return int(budget // self.kv_bytes_per_block)
 
     def _dummy_forward(self) -> None:
-        """One prefill of max_num_tokens tokens into a 1-block scratch cache, to measure peak memory."""
+        """The two steps with the largest activations, into a scratch cache, to measure peak memory: a
+        prefill of max_num_tokens tokens, and a decode step of max_batch_size sequences, whose logits
+        ([max_batch_size, vocab] in float32: 0.5 GB for 1,024 sequences of a 128K vocabulary) the decode
+        CUDA graph of that size will hold too."""
         tokens = min(self.build.max_num_tokens, self.build.max_seq_len)
         blocks = -(-tokens // self.block_size)
         self._allocate_kv_cache(blocks)
         self.execute([WorkItem(-1, [0] * tokens, 0, list(range(blocks)), True, _DUMMY_PARAMS)])
+        batch = min(self.build.max_batch_size, self.build.max_num_tokens)
+        self.execute([WorkItem(-2 - i, [0], 0, [0], True, _DUMMY_PARAMS) for i in range(batch)])
         self._release_kv_cache()
 
     def _capture_graphs(self) -> None:
@@ -164,43 +258,11 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------
     def prepare(self, work: list[WorkItem]) -> StepInputs:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        logits_rows: list[int] = []
-        sampling: list[WorkItem] = []
-        bs = self.block_size
-        for w in work:
-            end = w.start + len(w.tokens)
-            ids.extend(w.tokens)
-            positions.extend(range(w.start, end))
-            table = w.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(w.start, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + len(w.tokens))
-            if w.sample:
-                logits_rows.append(starts[-1] - 1)
-                sampling.append(w)
-        max_blocks = max(len(w.block_table) for w in work)
-        tables = [w.block_table + [0] * (max_blocks - len(w.block_table)) for w in work]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            max_query_len=max(len(w.tokens) for w in work),
-            max_seq_len=max(seq_lens),
-        )
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta=meta,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-            sampling=sampling,
-        )
+        return self.step_inputs.build(work)
+
+    @functools.cached_property
+    def step_inputs(self) -> "StepInputsBuilder":
+        return StepInputsBuilder(self.block_size, self.device)
 
     @property
     def global_rank(self) -> int:

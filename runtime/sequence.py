@@ -78,6 +78,17 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building token_ids (which copies the prompt and the whole output):
+        a decode step needs one token of a sequence that may hold thousands."""
+        prompt = self.prompt_token_ids
+        n = len(prompt)
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        if end <= n:
+            return prompt[start:end]
+        return prompt[start:] + self.output_token_ids[:end - n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
