@@ -11,7 +11,7 @@ from typing import NoReturn, Sequence
 
 import typer
 
-from llmx.cli import bench, build, convert, quantize, quickstart, run
+from llmx.cli import bench, build, convert, pipeline, quantize, quickstart, run
 from llmx.cli import eval as eval_
 from llmx.cli._console import print_error
 from llmx.common.errors import LlmxError
@@ -34,6 +34,7 @@ app.command("run", no_args_is_help=True)(run.run_command)
 app.command("bench", no_args_is_help=True)(bench.bench_command)
 app.command("eval", no_args_is_help=True)(eval_.eval_command)
 app.command("quickstart")(quickstart.quickstart_command)
+app.command("pipeline", no_args_is_help=True)(pipeline.pipeline_command)
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:

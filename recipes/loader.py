@@ -65,6 +65,7 @@ def load_recipe(spec: str | Path) -> tuple[Recipe, str]:
             problem = target_conflict(recipe.target, section, key, value)
             if problem:
                 raise LlmxError(f"{name}: `{section}.{key}` {value}: {problem}.")
+    _check_pipeline_lists(recipe, name)
     return recipe, name
 
 
@@ -83,8 +84,49 @@ def describe_validation_error(exc: Any, name: str) -> str:
 
 
 def _fields_at(loc: tuple) -> list[str]:
-    model = Recipe if not loc else SECTIONS.get(str(loc[0]), Recipe)
+    """The keys allowed at `loc` (a pydantic location such as ("bench", "scenarios", 0)), walking the schema."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):  # a list index: the list's item model is already `model`
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        nested = _model_in(field.annotation)
+        if nested is None:
+            break
+        model = nested
     return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `X`, `X | None` or `list[X] | None`, else None."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_pipeline_lists(recipe: Recipe, name: str) -> None:
+    """Checks across the entries of `eval.datasets` and `bench.scenarios` that pydantic cannot express alone."""
+    for section, entries in (("eval.datasets", recipe.eval.datasets), ("bench.scenarios", recipe.bench.scenarios)):
+        seen: set[str] = set()
+        for i, entry in enumerate(entries or ()):
+            if entry.name in seen:
+                raise LlmxError(f"{name}: `{section}.{i}.name` {entry.name!r} is used twice; give every entry its "
+                                "own name (it names the output file and the gates).")
+            seen.add(entry.name)
+    for i, scenario in enumerate(recipe.bench.scenarios or ()):
+        if scenario.concurrency is not None and scenario.request_rate is not None:
+            raise LlmxError(f"{name}: `bench.scenarios.{i}` sets both concurrency and request_rate, two ways to "
+                            "offer load; keep one.")
 
 
 def canonical_algo(algo: str) -> str:

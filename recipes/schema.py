@@ -7,6 +7,13 @@ Unknown keys are refused, so a typo never silently turns into a default.
 
 Besides the shape, a recipe is checked against its target's hardware: FP8 formats need FP8 tensor cores
 (compute capability 8.9+), so `quantize.algo: fp8` on an A100 is refused naming the field.
+
+`llmx pipeline` reads three more things, which no single command has a flag for: `model` (where the
+model comes from), `eval.datasets` (texts to score, each with its perplexity gates) and `bench.scenarios`
+(workloads to measure, each with its throughput/latency gates). They live on PipelineEvalSection and
+PipelineBenchSection, subclasses of the command sections, so SECTIONS keeps holding exactly the keys that
+mirror each command's flags. Relative paths in these lists are resolved by the pipeline against the
+recipe file's folder (the current directory for a shipped recipe), never here.
 """
 
 from __future__ import annotations
@@ -118,24 +125,94 @@ class EvalSection(_Section):
     device: Device | None = None
 
 
+# Dataset and scenario names become output file names (eval/<name>.json) and gate names.
+OutputName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+Percent = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSection(_Section):
+    """Where `llmx pipeline` takes the model from (`--model` overrides `source`)."""
+
+    source: str | None = None  # HF folder or llmx checkpoint; relative to the recipe file's folder
+    dummy_weights: bool | None = None
+
+
+class EvalDataset(_Section):
+    """One text the pipeline scores, and the perplexity gates on it.
+
+    Unset seq_len / windows / max_increase fall back to the `eval` section's values. The increase is in
+    percent over `baseline` (a committed `llmx eval --json` result) when given, else over the reference:
+    the same windows scored on an engine of the unquantized checkpoint built with the same options.
+    """
+
+    name: OutputName
+    data: str
+    seq_len: Annotated[int, Field(ge=2)] | None = None
+    windows: PositiveInt | None = None
+    max_increase: Percent | None = None
+    max_perplexity: PositiveFloat | None = None
+    baseline: str | None = None
+
+
+class BenchScenario(_Section):
+    """One workload the pipeline benchmarks, and its gates (latencies are means over the requests).
+
+    `baseline` is a committed `llmx bench --json` report of the same workload, gated with `tolerance`
+    percent (else the `bench` section's tolerance) as `llmx bench --baseline` does, on `baseline_metrics`.
+    """
+
+    name: OutputName
+    isl: PositiveInt
+    osl: PositiveInt
+    num_requests: PositiveInt
+    concurrency: PositiveInt | None = None
+    request_rate: PositiveFloat | None = None
+    warmup: NonNegativeInt | None = None
+    min_output_tok_s: PositiveFloat | None = None
+    max_ttft_ms: PositiveFloat | None = None
+    max_tpot_ms: PositiveFloat | None = None
+    max_e2e_ms: PositiveFloat | None = None
+    baseline: str | None = None
+    tolerance: Percent | None = None
+    # Which metrics the baseline gate compares (e.g. [output_throughput_tok_s, ttft_ms.p50]); default: every
+    # one `llmx bench --baseline` compares. Noisy runners (shared CPUs) gate the robust ones only.
+    baseline_metrics: list[str] | None = None
+
+
+class PipelineEvalSection(EvalSection):
+    datasets: list[EvalDataset] | None = None
+
+
+class PipelineBenchSection(BenchSection):
+    scenarios: list[BenchScenario] | None = None
+
+
 class Recipe(_Section):
     """A whole recipe file. `family` and `target` say what it was tuned for; every section is optional."""
 
     family: Literal[FAMILIES]
     target: Literal[tuple(TARGETS)]
     description: str | None = None
+    model: ModelSection = ModelSection()
     convert: ConvertSection = ConvertSection()
     quantize: QuantizeSection = QuantizeSection()
     build: BuildSection = BuildSection()
     run: RunSection = RunSection()
-    bench: BenchSection = BenchSection()
-    eval: EvalSection = EvalSection()
+    bench: PipelineBenchSection = PipelineBenchSection()
+    eval: PipelineEvalSection = PipelineEvalSection()
 
     def section(self, name: str) -> dict[str, Any]:
-        """Settings the recipe gives for one command (`convert`, `quantize`, `build`, `run`, `bench`, `eval`)."""
-        return getattr(self, name).given()
+        """Settings the recipe gives for one command (`convert`, `quantize`, `build`, `run`, `bench`, `eval`).
+
+        Only the keys that mirror the command's flags: the pipeline's lists (`eval.datasets`,
+        `bench.scenarios`) are read from the section objects themselves.
+        """
+        given = getattr(self, name).given()
+        return {key: value for key, value in given.items() if key in SECTIONS[name].model_fields}
 
 
+# The sections whose keys mirror one command's flags: what `--recipe` feeds each command.
 SECTIONS: dict[str, type[_Section]] = {
     "convert": ConvertSection,
     "quantize": QuantizeSection,

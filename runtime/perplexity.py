@@ -73,18 +73,18 @@ def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | 
     from llmx.runtime.engine import LLM
 
     # Scoring runs whole windows as prefill: decode CUDA graphs would only cost start-up time.
-    llm = LLM(engine_dir, device=device, kv_cache_tokens=seq_len, enforce_eager=True)
-    if seq_len > llm.max_seq_len:
-        raise LlmxError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {llm.max_seq_len}; "
-                        "use a smaller --seq-len or rebuild with a larger --max-seq-len.")
-    text = data.read_text(encoding="utf-8")
-    token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    chunks = _windows(token_ids, seq_len, windows, data)
-    total_nll = 0.0
-    for i, window in enumerate(chunks):
-        total_nll -= float(llm.runner.score(window).double().sum())
-        if progress:
-            progress(i + 1, len(chunks))
+    with LLM(engine_dir, device=device, kv_cache_tokens=seq_len, enforce_eager=True) as llm:  # closes the ranks
+        if seq_len > llm.max_seq_len:
+            raise LlmxError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {llm.max_seq_len}; "
+                            "use a smaller --seq-len or rebuild with a larger --max-seq-len.")
+        text = data.read_text(encoding="utf-8")
+        token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        chunks = _windows(token_ids, seq_len, windows, data)
+        total_nll = 0.0
+        for i, window in enumerate(chunks):
+            total_nll -= float(llm.runner.score(window).double().sum())
+            if progress:
+                progress(i + 1, len(chunks))
     num_tokens = len(chunks) * (seq_len - 1)
     mean = total_nll / num_tokens
     return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, num_tokens=num_tokens,

@@ -21,6 +21,7 @@ COMMANDS = {
               "--json", "--baseline", "--tolerance", "--seed"],
     "eval": ["--data", "--seq-len", "--windows", "--json", "--baseline", "--max-increase"],
     "quickstart": ["--model", "--workdir", "--device", "--random-model", "--json"],
+    "pipeline": ["--recipe", "--model", "--workdir", "--only", "--json", "--junit"],
 }
 
 

@@ -62,7 +62,7 @@ def test_unknown_nested_key_names_key_file_and_allowed_keys(tmp_path):
 
 def test_unknown_top_level_key_lists_sections(tmp_path):
     path = write(tmp_path, "family: llama\ntarget: cpu\nbuidl: {tp: 1}\n")
-    with pytest.raises(LlmxError, match=r"unknown key `buidl`; allowed: family, target, description, convert"):
+    with pytest.raises(LlmxError, match=r"unknown key `buidl`; allowed: family, target, description, model, convert"):
         load_recipe(path)
 
 
@@ -143,4 +143,4 @@ def test_target_conflict_is_none_for_compatible_settings():
 
 def test_sections_cover_the_recipe_model():
     stage_fields = set(Recipe.model_fields) - {"family", "target", "description"}
-    assert stage_fields == set(SECTIONS)
+    assert stage_fields == set(SECTIONS) | {"model"}
