@@ -4,7 +4,7 @@
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json
-python3 -m llmx convert /tmp/l8 -o /tmp/l8ckpt --dummy-weights --dtype bfloat16 2>&1 | tail -1
+[ -d /tmp/l8ckpt ] || python3 -m llmx convert /tmp/l8 -o /tmp/l8ckpt --dummy-weights --dtype bfloat16 2>&1 | tail -1
 for algo in ${ALGOS:-fp8 int4_awq}; do
   s=$SECONDS; python3 benchmarks/dummy_quantize.py /tmp/l8ckpt /tmp/l8-$algo --algo $algo ${KV_DTYPE:+--kv-cache-dtype $KV_DTYPE}; echo "quantize took $((SECONDS-s)) s"
   python3 -m llmx build /tmp/l8-$algo -o /tmp/l8eng-$algo --device cuda --max-batch-size ${MAX_BS:-256} --max-seq-len 4096 --max-num-tokens 8192 2>&1 | tail -1

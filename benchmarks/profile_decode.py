@@ -81,6 +81,20 @@ def profile_steps(llm, steps: int) -> dict[str, float]:
     return dict(per_kernel)
 
 
+def host_ops(llm, steps: int, top: int) -> list[tuple[str, float, int]]:
+    """(op, host microseconds per step, calls per step) of the `top` costliest host-side torch ops over
+    `steps` graph-replayed decode steps: what the GPU waits for between two replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [(e.key, e.self_cpu_time_total / steps, e.count // steps) for e in rows]
+
+
 def timed_steps(llm, steps: int) -> float:
     """Median wall milliseconds of one step (graph replay when the runner has graphs)."""
     times = []
@@ -112,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         row = {}
         for eager in (True, False):
             llm = LLM(args.engine, enforce_eager=eager)
-            start_decoding(llm, batch, args.context, args.steps)
+            start_decoding(llm, batch, args.context, 3 * args.steps)
             if eager:
                 kernels = profile_steps(llm, args.steps)
                 row["kernels_us"] = kernels
                 row["eager_step_ms"] = timed_steps(llm, args.steps)
             else:
                 row["graph_step_ms"] = timed_steps(llm, args.steps)
+                row["host_ops_us"] = host_ops(llm, args.steps, args.top)
             llm.close()
             del llm
             torch.cuda.empty_cache()
@@ -132,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
               f"graph step {row['graph_step_ms']:.3f} ms, eager step {row['eager_step_ms']:.3f} ms")
         for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {group:<13}{us:10.1f} us  {100 * us / total:5.1f}%")
+        print("  host ops per graph step (self CPU us, calls):")
+        for name, us, calls in row["host_ops_us"]:
+            print(f"   {us:9.1f} us  x{calls:<4} {name[:100]}")
         print("  top kernels:")
         for name, us in sorted(row["kernels_us"].items(), key=lambda kv: -kv[1])[:args.top]:
             print(f"    {us:9.1f} us  {name[:110]}")
