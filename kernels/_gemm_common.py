@@ -12,6 +12,8 @@ the tensor cores' register operand and the batch the narrow side; see w4a16_gemm
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from llmx.kernels._triton_util import jit, tl, triton
@@ -79,6 +81,16 @@ def weight_dot(w, x, acc, act: tl.constexpr):
 def scale_groups(w, s, ROWS: tl.constexpr, GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, act: tl.constexpr):
     """w [ROWS, GROUPS * PER_GROUP] times its group scales s [ROWS, GROUPS], in the activation dtype."""
     return tl.reshape(tl.reshape(w, (ROWS, GROUPS, PER_GROUP)) * s[:, :, None], (ROWS, GROUPS * PER_GROUP)).to(act)
+
+
+def tuning_case(launch: Callable[[TileConfig], torch.Tensor], expected: torch.Tensor, tol: float):
+    """(run, check) for `tuning.autotune`: run(config) launches with that tile config, check(output) says
+    whether it is within `tol` of the reference output `expected` (float32)."""
+
+    def check(y: torch.Tensor) -> bool:
+        return bool((y.float() - expected).abs().max().item() <= tol)
+
+    return launch, check
 
 
 def new_output(m: int, n: int, dtype: torch.dtype, device: torch.device, cfg: TileConfig) -> torch.Tensor:

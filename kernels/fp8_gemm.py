@@ -27,7 +27,7 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
-                                      tile_kwargs)
+                                      tile_kwargs, tuning_case)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_fp8, quantize_fp8_ref
 from llmx.kernels.tuning import TileConfig
@@ -180,13 +180,7 @@ def w4a8_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: i
     expected = w4a8_gemm_ref(x, qweight, scales, group_size, input_scale).float()
     tol = 2e-2 * expected.abs().max().item() + 1e-2
 
-    def run(cfg: TileConfig) -> torch.Tensor:
-        return w4a8_gemm(x, qweight, scales, group_size, input_scale, config=cfg)
-
-    def check(y: torch.Tensor) -> bool:
-        return bool((y.float() - expected).abs().max().item() <= tol)
-
-    return run, check
+    return tuning_case(lambda cfg: w4a8_gemm(x, qweight, scales, group_size, input_scale, config=cfg), expected, tol)
 
 
 @jit

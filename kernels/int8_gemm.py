@@ -21,7 +21,7 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
-                                      tile_kwargs, weight_dot)
+                                      tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_int8, quantize_int8_ref
 from llmx.kernels.tuning import TileConfig
@@ -153,13 +153,7 @@ def int8_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: torch.
     expected = int8_gemm_ref(xq, xs, wq, ws, dtype).float()
     tol = 1e-2 * expected.abs().max().item() + 1e-3
 
-    def run(cfg: TileConfig) -> torch.Tensor:
-        return int8_gemm(xq, xs, wq, ws, dtype, config=cfg)
-
-    def check(y: torch.Tensor) -> bool:
-        return bool((y.float() - expected).abs().max().item() <= tol)
-
-    return run, check
+    return tuning_case(lambda cfg: int8_gemm(xq, xs, wq, ws, dtype, config=cfg), expected, tol)
 
 
 def int8_wo_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -170,13 +164,7 @@ def int8_wo_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: tor
     expected = int8_wo_gemm_ref(x, wq, ws).float()
     tol = 2e-2 * expected.abs().max().item() + 1e-3
 
-    def run(cfg: TileConfig) -> torch.Tensor:
-        return int8_wo_gemm(x, wq, ws, config=cfg)
-
-    def check(y: torch.Tensor) -> bool:
-        return bool((y.float() - expected).abs().max().item() <= tol)
-
-    return run, check
+    return tuning_case(lambda cfg: int8_wo_gemm(x, wq, ws, config=cfg), expected, tol)
 
 
 @jit

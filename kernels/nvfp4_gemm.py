@@ -33,7 +33,7 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
-                                      swizzled_tile, tile_kwargs, weight_dot)
+                                      swizzled_tile, tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
@@ -158,13 +158,7 @@ def nvfp4_tuning_case(m: int, n: int, k: int, device: str = "cuda", dtype: torch
     expected = nvfp4_gemm_ref(x, qweight, block_scales, global_scale).float()
     tol = 2e-2 * expected.abs().max().item() + 1e-3
 
-    def run(cfg: TileConfig) -> torch.Tensor:
-        return nvfp4_gemm(x, qweight, block_scales, global_scale, config=cfg)
-
-    def check(y: torch.Tensor) -> bool:
-        return bool((y.float() - expected).abs().max().item() <= tol)
-
-    return run, check
+    return tuning_case(lambda cfg: nvfp4_gemm(x, qweight, block_scales, global_scale, config=cfg), expected, tol)
 
 
 @jit
@@ -218,8 +212,9 @@ def _nvfp4_kernel(
         x = load_rows(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], m_ok, k0 + offs_k, K, EVEN_K)
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
         scales = _e4m3_to_f16(raw_scales)  # [BLOCK_N, BLOCK_K // 16]
-        acc = weight_dot(scale_groups(_e2m1_to_f16(packed & 0xF), scales, BLOCK_N, BLOCK_K // 16, 8, act), x_even, acc, act)
-        acc = weight_dot(scale_groups(_e2m1_to_f16(packed >> 4), scales, BLOCK_N, BLOCK_K // 16, 8, act), x_odd, acc, act)
+        w_low = scale_groups(_e2m1_to_f16(packed & 0xF), scales, BLOCK_N, BLOCK_K // 16, 8, act)
+        w_high = scale_groups(_e2m1_to_f16(packed >> 4), scales, BLOCK_N, BLOCK_K // 16, 8, act)
+        acc = weight_dot(w_high, x_odd, weight_dot(w_low, x_even, acc, act), act)
 
     store_tile(acc * tl.load(gs_ptr), out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True,
                HAS_BIAS, SPLIT_K)

@@ -30,7 +30,7 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
-                                      swizzled_tile, tile_kwargs, weight_dot)
+                                      swizzled_tile, tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
@@ -171,13 +171,7 @@ def w4a16_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: 
     expected = w4a16_gemm_ref(x, qweight, scales, group_size).float()
     tol = 2e-2 * expected.abs().max().item() + 1e-2
 
-    def run(cfg: TileConfig) -> torch.Tensor:
-        return w4a16_gemm(x, qweight, scales, group_size, config=cfg)
-
-    def check(y: torch.Tensor) -> bool:
-        return bool((y.float() - expected).abs().max().item() <= tol)
-
-    return run, check
+    return tuning_case(lambda cfg: w4a16_gemm(x, qweight, scales, group_size, config=cfg), expected, tol)
 
 
 @jit
@@ -238,8 +232,9 @@ def _w4a16_kernel(
             offs_g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
             s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
                         mask=n_ok[:, None] & (offs_g < K // GROUP_SIZE)[None, :], other=0.0)
-            acc = weight_dot(scale_groups(w_low, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act), x_even, acc, act)
-            acc = weight_dot(scale_groups(w_high, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act), x_odd, acc, act)
+            w_low = scale_groups(w_low, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act)
+            w_high = scale_groups(w_high, s, BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE // 2, act)
+            acc = weight_dot(w_high, x_odd, weight_dot(w_low, x_even, acc, act), act)
 
     store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, stride_om, True, HAS_BIAS, SPLIT_K)
 
