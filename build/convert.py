@@ -50,8 +50,8 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     dtype: the checkpoint's float dtype (bfloat16, float16, float32). dummy_weights: ignore the weight
     files and write random weights of the right shapes (llmx.build.dummy). force: replace `out` even if
     it holds something other than an llmx checkpoint. trust_remote_code: allow (and copy) a tokenizer
-    that needs the folder's custom Python code. progress: None, callable(advance_bytes, total_bytes) or a
-    rich Progress. A folder quantized by ModelOpt (hf_quant_config.json) is imported with its
+    that needs the folder's custom Python code. progress: None or a `progress(stage, done_bytes,
+    total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) is imported with its
     quantization by llmx.quant.hf_import.
     """
     hf_dir, out = Path(hf_dir), Path(out)

@@ -73,7 +73,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
 
     An existing engine at `out` built from the same inputs is returned untouched with reused=True;
     `force` rebuilds it anyway and may replace a directory llmx did not write. `recipe` is recorded in
-    engine.json. progress: None, callable(advance_bytes, total_bytes) or a rich Progress. `tune`: time the
+    engine.json. progress: None or a `progress(stage, done, total)` sink (llmx.common.progress). `tune`: time the
     Triton GEMM tile configs of a CUDA build on this GPU (False: the runtime uses default tiles).
     """
     start = time.perf_counter()

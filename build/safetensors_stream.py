@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Sequence
 
 from llmx.common.errors import LlmxError
+from llmx.common.progress import Progress
 
 if TYPE_CHECKING:
     import hashlib
@@ -293,26 +294,18 @@ def _encode_header(entries: Sequence[TensorEntry], metadata: dict[str, Any]) -> 
 
 
 class ByteProgress:
-    """Reports streamed bytes to an optional progress sink: None, a callable (advance_bytes, total_bytes),
-    or a rich `Progress` (anything with `add_task` and `update`), which gets one task per stage."""
+    """Reports streamed bytes to an optional `progress(stage, done_bytes, total_bytes)` sink
+    (llmx.common.progress)."""
 
-    def __init__(self, sink: Any, description: str, total_bytes: int):
+    def __init__(self, progress: Progress | None, stage: str, total_bytes: int):
+        if progress is not None and not callable(progress):
+            raise TypeError("progress must be None or a callable(stage, done, total)")
+        self.progress = progress
+        self.stage = stage
         self.total = total_bytes
-        self._callable = None
-        self._rich = None
-        self._task = None
-        if sink is None:
-            return
-        if hasattr(sink, "add_task") and hasattr(sink, "update"):
-            self._rich = sink
-            self._task = sink.add_task(description, total=total_bytes)
-        elif callable(sink):
-            self._callable = sink
-        else:
-            raise TypeError("progress must be None, a callable(advance_bytes, total_bytes) or a rich Progress")
+        self.done = 0
 
     def advance(self, nbytes: int) -> None:
-        if self._callable is not None:
-            self._callable(nbytes, self.total)
-        elif self._rich is not None:
-            self._rich.update(self._task, advance=nbytes)
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.stage, self.done, self.total)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from llmx.build.checkpoint import llmx_version
 from llmx.build.shard import local_features
 from llmx.common.errors import LlmxError
+from llmx.common.progress import Progress
 from llmx.kernels import tuning
 from llmx.quant.methods import method_for
 from llmx.runtime.config import Mapping, ModelConfig, QuantConfig
@@ -277,22 +278,10 @@ def _default_case(kernel: str, act_dtype: str, group_size: int | None) -> Callab
     return functools.partial(getattr(importlib.import_module(module), fn), **options)
 
 
-class _ProgressTask:
-    """One bar on a rich Progress (anything with add_task/update); other sinks count bytes, so they get nothing."""
-
-    def __init__(self, progress: Any, description: str, total: int):
-        self._progress = progress if hasattr(progress, "add_task") and hasattr(progress, "update") else None
-        self._task = self._progress.add_task(description, total=total) if self._progress and total else None
-
-    def advance(self) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, advance=1)
-
-
 def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens: int, device: Any = "cuda",
                         log: Callable[[str], None] | None = None, *, act_dtype: str = "bfloat16",
                         group_size: int | None = None, cache: TileCache | None = None,
-                        device_info: dict[str, str] | None = None, progress: Any = None,
+                        device_info: dict[str, str] | None = None, progress: Progress | None = None,
                         make_case: Callable[..., Any] | None = None,
                         timer: Callable[[Callable[[], Any]], float] | None = None) -> TuneReport:
     """Tune every (kernel, N, K) of `shapes` at the M buckets up to the one covering `max_num_tokens`.
@@ -311,7 +300,6 @@ def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens
     work = [(kernel, n, k, m) for kernel in shapes for n, k in shapes[kernel] for m in m_buckets_for(max_num_tokens)]
     misses = sum(cache.get(case_key(kern, act_dtype, group_size), tuning.shape_key(m, n, k)) is None
                  for kern, n, k, m in work)
-    bar = _ProgressTask(progress, "tune GEMM tiles", misses)
     timing = {} if timer is None else {"timer": timer}
     tables, timed = [], 0
     for kernel, n, k, m in work:
@@ -323,7 +311,8 @@ def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens
             config = table["kernels"][kernel][shape]
             cache.put(case, shape, config)
             timed += 1
-            bar.advance()
+            if progress is not None:
+                progress("tune GEMM tiles", timed, misses)
         tables.append({"kernels": {kernel: {shape: config}}})
     table = tuning.merge_tables(*tables)
     table["device"] = dict(info)
@@ -332,7 +321,7 @@ def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens
 
 
 def tune_for_engine(model: ModelConfig, quant: QuantConfig | None, act_dtype: str, mapping: Mapping,
-                    max_num_tokens: int, *, progress: Any = None) -> TuneReport:
+                    max_num_tokens: int, *, progress: Progress | None = None) -> TuneReport:
     """What `llmx build` runs for a CUDA engine: tune its GEMM shapes, or say why that cannot happen here."""
     shapes = gemm_shapes(model, quant, mapping)
     if not shapes:

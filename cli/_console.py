@@ -11,13 +11,13 @@ import contextlib
 import functools
 import json
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from llmx.common.progress import Progress
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress
-
-ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
+    from rich.progress import Progress as RichProgress
 
 
 @functools.cache
@@ -60,7 +60,7 @@ def emit_json(obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress_bars() -> Iterator["Progress"]:
+def progress_bars() -> Iterator["RichProgress"]:
     """A rich Progress on stderr for the duration of the block.
 
     Library calls accept it directly (they add one task per stage) or through `stage_callback`. On a
@@ -77,7 +77,7 @@ def progress_bars() -> Iterator["Progress"]:
         yield progress
 
 
-def stage_callback(progress: "Progress") -> ProgressCallback:
+def stage_callback(progress: "RichProgress") -> Progress:
     """Adapt a rich Progress to the `(stage, done, total)` callback protocol: one bar per stage name.
 
     total 0 means "unknown" (a spinner with a count).

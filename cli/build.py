@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from llmx.cli._console import emit_json, out, print_info, print_warning, progress_bars, resolve_device
+from llmx.cli._console import (emit_json, out, print_info, print_warning, progress_bars, resolve_device,
+                               stage_callback)
 from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import resolve_settings
 
@@ -82,9 +83,9 @@ def build_command(
                         max_num_tokens=values["max_num_tokens"], kv_block_size=values["kv_block_size"],
                         device=resolve_device(values["device"]))
     mapping = Mapping(tp=values["tp"], pp=values["pp"])
-    with progress_bars() as progress:
-        result = build_engine(ckpt, target, build, mapping, force=force, recipe=settings.recipe, progress=progress,
-                              tune=tune)
+    with progress_bars() as bars:
+        result = build_engine(ckpt, target, build, mapping, force=force, recipe=settings.recipe,
+                              progress=stage_callback(bars), tune=tune)
     tuning = result.tuning
     summary = {"path": str(result.path), "reused": result.reused, "seconds": round(result.seconds, 3),
                "build": build.to_dict(), "mapping": mapping.to_dict(),

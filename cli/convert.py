@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from llmx.cli._console import emit_json, format_bytes, out, print_info, progress_bars
+from llmx.cli._console import emit_json, format_bytes, out, print_info, progress_bars, stage_callback
 from llmx.cli._options import ForceOption, JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import resolve_settings
 
@@ -54,9 +54,9 @@ def convert_command(
     from llmx.build.convert import convert
 
     start = time.perf_counter()
-    with progress_bars() as progress:
+    with progress_bars() as bars:
         path = convert(hf_dir, target, dtype=settings["dtype"], dummy_weights=dummy_weights, force=force,
-                       trust_remote_code=trust_remote_code, progress=progress)
+                       trust_remote_code=trust_remote_code, progress=stage_callback(bars))
     summary = checkpoint_summary(Path(path), time.perf_counter() - start)
     if json_output:
         emit_json(summary)

@@ -70,9 +70,8 @@ def eval_command(
 
     device_name = None if settings["device"] == "auto" else settings["device"]  # None: the library picks
     with progress_bars() as bars:
-        report = stage_callback(bars)
         result = evaluate_perplexity(engine_or_ckpt, text, seq_len=settings["seq_len"], windows=settings["windows"],
-                                     device=device_name, progress=lambda done, total: report("windows", done, total))
+                                     device=device_name, progress=stage_callback(bars))
     summary = {"schema": "llmx-eval/1", "path": str(engine_or_ckpt), **result.to_dict()}
     comparison = None
     if baseline_result is not None:

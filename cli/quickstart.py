@@ -113,7 +113,7 @@ def _stage_convert(hf_dir: Path, workdir: Path, stage) -> Path:
     if not reused:
         # The checkpoint under workdir is quickstart's own output, so replacing it is always safe.
         with progress_bars() as bars:
-            convert(hf_dir, ckpt, dtype="bfloat16", force=True, progress=bars)
+            convert(hf_dir, ckpt, dtype="bfloat16", force=True, progress=stage_callback(bars))
         stamp_file.write_text(stamp)
     seconds = time.perf_counter() - start
     summary = checkpoint_summary(ckpt, seconds)
@@ -138,7 +138,7 @@ def _stage_build(ckpt: Path, workdir: Path, device: str, stage) -> Path:
 
     build = BuildConfig(device=device, **BUILD[device])
     with progress_bars() as bars:
-        result = build_engine(ckpt, workdir / f"engine-{device}", build, progress=bars)
+        result = build_engine(ckpt, workdir / f"engine-{device}", build, progress=stage_callback(bars))
     what = "reused (inputs unchanged)" if result.reused else "built"
     stage("build", f"-> {result.path}: {what}, max batch {build.max_batch_size}, max seq len {build.max_seq_len}",
           result.seconds)

@@ -5,7 +5,7 @@ their JSON files in a temporary folder renamed over WORKDIR/eval or WORKDIR/benc
 dataset or scenario is done. A stage that fails therefore leaves the previous complete output (if any)
 and every earlier stage's output untouched. Each function returns the summary recorded and shown.
 
-progress: None or callable(stage_label, done, total), the protocol of quant.api and bench.runner.
+progress: None or a `progress(stage, done, total)` sink (llmx.common.progress), relabelled per stage.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+from llmx.common.progress import Progress, relabel
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan, ScenarioPlan
 from llmx.pipeline.workdir import Workdir
-
-Progress = Callable[[str, int, int], None]
 
 
 def run_convert(plan: PipelinePlan, work: Workdir, progress: Progress | None) -> dict[str, Any]:
@@ -27,7 +26,7 @@ def run_convert(plan: PipelinePlan, work: Workdir, progress: Progress | None) ->
 
     out = convert(plan.model, work.output("convert"), dtype=plan.convert["dtype"],
                   dummy_weights=plan.convert["dummy_weights"], force=True,
-                  progress=_byte_progress(progress, "convert"))
+                  progress=progress)
     return _checkpoint_summary(Path(out))
 
 
@@ -35,7 +34,7 @@ def run_quantize(plan: PipelinePlan, work: Workdir, source: Path, progress: Prog
     from llmx.quant.api import quantize
 
     assert plan.quantize is not None
-    labelled = (lambda stage, done, total: progress(f"quantize: {stage}", done, total)) if progress else None
+    labelled = relabel(progress, "quantize")
     result = quantize(source, work.output("quantize"), **plan.quantize, export_format="llmx", force=True,
                       recipe=plan.recipe, progress=labelled)
     return {"algo": result.algo, "kv_cache_dtype": plan.quantize["kv_cache_dtype"],
@@ -45,7 +44,7 @@ def run_quantize(plan: PipelinePlan, work: Workdir, source: Path, progress: Prog
 
 
 def run_build(plan: PipelinePlan, work: Workdir, checkpoint: Path, progress: Progress | None) -> dict[str, Any]:
-    result = _build(plan, checkpoint, work.output("build"), _byte_progress(progress, "build"))
+    result = _build(plan, checkpoint, work.output("build"), progress)
     return {"path": str(result.path), "device": plan.build["device"], "tp": plan.build["tp"], "pp": plan.build["pp"],
             "max_batch_size": plan.build["max_batch_size"], "max_seq_len": plan.build["max_seq_len"]}
 
@@ -105,7 +104,7 @@ def run_bench(plan: PipelinePlan, work: Workdir, engine: Path, progress: Progres
     return {"scenarios": summary}
 
 
-def _build(plan: PipelinePlan, checkpoint: Path, out: Path, progress: Any) -> Any:
+def _build(plan: PipelinePlan, checkpoint: Path, out: Path, progress: Progress | None) -> Any:
     from llmx.build.engine import build_engine
     from llmx.runtime.config import BuildConfig, Mapping
 
@@ -124,7 +123,7 @@ def _reference_engine(plan: PipelinePlan, work: Workdir, unquantized: Path,
                       progress: Progress | None) -> Iterator[Path]:
     """An engine of the unquantized checkpoint with the pipeline's build options, deleted after scoring."""
     with tempfile.TemporaryDirectory(prefix="reference-", dir=work.meta) as scratch:
-        yield _build(plan, unquantized, Path(scratch) / "engine", _byte_progress(progress, "reference build")).path
+        yield _build(plan, unquantized, Path(scratch) / "engine", relabel(progress, "reference")).path
 
 
 def _score(engine: Path, dataset: DatasetPlan, device: str | None, progress: Progress | None,
@@ -132,7 +131,7 @@ def _score(engine: Path, dataset: DatasetPlan, device: str | None, progress: Pro
     """An `llmx eval --json` result (schema llmx-eval/1), so it can serve as a committed baseline as is."""
     from llmx.runtime.perplexity import evaluate_perplexity
 
-    report = (lambda done, total: progress(label, done, total)) if progress is not None else None
+    report = (lambda stage, done, total: progress(label, done, total)) if progress is not None else None
     try:
         result = evaluate_perplexity(engine, dataset.data, seq_len=dataset.seq_len, windows=dataset.windows,
                                      device=device, progress=report)
@@ -151,9 +150,7 @@ def _benchmark(engine: Path, scenario: ScenarioPlan, recipe: str, progress: Prog
                            kv_cache_tokens=scenario.kv_cache_tokens)
     llm = LLM(engine, kv_cache_tokens=scenario.kv_cache_tokens, kv_cache_fraction=scenario.kv_cache_fraction)
     try:
-        labelled = (lambda stage, done, total: progress(f"bench {scenario.name}: {stage}", done, total)
-                    if progress is not None else None)
-        return run_benchmark(llm, options, recipe=recipe, progress=labelled)
+        return run_benchmark(llm, options, recipe=recipe, progress=relabel(progress, f"bench {scenario.name}"))
     finally:
         llm.close()
         del llm
@@ -177,20 +174,6 @@ def _checkpoint_summary(path: Path) -> dict[str, Any]:
     return {"path": str(path), "family": model.get("family"), "architecture": model.get("architecture"),
             "num_layers": model.get("num_layers"), "hidden_size": model.get("hidden_size"), "dtype": meta["dtype"],
             "size_bytes": sum(f.stat().st_size for f in path.glob("rank*.safetensors"))}
-
-
-def _byte_progress(progress: Progress | None, label: str) -> Callable[[int, int], None] | None:
-    """Adapt (stage, done, total) to the (advance_bytes, total_bytes) callable convert and build report to."""
-    if progress is None:
-        return None
-    done = 0
-
-    def advance(nbytes: int, total: int) -> None:
-        nonlocal done
-        done += nbytes
-        progress(label, done, total)
-
-    return advance
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

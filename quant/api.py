@@ -17,9 +17,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from llmx.common.errors import LlmxError
+from llmx.common.progress import Progress
 from llmx.quant import presets
 from llmx.quant.methods.kv_cache import check_kv_cache_dtype
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 EXPORT_FORMATS = ("llmx", "hf")
 DEFAULT_EXCLUDE = ("lm_head",)  # standard practice: the logits are the most quantization-sensitive GEMM
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass

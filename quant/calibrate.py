@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmx.common.errors import LlmxError
+from llmx.common.progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _OVERSAMPLE = 4  # tokenize this many times the needed tokens, so the seed has windows to choose from
 _CHUNK_CHARS = 200_000  # long documents are tokenized in pieces of about this many characters
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass

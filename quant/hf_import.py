@@ -97,8 +97,8 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
     """Write the llmx checkpoint of a ModelOpt HF folder to `out` and return `out`.
 
     dtype: the checkpoint's activation dtype (embeddings, norms, unquantized Linears, 16-bit scales);
-    default: the dtype of the folder's embedding. progress: as for `llmx.build.convert.convert` (None, a
-    callable(advance_bytes, total_bytes) or a rich Progress), advanced by the bytes written.
+    default: the dtype of the folder's embedding. progress: None or a `progress(stage, done, total)` sink
+    (llmx.common.progress), advanced by the bytes written.
     """
     from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
                                        verify_tensors, write_checkpoint_meta)

@@ -12,10 +12,10 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from llmx.common.errors import LlmxError
 from llmx.common.hashing import hash_files
+from llmx.common.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ def _windows(token_ids: list[int], seq_len: int, windows: int | None, data: Path
 
 
 def evaluate_perplexity(path: str | Path, data: str | Path, *, seq_len: int = 512, windows: int | None = None,
-                        device: str | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Perplexity of the engine (or checkpoint: a temporary engine is built) at `path` on the text `data`."""
+                        device: str | None = None, progress: Progress | None = None) -> PerplexityResult:
+    """Perplexity of the engine (or checkpoint: a temporary engine is built) at `path` on the text `data`.
+    progress: None or a `progress(stage, done, total)` sink; scoring reports stage "windows"."""
     path, data = Path(path), Path(data)
     if not data.is_file():
         raise LlmxError(f"{data}: no such file; pass a UTF-8 text file with --data.")
@@ -84,7 +85,7 @@ def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | 
         for i, window in enumerate(chunks):
             total_nll -= float(llm.runner.score(window).double().sum())
             if progress:
-                progress(i + 1, len(chunks))
+                progress("windows", i + 1, len(chunks))
     num_tokens = len(chunks) * (seq_len - 1)
     mean = total_nll / num_tokens
     return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, num_tokens=num_tokens,

@@ -106,14 +106,17 @@ def test_tokenizer_files_are_copied_and_load(tiny_model_dir, tmp_path):
 def test_progress_reports_every_input_byte(tiny_model_dir, tmp_path):
     hf_dir = tiny_model_dir("mistral", multi_shard=True)
     calls = []
-    convert(hf_dir, tmp_path / "ckpt", progress=lambda advance, total: calls.append((advance, total)))
-    totals = {t for _, t in calls}
+    convert(hf_dir, tmp_path / "ckpt", progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert {stage for stage, _, _ in calls} == {"convert"}
+    totals = {t for _, _, t in calls}
     assert len(totals) == 1
+    done = [d for _, d, _ in calls]
+    assert done == sorted(done)  # running totals
     data_bytes = 0
     for shard in hf_dir.glob("model-*.safetensors"):
         header_len = int.from_bytes(shard.read_bytes()[:8], "little")
         data_bytes += shard.stat().st_size - 8 - header_len
-    assert sum(a for a, _ in calls) == totals.pop() == data_bytes
+    assert done[-1] == totals.pop() == data_bytes
 
 
 def test_reconvert_replaces_a_previous_checkpoint_without_force(tiny_model_dir, tmp_path):

@@ -146,29 +146,12 @@ def test_reader_rejects_truncated_and_garbage_files(tmp_path):
         SafetensorsFile.open(tmp_path / "absent.safetensors")
 
 
-def test_byte_progress_drives_callables_and_rich_style_objects():
+def test_byte_progress_reports_running_totals_to_the_stage_protocol():
     calls = []
-    p = ByteProgress(lambda adv, total: calls.append((adv, total)), "x", 10)
+    p = ByteProgress(lambda stage, done, total: calls.append((stage, done, total)), "convert", 10)
     p.advance(4)
     p.advance(6)
-    assert calls == [(4, 10), (6, 10)]
-
-    class FakeRich:
-        def __init__(self):
-            self.tasks, self.advanced = [], 0
-
-        def add_task(self, description, total):
-            self.tasks.append((description, total))
-            return 7
-
-        def update(self, task, advance):
-            assert task == 7
-            self.advanced += advance
-
-    rich = FakeRich()
-    p = ByteProgress(rich, "convert", 100)
-    p.advance(30)
-    assert rich.tasks == [("convert", 100)] and rich.advanced == 30
+    assert calls == [("convert", 4, 10), ("convert", 10, 10)]
     ByteProgress(None, "x", 1).advance(1)
     with pytest.raises(TypeError):
         ByteProgress(42, "x", 1)
