@@ -1,7 +1,7 @@
 """Pieces every Triton GEMM in llmx shares: tile scheduling, operand loads, epilogue, output buffers.
 
 All GEMMs compute y[M, N] = x[M, K] @ W[N, K]^T with row-major (K-contiguous) operands. A launch grid is
-(tiles, SPLIT_K): program (pid, pid_k) owns output tile `swizzled_tile(pid)` and the pid_k-th of SPLIT_K
+(tiles, SPLIT_K): program (pid, pid_k) owns output tile `output_tile(pid)` and the pid_k-th of SPLIT_K
 equal slices of the K loop. With SPLIT_K > 1 the partial sums are added atomically into a zeroed float32
 buffer, cast to the output dtype afterwards (`new_output` / `finish_output`).
 
@@ -21,15 +21,19 @@ from llmx.kernels.tuning import TileConfig
 
 
 @jit
-def swizzled_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program `pid`: GROUP_M consecutive programs share a weight column tile, so the
-    weights they all read stay in L2."""
+def output_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(offs_m, offs_n, m_ok, n_ok): the rows and columns of y that program `pid` owns, and which of them
+    exist. GROUP_M consecutive programs share a weight column tile, so the weights they all read stay in L2."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % rows, (pid % width) // rows
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @jit

@@ -26,12 +26,12 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, output_tile, store_tile,
                                       tile_kwargs, tuning_case)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_fp8, quantize_fp8_ref
 from llmx.kernels.tuning import TileConfig
-from llmx.kernels.w4a16_gemm import dequantize_int4
+from llmx.kernels.w4a16_gemm import check_int4_inputs, dequantize_int4
 
 FP8_MAX = 448.0
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,27 +110,13 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 
 
 def _check_w4a8(x, qweight, scales, group_size, input_scale, bias, pre_scale, what):
-    if x.dim() != 2 or x.dtype not in _ACT_DTYPES:
-        raise LlmxError(f"{what}: x must be a 2-D float16/bfloat16/float32 tensor [M, K], "
-                        f"got {x.dtype} {tuple(x.shape)}.")
-    k = x.shape[1]
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != k:
-        raise LlmxError(f"{what}: qweight must be uint8 [N, K//2] = [N, {k // 2}], "
-                        f"got {qweight.dtype} {tuple(qweight.shape)}.")
-    n = qweight.shape[0]
-    if group_size < 32 or group_size % 32 or k % group_size:
-        raise LlmxError(f"{what}: group_size={group_size} must be a multiple of 32 dividing K={k}; "
+    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what)
+    if group_size % 32:
+        raise LlmxError(f"{what}: group_size={group_size} must be a multiple of 32 dividing K={x.shape[1]}; "
                         f"check the checkpoint's quantization.group_size.")
-    if tuple(scales.shape) != (n, k // group_size) or scales.dtype not in _ACT_DTYPES:
-        raise LlmxError(f"{what}: scales must be a float tensor [N, K//group_size] = [{n}, {k // group_size}], "
-                        f"got {scales.dtype} {tuple(scales.shape)}.")
     if input_scale is not None and (input_scale.numel() != 1 or input_scale.dtype != torch.float32):
         raise LlmxError(f"{what}: input_scale must be a float32 scalar, got {input_scale.dtype} "
                         f"with {input_scale.numel()} elements.")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise LlmxError(f"{what}: bias must have shape [N] = [{n}], got {tuple(bias.shape)}.")
-    if pre_scale is not None and tuple(pre_scale.shape) != (k,):
-        raise LlmxError(f"{what}: pre_scale must have shape [K] = [{k}], got {tuple(pre_scale.shape)}.")
 
 
 def w4a8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -196,13 +182,9 @@ def _w4a8_kernel(
     # back in K order (unlike w4a16's two half-depth dots): with 32-input groups a half tile would be
     # 16 deep, below FP8 wgmma's K of 32.
     pid_k = tl.program_id(1)
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = output_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_kb = tl.arange(0, BLOCK_K // 2)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)

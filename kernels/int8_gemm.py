@@ -20,7 +20,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, store_tile, swizzled_tile,
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, output_tile, store_tile,
                                       tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_int8, quantize_int8_ref
@@ -176,12 +176,8 @@ def _int8_gemm_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_k = tl.program_id(1)
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = output_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
 
     # Both operands are K-major ([M, K] and [N, K] row-major), the layout int8 wgmma requires.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -213,12 +209,8 @@ def _int8_wo_kernel(
     # (see w4a16_gemm). The per-channel scale is applied once to the accumulator.
     act = x_ptr.dtype.element_ty
     pid_k = tl.program_id(1)
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = output_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)

@@ -32,8 +32,8 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
-                                      swizzled_tile, tile_kwargs, tuning_case, weight_dot)
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, output_tile, scale_groups,
+                                      store_tile, tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
@@ -188,14 +188,10 @@ def _nvfp4_kernel(
 ):
     act = x_ptr.dtype.element_ty
     pid_k = tl.program_id(1)
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = output_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # packed byte j: inputs 2j (low nibble) and 2j + 1 (high)
     offs_s = tl.arange(0, BLOCK_K // 16)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
 
     # Low and high nibbles multiply the even and odd input features (two half-depth dots, as in
     # w4a16_gemm); a block of 16 inputs is 8 bytes, so each byte's scale is block_scales[j // 8].

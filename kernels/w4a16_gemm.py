@@ -29,8 +29,8 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, scale_groups, store_tile,
-                                      swizzled_tile, tile_kwargs, tuning_case, weight_dot)
+from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, output_tile, scale_groups,
+                                      store_tile, tile_kwargs, tuning_case, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
 
@@ -89,7 +89,8 @@ def quantize_int4_ref(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     return pack_int4(q.reshape(n, k)), scales
 
 
-def _check_inputs(x, qweight, scales, group_size, bias, pre_scale, what):
+def check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what):
+    """The shapes and dtypes of an int4 group-wise GEMM call (this format; W4A8 adds its own rules)."""
     if x.dim() != 2 or x.dtype not in _ACT_DTYPES:
         raise LlmxError(f"{what}: x must be a 2-D float16/bfloat16/float32 tensor [M, K], "
                         f"got {x.dtype} {tuple(x.shape)}.")
@@ -113,7 +114,7 @@ def _check_inputs(x, qweight, scales, group_size, bias, pre_scale, what):
 def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                    bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch W4A16: dequantise to x's dtype, then x @ w^T (+ bias). Same contract as `w4a16_gemm`."""
-    _check_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm_ref")
+    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm_ref")
     if pre_scale is not None:
         x = x * pre_scale.to(x.dtype)
     w = dequantize_int4(qweight, scales, group_size, x.dtype)
@@ -127,7 +128,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
 
     `config` overrides the tile configuration (else the tuned table, else the heuristic default).
     """
-    _check_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm")
+    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm")
     check_launch_device("w4a16_gemm", _w4a16_kernel, x, qweight, scales, bias, pre_scale)
     m, k = x.shape
     n = qweight.shape[0]
@@ -198,13 +199,9 @@ def _w4a16_kernel(
 ):
     act = x_ptr.dtype.element_ty
     pid_k = tl.program_id(1)
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = output_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # packed byte j of a K tile: inputs 2j (low nibble) and 2j + 1 (high)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
 
     # The low and high nibbles multiply the even and odd input features: two half-depth dots instead of
     # interleaving the nibbles back into K order, which would shuffle every weight through shared memory.
