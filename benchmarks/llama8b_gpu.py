@@ -36,10 +36,11 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to measure what they buy)")
+    ap.add_argument("--sync-steps", action="store_true", help="no steps queued ahead (to measure what they buy)")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
-    llm = LLM(args.engine, enforce_eager=args.eager)
+    llm = LLM(args.engine, enforce_eager=args.eager, async_steps=not args.sync_steps)
     print(f"engine loaded in {time.perf_counter() - t0:.1f} s; KV cache {llm.stats()['kv_cache_tokens']} tokens")
     wbytes = weight_bytes(Path(args.engine))
     roofline = HBM_TBPS * 1e12 / wbytes

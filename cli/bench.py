@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
-from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption
+from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import GateFailure
 
@@ -64,6 +64,7 @@ def bench_command(
     kv_cache_tokens: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="KV-cache size in tokens (sizing on CPU) [default: the runtime's].")] = None,
     kv_cache_fraction: KvCacheFractionOption = None,
+    sync_steps: SyncStepsOption = False,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:
@@ -107,7 +108,8 @@ def bench_command(
                            seed=values["seed"], kv_cache_tokens=values["kv_cache_tokens"])
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine, kv_cache_tokens=options.kv_cache_tokens, kv_cache_fraction=values["kv_cache_fraction"])
+    llm = LLM(engine, kv_cache_tokens=options.kv_cache_tokens, kv_cache_fraction=values["kv_cache_fraction"],
+              async_steps=not sync_steps)
     print_info(f"benchmarking {engine} on {llm.stats()['device_name']}: {options.describe()}")
     with progress_bars() as bars:
         report = run_benchmark(llm, options, recipe=settings.recipe, progress=stage_callback(bars))

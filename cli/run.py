@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmx.cli._console import emit_json, out, print_error, print_info
-from llmx.cli._options import JsonOption, KvCacheFractionOption, PrintConfigOption, RecipeOption
+from llmx.cli._options import JsonOption, KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import LlmxError
 
@@ -57,6 +57,7 @@ def run_command(
         help="KV-cache size in tokens (sizing on CPU) [default: max batch x max seq len, capped at 2 GiB; "
              "on GPU the free memory].")] = None,
     kv_cache_fraction: KvCacheFractionOption = None,
+    sync_steps: SyncStepsOption = False,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,
@@ -88,7 +89,8 @@ def run_command(
 
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"], kv_cache_fraction=settings["kv_cache_fraction"])
+    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"], kv_cache_fraction=settings["kv_cache_fraction"],
+              async_steps=not sync_steps)
     start = time.perf_counter()
     if stream:
         outputs = _stream(llm, prompts, params, settings["chat"])

@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
 
@@ -34,6 +34,22 @@ def resolve_device(requested: str | None, built_for: str) -> torch.device:
     return torch.device(name)
 
 
+class _InFlight(NamedTuple):
+    """A launched step: what was scheduled, and its tokens (pending until read)."""
+
+    scheduled: list
+    pending: object  # PendingTokens, or _Ready
+
+
+class _Ready(NamedTuple):
+    """The tokens of a step run synchronously (`runner.execute`), in PendingTokens' shape."""
+
+    tokens: dict[int, int]
+
+    def result(self) -> dict[int, int]:
+        return self.tokens
+
+
 class _Request:
     __slots__ = ("seq", "text", "metrics", "emitted_tokens")
 
@@ -50,10 +66,12 @@ class LLM:
     kv_cache_tokens sizes the paged KV cache explicitly (CPU default: max_batch_size x max_seq_len tokens,
     capped at 2 GiB); on GPU the cache takes kv_cache_fraction of the device memory left after weights
     and the activation peak of a full step. enforce_eager skips CUDA-graph capture of decode steps.
+    async_steps (default on) queues each decode step before the previous one's tokens are read back (see
+    `step`); off, every step waits for its tokens before the next is scheduled.
     """
 
     def __init__(self, engine_dir: str | Path, *, device: str | None = None, kv_cache_fraction: float = 0.9,
-                 kv_cache_tokens: int | None = None, enforce_eager: bool = False):
+                 kv_cache_tokens: int | None = None, enforce_eager: bool = False, async_steps: bool = True):
         from llmx.build.engine import check_engine_runnable, read_engine
 
         self.engine = engine = read_engine(Path(engine_dir))
@@ -76,21 +94,24 @@ class LLM:
                 model_config=engine.model, quant=engine.quant, build=engine.build, act_dtype=engine.dtype,
                 weights_path=engine.path / "rank0.safetensors", device=self.device, ctx=ParallelContext(),
                 kv_cache_tokens=kv_cache_tokens, kv_cache_fraction=kv_cache_fraction, enforce_eager=enforce_eager)
-        self._serve(runner, engine.build, tokenizer, engine.model.eos_token_ids, str(engine.path))
+        self._serve(runner, engine.build, tokenizer, engine.model.eos_token_ids, str(engine.path), async_steps)
 
     @classmethod
-    def over_runner(cls, runner, build: BuildConfig, *, tokenizer=None, eos_token_ids: Seq[int] = ()) -> "LLM":
+    def over_runner(cls, runner, build: BuildConfig, *, tokenizer=None, eos_token_ids: Seq[int] = (),
+                    async_steps: bool = True) -> "LLM":
         """An LLM over a runner made elsewhere, without an engine directory: anything with ModelRunner's
-        `execute(work) -> {seq_id: token}`, `release(seq_id)`, `num_blocks` and `block_size`. It measures and
+        `execute(work) -> {seq_id: token}`, `release(seq_id)`, `num_blocks` and `block_size` (and, to queue
+        steps ahead, ModelRunner's `can_launch` and `launch`). It measures and
         tests the host side of steps with a stand-in model (benchmarks/host_overhead.py); `engine` is None,
         so what reads the engine's description (bench's runner, stats) does not apply."""
         llm = cls.__new__(cls)
         llm.engine = None
         llm.device = torch.device("cpu")
-        llm._serve(runner, build, tokenizer, tuple(eos_token_ids), "LLM.over_runner")
+        llm._serve(runner, build, tokenizer, tuple(eos_token_ids), "LLM.over_runner", async_steps)
         return llm
 
-    def _serve(self, runner, build: BuildConfig, tokenizer, eos_token_ids: Seq[int], name: str) -> None:
+    def _serve(self, runner, build: BuildConfig, tokenizer, eos_token_ids: Seq[int], name: str,
+               async_steps: bool = True) -> None:
         """Set up the request bookkeeping over `runner`: the block manager, the scheduler, the detokenizer."""
         from llmx.runtime.block_manager import BlockManager
         from llmx.runtime.scheduler import Scheduler
@@ -110,6 +131,8 @@ class LLM:
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._peak_blocks_used = 0
+        self._can_launch = async_steps and getattr(runner, "can_launch", False)
+        self._inflight: _InFlight | None = None  # a launched step whose tokens are not applied yet
 
     # ---- requests ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -142,25 +165,55 @@ class LLM:
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Advance every running request by one scheduled chunk; returns requests that progressed or ended."""
-        out = self.scheduler.schedule()
-        outputs = [self._error_output(seq) for seq in out.errored]
-        if not out.scheduled:
-            return outputs
-        now = time.perf_counter()
-        for seq in out.admitted:  # first scheduled now (or resumed after a preemption)
-            metrics = self._requests[seq.seq_id].metrics
-            if metrics.scheduled_time is None:
-                metrics.scheduled_time = now
-        sampled_ids = self.runner.execute([WorkItem.from_sequence(seq, n) for seq, n, _, _ in out.scheduled])
-        by_id = {w.seq.seq_id: w.seq for w in out.scheduled}
-        sampled = {by_id[i]: token for i, token in sampled_ids.items()}
-        self.scheduler.postprocess(out.scheduled, sampled)
+        """Advance every running request by one scheduled chunk; returns requests that progressed or ended.
+
+        With a runner that can queue steps (`launch`), the step after this one is queued on the device
+        before this one's tokens are read back (Scheduler.schedule_ahead), so the host's bookkeeping of
+        step N (postprocess, detokenization, the caller's own work) overlaps the device running step N+1
+        instead of leaving it idle.
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is None:
+            out = self.scheduler.schedule()
+            outputs = [self._error_output(seq) for seq in out.errored]
+            if not out.scheduled:
+                return outputs
+            now = time.perf_counter()
+            for seq in out.admitted:  # first scheduled now (or resumed after a preemption)
+                metrics = self._requests[seq.seq_id].metrics
+                if metrics.scheduled_time is None:
+                    metrics.scheduled_time = now
+            self._inflight = self._launch(out.scheduled, None)
+        current = self._inflight
+        self._inflight = self._launch_next(current)
+        outputs.extend(self._finish_step(current))
+        return outputs
+
+    def _launch(self, scheduled, after) -> "_InFlight":
+        work = [WorkItem.from_sequence(seq, n) if after is None else
+                WorkItem(seq.seq_id, [0], start, seq.block_table, True, seq.params)
+                for seq, n, start, _ in scheduled]
+        if self._can_launch:
+            return _InFlight(scheduled, self.runner.launch(work, None if after is None else after.pending))
+        return _InFlight(scheduled, _Ready(self.runner.execute(work)))
+
+    def _launch_next(self, current: "_InFlight") -> "_InFlight | None":
+        if not self._can_launch:
+            return None
+        ahead = self.scheduler.schedule_ahead(current.scheduled)
+        return None if ahead is None else self._launch(ahead.scheduled, current)
+
+    def _finish_step(self, step: "_InFlight") -> list[RequestOutput]:
+        """Read a launched step's tokens back and apply them; outputs of the requests that progressed."""
+        sampled_ids = step.pending.result()
+        live = {item[0].seq_id: item[0] for item in step.scheduled if not item[0].is_finished}
+        # A sequence that finished while this step ran ahead (EOS or a stop in the step before) gets nothing.
+        sampled = {live[i]: token for i, token in sampled_ids.items() if i in live}
+        self.scheduler.postprocess(step.scheduled, sampled)
         self._peak_blocks_used = max(self._peak_blocks_used, self.block_manager.num_used_blocks)
         now = time.perf_counter()
         requests = self._requests
-        outputs.extend([self._progress(requests[seq.seq_id], now) for seq in sampled])
-        return outputs
+        return [self._progress(requests[seq.seq_id], now) for seq in sampled]
 
     def _progress(self, req: _Request, now: float) -> RequestOutput:
         """The output of a request that just got its sampled token (one per step), after its stop strings."""

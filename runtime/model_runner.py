@@ -63,6 +63,39 @@ class StepInputs:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [S] int64: packed row of the last token of each sampling sequence
     sampling: list[WorkItem]
+    token_rows: torch.Tensor | None = None  # [T] int64: rows of the previous step's tokens that are the inputs
+
+
+class PendingTokens:
+    """The tokens a launched step samples, read back to the host only when asked.
+
+    tokens: int64 [S] on the device, in the order of `items` (the WorkItems that sample); a following step
+    can take its input ids from it without a round trip through the host. The copy into pinned host memory
+    is queued at creation; `result()` waits for it alone, not for work queued after it.
+    """
+
+    def __init__(self, items: list[WorkItem], tokens: torch.Tensor | None):
+        self.items = items
+        self.tokens = tokens
+        self._host = None
+        self._ready = None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(tokens.device))
+        self.rows = {item.seq_id: row for row, item in enumerate(items)}  # seq_id -> row of `tokens`
+
+    def result(self) -> dict[int, int]:
+        """{seq_id: sampled token}, waiting for this step's copy if it is still under way."""
+        if self.tokens is None:
+            return {}
+        if self._ready is not None:
+            self._ready.synchronize()
+            values = self._host.tolist()
+        else:
+            values = self.tokens.tolist()
+        return {item.seq_id: token for item, token in zip(self.items, values)}
 
 
 class StepInputsBuilder:
@@ -80,7 +113,9 @@ class StepInputsBuilder:
         self._pinned: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # name -> (pinned buffer, its numpy view)
         self._copies_done = None  # torch.cuda.Event recorded after the last step's copies
 
-    def build(self, work: list[WorkItem]) -> StepInputs:
+    def build(self, work: list[WorkItem], token_rows: list[int] | None = None) -> StepInputs:
+        """token_rows: for a decode step whose input ids are the previous step's sampled tokens (still on the
+        device), the row of that step's tokens feeding each WorkItem; their `tokens` are then placeholders."""
         if not work:
             raise ValueError("a step needs at least one WorkItem")
         n, bs = len(work), self.block_size
@@ -108,14 +143,16 @@ class StepInputsBuilder:
             chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
         slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs  # [T]
         logits_rows = query_start_loc[1:][np.array(samples, dtype=bool)] - 1  # [S] last token of each sampler
+        extra = {} if token_rows is None else {"token_rows": np.array(token_rows, dtype=np.int64)}
         t = self._upload(input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
                          seq_lens=seq_lens.astype(np.int32), query_start_loc=query_start_loc.astype(np.int32),
-                         logits_rows=logits_rows)
+                         logits_rows=logits_rows, **extra)
         meta = AttentionMetadata(slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
                                  seq_lens=t["seq_lens"], query_start_loc=t["query_start_loc"],
                                  max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
         return StepInputs(input_ids=t["input_ids"], positions=t["positions"], meta=meta,
-                          logits_rows=t["logits_rows"], sampling=list(compress(work, samples)))
+                          logits_rows=t["logits_rows"], sampling=list(compress(work, samples)),
+                          token_rows=t.get("token_rows"))
 
     def _upload(self, **arrays: np.ndarray) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
@@ -257,8 +294,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     # ---- one step -----------------------------------------------------------------------------------
-    def prepare(self, work: list[WorkItem]) -> StepInputs:
-        return self.step_inputs.build(work)
+    def prepare(self, work: list[WorkItem], token_rows: list[int] | None = None) -> StepInputs:
+        return self.step_inputs.build(work, token_rows)
 
     @functools.cached_property
     def step_inputs(self) -> "StepInputsBuilder":
@@ -301,28 +338,61 @@ class ModelRunner:
             return buf
         return None
 
+    @property
+    def can_launch(self) -> bool:
+        """Whether steps can be queued ahead (`launch`): in a single process; ranks run `execute` in lockstep."""
+        return self.ctx.tp_size == 1 and self.ctx.pp_size == 1
+
+    @torch.inference_mode()
+    def launch(self, work: list[WorkItem], after: PendingTokens | None = None) -> PendingTokens:
+        """Queue one step on the device and return its tokens still pending (single process only).
+
+        after: the step launched just before, still pending, whose sampled tokens are this decode step's
+        input ids (each WorkItem here continues a sequence that sampled there, with a placeholder token):
+        the ids are gathered on the device, so this step can be queued before that one is read back.
+        """
+        token_rows = None if after is None else [after.rows[w.seq_id] for w in work]
+        inputs = self.prepare(work, token_rows)
+        if after is not None:
+            inputs.input_ids = after.tokens.index_select(0, inputs.token_rows)
+        logits = self._logits(inputs)
+        return PendingTokens(inputs.sampling, None if logits is None else self._sample(logits, inputs.sampling))
+
     @torch.inference_mode()
     def execute(self, work: list[WorkItem]) -> dict[int, int]:
         """Run one step; on rank 0 returns {seq_id: sampled token} for the items that sample."""
+        if self.can_launch:
+            return self.launch(work).result()
         inputs = self.prepare(work)
-        meta = inputs.meta
-        if self.graphs is not None and self.graphs.fits(len(work), meta.max_query_len, meta.block_tables.shape[1]):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
-        else:
-            hidden = self.forward_hidden(inputs)
-            if not inputs.sampling:
-                return {}
-            logits = self.model.compute_logits(hidden[inputs.logits_rows]) if hidden is not None else None
+        logits = self._logits(inputs)
+        if not inputs.sampling:  # the same on every rank: nothing to bring back
+            return {}
         tokens = None
-        if logits is not None:
-            if self.ctx.tp_rank == 0:
-                params = [w.params for w in inputs.sampling]
-                gens = [None if w.params.greedy else self._generator(w) for w in inputs.sampling]
-                tokens = torch.tensor(sample(logits, params, gens), dtype=torch.int64)
+        if logits is not None and self.ctx.tp_rank == 0:
+            tokens = self._sample(logits, inputs.sampling).cpu()
         tokens = self._from_last_stage(tokens, (len(inputs.sampling),), torch.int64)
         if self.global_rank != 0:
             return {}
         return {w.seq_id: t for w, t in zip(inputs.sampling, tokens.tolist())}
+
+    def _logits(self, inputs: StepInputs) -> torch.Tensor | None:
+        """float32 logits [S, vocab] of the sampling items on the last pipeline stage; None elsewhere or when
+        no item samples. Decode steps that fit a captured bucket replay its CUDA graph."""
+        meta = inputs.meta
+        num_seqs = meta.block_tables.shape[0]
+        if self.graphs is not None and self.graphs.fits(num_seqs, meta.max_query_len, meta.block_tables.shape[1]):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+            # A one-token chunk of a prompt that is not its end samples nothing: keep the sampling rows.
+            return logits if len(inputs.sampling) == num_seqs else logits.index_select(0, inputs.logits_rows)
+        hidden = self.forward_hidden(inputs)
+        if not inputs.sampling or hidden is None:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_rows])
+
+    def _sample(self, logits: torch.Tensor, items: list[WorkItem]) -> torch.Tensor:
+        params = [w.params for w in items]
+        gens = [None if w.params.greedy else self._generator(w) for w in items]
+        return sample(logits, params, gens)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:

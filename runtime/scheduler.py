@@ -264,6 +264,42 @@ class Scheduler:
         self.block_manager.cancel_admission(seq)
         return 0
 
+    def schedule_ahead(self, previous: list[ScheduledSeq]) -> SchedulerOutput | None:
+        """The decode step after `previous` (scheduled, not yet postprocessed), or None when it cannot be
+        decided before that step's tokens are known.
+
+        Used to queue step N+1 while step N still runs on the device: every sequence of step N that sampled
+        continues with one token, the one step N is sampling (its input comes from the device). It is what
+        schedule() would return after postprocess(N) whenever no sequence of N finished; a sequence that
+        finishes on an EOS or stop token then ran one step for nothing, and the engine drops that result.
+        None (and the engine waits for step N, then schedules as usual) when: an item of N did not sample
+        (a prompt chunk), a running sequence is not in N, errors are pending, a waiting request could take
+        a seat that is free or that step N frees by a length limit, or KV blocks run out (no preemption here).
+        Blocks for the new positions are allocated now; the KV write of a dropped step lands in its own
+        sequence's blocks, ahead (on the device) of any later step that could reuse them.
+        """
+        if self._errored or not all(item[3] for item in previous):
+            return None
+        live = [item for item in previous if not item[0].is_finished]
+        if not live or len(live) != len(self._running) or len(live) > self.max_num_tokens:
+            return None
+        limits = self._output_limits
+        # After step N each sequence holds one more output token than now.
+        ending = [item for item in live if len(item[0].output_token_ids) + 1 >= limits[item[0]]]
+        if self._waiting and (ending or len(self._running) < self.max_num_seqs):
+            return None
+        out = SchedulerOutput()
+        block_size = self.block_size
+        for seq, num_new, start, _ in live:
+            if len(seq.output_token_ids) + 1 >= limits[seq]:
+                continue
+            position = start + num_new  # where the token sampled by step N goes
+            if position >= len(seq.block_table) * block_size and \
+                    not self.block_manager.allocate_for(seq, position + 1 - seq.num_computed_tokens):
+                return None
+            out.scheduled.append(tuple.__new__(ScheduledSeq, (seq, 1, position, True)))
+        return out if out.scheduled else None
+
     # ---- results ---------------------------------------------------------------------------------------------
     def postprocess(self, batch: SchedulerOutput | Iterable[ScheduledSeq],
                     sampled: Mapping[Sequence, int]) -> list[Sequence]:

@@ -149,3 +149,30 @@ def test_engine_without_tokenizer_takes_token_ids_and_benchmarks(tiny_engine, tm
     assert len(out.output_token_ids) == 6 and out.text == ""
     report = run_benchmark(llm, BenchOptions(isl=8, osl=4, num_requests=3, warmup=0))
     assert report["metrics"]["total_output_tokens"] == 12
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [None, 3 * 16], ids=["roomy", "preempting"])
+def test_steps_queued_ahead_give_the_outputs_of_steps_run_one_at_a_time(tiny_engine, kv_cache_tokens):
+    prompts = [[(7 * i + j) % 90 + 3 for j in range(3 + i % 9)] for i in range(20)]  # 20 requests > 16 seats
+    free = LLM(tiny_engine, async_steps=False).generate(prompts[:1], SamplingParams(max_new_tokens=12,
+                                                                                   ignore_eos=True))[0]
+    stop_id = free.output_token_ids[4]  # ends some requests mid-way, unknown until their step is read back
+    params = [SamplingParams(max_new_tokens=4 + i % 13, ignore_eos=True, stop_token_ids=(stop_id,) if i % 3 else (),
+                             temperature=0.8 if i % 4 == 1 else 0.0, seed=i) for i in range(len(prompts))]
+
+    def run(async_steps):
+        llm = LLM(tiny_engine, kv_cache_tokens=kv_cache_tokens, async_steps=async_steps)
+        launches_after = []
+        launch = llm.runner.launch
+        llm.runner.launch = lambda work, after=None: launches_after.append(after is not None) or launch(work, after)
+        outs = llm.generate(prompts, params)
+        assert not llm.has_unfinished() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        return [(o.output_token_ids, o.finish_reason) for o in outs], sum(launches_after), llm
+
+    in_step, ahead_count_off, _ = run(False)
+    ahead, ahead_count, llm = run(True)
+    assert ahead == in_step
+    assert ahead_count_off == 0 and ahead_count > 0
+    assert any(reason == "stop" for _, reason in ahead)
+    if kv_cache_tokens:
+        assert llm.stats()["num_preemptions"] > 0

@@ -104,3 +104,24 @@ def test_triton_path_matches_torch_reference_path_bf16(smollm2_shaped_bf16):
     relative = ((kernels - reference).norm() / reference.norm()).item()
     assert relative <= 0.05
     assert (kernels.argmax(-1) == reference.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_steps_queued_ahead_on_cuda_graphs_equal_steps_run_one_at_a_time(smollm2_shaped_bf16):
+    """Queued-ahead decode steps take their input ids from the previous step's tokens on the device and
+    replay CUDA graphs; greedy and seeded outputs (some ended early by a stop token) must not change."""
+    from llmx.runtime.engine import LLM
+    from llmx.runtime.sequence import SamplingParams
+
+    prompts = [[5 + i] * (3 + 11 * i) for i in range(7)]
+    free = LLM(smollm2_shaped_bf16, kv_cache_fraction=0.2, async_steps=False).generate(
+        prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    stop_id = free[2].output_token_ids[9]
+    params = [SamplingParams(max_new_tokens=32, ignore_eos=True, stop_token_ids=(stop_id,),
+                             temperature=0.7 if i % 2 else 0.0, seed=i) for i in range(len(prompts))]
+    runs = []
+    for async_steps in (False, True):
+        llm = LLM(smollm2_shaped_bf16, kv_cache_fraction=0.2, async_steps=async_steps)
+        assert llm.runner.graphs is not None
+        runs.append([(o.output_token_ids, o.finish_reason) for o in llm.generate(prompts, params)])
+    assert runs[1] == runs[0]
+    assert ("stop" in {reason for _, reason in runs[1]})

@@ -42,10 +42,14 @@ class FakeModel:
         bs = self.bm.block_size
         return seq.block_table[p // bs] * bs + p % bs
 
-    def run(self, batch: list[ScheduledSeq]) -> dict[Sequence, int]:
+    def run(self, batch: list[ScheduledSeq], pending: dict[Sequence, int] | None = None) -> dict[Sequence, int]:
+        """pending: the tokens of a step queued just before and not postprocessed yet (a step scheduled
+        ahead reads its input token from there, as the runner reads it from the device)."""
         sampled = {}
         for item in batch:
             seq, tokens = item.seq, item.seq.token_ids
+            if pending and seq in pending and len(tokens) == item.start_position:
+                tokens = tokens + [pending[seq]]
             assert len(seq.block_table) * self.bm.block_size >= item.end_position
             for p in range(item.start_position, item.end_position):
                 assert self.bm.ref_count(seq.block_table[p // self.bm.block_size]) == 1, "write into a shared block"
@@ -133,6 +137,42 @@ def drive(sched: Scheduler, seqs: list[Sequence], arrivals: dict[int, list[Seque
         assert step < max_steps, "the scheduler stopped making progress"
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
     return outs, model
+
+
+def drive_ahead(sched: Scheduler, seqs: list[Sequence], arrivals: dict[int, list[Sequence]] | None = None,
+                max_steps=5000):
+    """drive() as the engine runs with steps queued ahead: the model runs each step when it is launched
+    (as the device would, in launch order), and step N is postprocessed after step N+1 was scheduled ahead
+    and launched. Returns the SchedulerOutputs, the model and how many steps were scheduled ahead."""
+    model = FakeModel(sched.block_manager)
+    arrivals = dict(arrivals or {0: seqs})
+    added: list[Sequence] = []
+    outs, inflight, ahead_steps, step = [], None, 0, 0
+    while sched.has_unfinished() or arrivals or inflight:
+        for seq in arrivals.pop(step, []):
+            sched.add(seq)
+            added.append(seq)
+        step += 1
+        assert step < max_steps, "the scheduler stopped making progress"
+        if inflight is None:
+            running_before = [s for s in added if s.status is SequenceStatus.RUNNING]
+            out = sched.schedule()
+            check_step(sched, out, added, running_before)
+            if not out.scheduled:
+                continue
+            outs.append(out)
+            inflight = (out.scheduled, model.run(out.scheduled))
+        ahead = sched.schedule_ahead(inflight[0])
+        launched = None
+        if ahead is not None:
+            ahead_steps += 1
+            outs.append(ahead)
+            launched = (ahead.scheduled, model.run(ahead.scheduled, pending=inflight[1]))
+        scheduled, sampled = inflight
+        sched.postprocess(scheduled, {seq: t for seq, t in sampled.items() if not seq.is_finished})
+        inflight = launched
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    return outs, model, ahead_steps
 
 
 def steps_of(outs, seq):
@@ -480,6 +520,75 @@ def test_finish_from_the_engine_frees_blocks_and_is_idempotent():
     assert sched.num_waiting == 0 and not sched.has_unfinished()
 
 
+# ---- scheduling ahead ----------------------------------------------------------------------------------------
+
+
+def _decoding(sched, prompts, **params):
+    """Sequences added, prefilled and postprocessed once: each has one output token and decodes next."""
+    seqs = [make_seq(i, p, **params) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        sched.add(seq)
+    out = sched.schedule()
+    sched.postprocess(out.scheduled, {item.seq: 1 for item in out.scheduled})
+    return seqs
+
+
+def test_schedule_ahead_continues_every_sequence_one_position_further():
+    sched = make_scheduler(num_blocks=16, block_size=4)
+    seqs = _decoding(sched, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], max_new_tokens=10)
+    step = sched.schedule().scheduled  # positions 3 and 7: the second sequence's block 1 is now full
+    ahead = sched.schedule_ahead(step)
+    assert [(item.seq, item.start_position, item.num_new_tokens, item.samples) for item in ahead.scheduled] == \
+        [(seqs[0], 4, 1, True), (seqs[1], 8, 1, True)]
+    assert [len(seq.block_table) for seq in seqs] == [2, 3]  # room for positions 4 and 8, allocated now
+    sched.postprocess(step, {seqs[0]: 5, seqs[1]: 6})
+    sched.postprocess(ahead.scheduled, {seqs[0]: 7, seqs[1]: 8})  # the ahead step applies like any other
+    assert [seq.output_token_ids for seq in seqs] == [[1, 5, 7], [1, 6, 8]]
+
+
+def test_schedule_ahead_drops_a_sequence_that_ends_by_length():
+    sched = make_scheduler()
+    seqs = [make_seq(0, [1, 2], max_new_tokens=2), make_seq(1, [3, 4], max_new_tokens=5)]
+    for seq in seqs:
+        sched.add(seq)
+    out = sched.schedule()
+    sched.postprocess(out.scheduled, {item.seq: 1 for item in out.scheduled})
+    ahead = sched.schedule_ahead(sched.schedule().scheduled)
+    assert [item.seq for item in ahead.scheduled] == [seqs[1]]  # seqs[0] gets its 2nd and last token now
+
+
+def test_schedule_ahead_waits_when_a_request_could_be_admitted_or_a_chunk_ran():
+    sched = make_scheduler(max_num_seqs=2)
+    _decoding(sched, [[1, 2, 3]], max_new_tokens=10)
+    step = sched.schedule().scheduled
+    sched.add(make_seq(5, [9, 9]))  # arrives while the step runs; a seat is free: schedule() admits it next
+    assert sched.schedule_ahead(step) is None
+    # Seats full: the waiting request cannot run next step anyway, so the step is scheduled ahead...
+    full = make_scheduler(max_num_seqs=1)
+    _decoding(full, [[1, 2, 3]], max_new_tokens=10)
+    step = full.schedule().scheduled
+    full.add(make_seq(5, [9, 9]))
+    assert full.schedule_ahead(step) is not None
+    # ...unless the running sequence ends by length in this step and frees its seat.
+    ending = make_scheduler(max_num_seqs=1)
+    _decoding(ending, [[1, 2, 3]], max_new_tokens=2)
+    step = ending.schedule().scheduled
+    ending.add(make_seq(5, [9, 9]))
+    assert ending.schedule_ahead(step) is None
+    # A prompt chunk that does not reach the end of its prompt samples nothing to continue from.
+    chunked = make_scheduler(max_num_tokens=4)
+    chunked.add(make_seq(0, list(range(10))))
+    assert chunked.schedule_ahead(chunked.schedule().scheduled) is None
+
+
+def test_schedule_ahead_never_preempts():
+    sched = make_scheduler(num_blocks=2, block_size=4)
+    seqs = _decoding(sched, [[1, 2, 3, 4, 5, 6, 7]], max_new_tokens=20)
+    step = sched.schedule().scheduled  # position 7 fills block 1; position 8 would need a third block
+    assert sched.schedule_ahead(step) is None
+    assert sched.num_preemptions == 0 and len(seqs[0].block_table) == 2
+
+
 def test_postprocess_rejects_missing_or_unexpected_samples():
     sched = make_scheduler(max_num_tokens=4)
     seq = make_seq(0, range(6), max_new_tokens=3)
@@ -510,8 +619,9 @@ def test_bad_construction_and_double_add():
 # ---- everything at once ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "ahead"])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(seed):
+def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(seed, ahead):
     rng = random.Random(100 + seed)
     block_size = rng.choice([2, 4, 8])
     max_model_len = 48
@@ -533,7 +643,11 @@ def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(s
     for new_id, seq in enumerate(ordered):
         seq.seq_id = new_id
     seqs.sort(key=lambda s: s.seq_id)
-    _, model = drive(sched, seqs, arrivals)
+    if ahead:
+        _, model, ahead_steps = drive_ahead(sched, seqs, arrivals)
+        assert ahead_steps > 0
+    else:
+        _, model = drive(sched, seqs, arrivals)
     assert sum(s.num_preemptions for s in seqs) == sched.num_preemptions
     for seq in seqs:
         limit = max_model_len - seq.num_prompt_tokens
@@ -543,9 +657,13 @@ def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(s
         assert seq.is_finished and seq.finish_reason is not FinishReason.ERROR
         assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params, (0,), limit)
         # Positions run in order, restarting (from a cached prefix) only after a preemption, and end just
-        # before the last token, which is sampled and never computed.
+        # before the last token, which is sampled and never computed; except that, scheduled ahead, a
+        # sequence ending on an EOS may have run one step for nothing.
         positions = model.positions[seq.seq_id]
-        assert positions[0] == seq.num_cached_prompt_tokens and positions[-1] == seq.num_tokens - 2
+        last = {seq.num_tokens - 2}
+        if ahead and seq.finish_reason is not FinishReason.LENGTH:
+            last.add(seq.num_tokens - 1)
+        assert positions[0] == seq.num_cached_prompt_tokens and positions[-1] in last
         restarts = sum(1 for p, q in zip(positions, positions[1:]) if q != p + 1)
         if sched.block_manager.enable_prefix_caching:
             assert restarts <= seq.num_preemptions  # a resumption may hit all it had computed
