@@ -4,13 +4,16 @@
     python benchmarks/kernels_attention.py --kernels decode,prefill --json results.json
 
 Kernels: paged attention decode (split-K) and prefill (from scratch, chunked over a cached prefix, mixed
-with decodes), write_kv_cache, rms_norm, fused_add_rms_norm, rms_norm_heads (Qwen3 q/k norm), rotary.
-Shapes are Llama-3.1-8B's per GPU (32 query heads, 8 KV heads, head_dim 128, hidden 4096), bf16
-activations, KV cache blocks of 16 tokens in bf16, fp8 or int8.
+with decodes), write_kv_cache, rms_norm, fused_add_rms_norm, rms_norm_heads (Qwen3 q/k norm), rotary,
+and the greedy sampler's row argmax. Shapes are Llama-3.1-8B's per GPU (32 query heads, 8 KV heads,
+head_dim 128, hidden 4096, vocabulary 128,256), bf16 activations, float32 logits, KV cache blocks of 16
+tokens in bf16, fp8 or int8. Decode also runs as a CUDA graph launches it: short live contexts in an
+8192-token block table (the graph's, sized for max_seq_len), so the split count is chosen for the table.
 
 For each case, on fresh random data:
 1. the kernel's output is compared with its `*_ref` on the same inputs (max |error| <= 2% of max
-   |reference|); a mismatch prints FAIL and makes the script exit with status 1;
+   |reference|; argmax indices must be equal, `err` is then the share of rows that differ); a mismatch
+   prints FAIL and makes the script exit with status 1;
 2. it is timed on the GPU alone (median and 20/80% quantiles): calls replayed from a CUDA graph with
    the L2 cache overwritten between calls, so the KV cache and activations come from HBM
    (llmx/kernels/gpu_timing.py);
@@ -19,8 +22,9 @@ For each case, on fresh random data:
    ceiling measured on the lent H100 SXM, and attention also prints TFLOP/s against the 786 TFLOP/s
    bf16 ceiling. `roofline` is the share reached of max(bytes / HBM, FLOPs / compute).
 Prefill from scratch also times torch's scaled_dot_product_attention (flash backend) on the same
-sequences laid out contiguously, as a baseline. Launch overhead is excluded, as in llmx's decode steps
-(graph replay); the smallest cases still pay the GPU's own per-kernel start and tail.
+sequences laid out contiguously, and argmax times torch.argmax, as baselines. Launch overhead is
+excluded, as in llmx's decode steps (graph replay); the smallest cases still pay the GPU's own
+per-kernel start and tail.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from typing import Any, Callable
 
 import torch
 
-HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK_SIZE = 32, 8, 128, 4096, 16
-KERNELS = ("decode", "prefill", "write_kv_cache", "rms_norm", "rotary")
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK_SIZE, VOCAB = 32, 8, 128, 4096, 16, 128256
+KERNELS = ("decode", "prefill", "write_kv_cache", "rms_norm", "rotary", "argmax")
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Case:
     bytes: int
     flops: int = 0
     baseline: Callable[[], Any] | None = None
+    baseline_name: str = "torch SDPA"
+    exact: bool = False  # integer outputs (argmax): every element must match the reference
 
 
 def _relative_error(out: Any, ref: Any) -> float:
@@ -64,6 +70,10 @@ def _relative_error(out: Any, ref: Any) -> float:
         o, r = o.float(), r.float()
         worst = max(worst, float((o - r).abs().max()) / max(float(r.abs().max()), 1e-6))
     return worst
+
+
+def _mismatch_share(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out != ref).float().mean())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,12 +102,15 @@ class PagedInputs:
         return dict(k_scale=self.k_scale, v_scale=self.v_scale, max_query_len=max(self.q_lens))
 
 
-def paged_inputs(q_lens: list[int], seq_lens: list[int], kv_dtype: torch.dtype) -> PagedInputs:
-    """Random K/V already in a paged cache whose block ids are shuffled (as after many alloc/free cycles)."""
+def paged_inputs(q_lens: list[int], seq_lens: list[int], kv_dtype: torch.dtype,
+                 table_tokens: int = 0) -> PagedInputs:
+    """Random K/V already in a paged cache whose block ids are shuffled (as after many alloc/free cycles).
+    The block table is as wide as the longest sequence, or `table_tokens` (padded with block 0)."""
     blocks = [math.ceil(n / BLOCK_SIZE) for n in seq_lens]
     num_blocks = sum(blocks)
     block_ids = torch.randperm(num_blocks, device="cuda").to(torch.int32)
-    tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
+    table_width = max(max(blocks), math.ceil(table_tokens / BLOCK_SIZE))
+    tables = torch.zeros(len(seq_lens), table_width, dtype=torch.int32, device="cuda")
     start = 0
     for seq, count in enumerate(blocks):
         tables[seq, :count] = block_ids[start:start + count]
@@ -132,10 +145,11 @@ def attention_cost(q_lens: list[int], seq_lens: list[int], kv_dtype: torch.dtype
 
 
 def attention_case(kernel: str, label: str, q_lens: list[int], seq_lens: list[int],
-                   kv_dtype: torch.dtype = torch.bfloat16, sdpa_baseline: bool = False) -> Case:
+                   kv_dtype: torch.dtype = torch.bfloat16, sdpa_baseline: bool = False,
+                   table_tokens: int = 0) -> Case:
     from llmx.kernels import paged_attention as attention
 
-    inputs = paged_inputs(q_lens, seq_lens, kv_dtype)
+    inputs = paged_inputs(q_lens, seq_lens, kv_dtype, table_tokens)
     size, flops = attention_cost(q_lens, seq_lens, kv_dtype)
     baseline = None
     if sdpa_baseline:
@@ -160,6 +174,17 @@ def decode_cases() -> list[Case]:
         cases.append(attention_case("decode", f"batch {batch} x ctx {context}", [1] * batch, [context] * batch))
     for kv_dtype, name in [(torch.float8_e4m3fn, "fp8"), (torch.int8, "int8")]:
         cases.append(attention_case("decode", f"batch 64 x ctx 2048 {name} KV", [1] * 64, [2048] * 64, kv_dtype))
+    # As a decode CUDA graph captured for max_seq_len 8192 launches it: the split count follows the
+    # table (shapes only), the kernel shares out the live context. Bytes count the live context only.
+    from llmx.kernels import paged_attention as attention
+    from llmx.kernels._triton_util import sm_count
+
+    table = 8192
+    for batch in (1, 4, 16):
+        splits = attention.choose_num_splits(batch, KV_HEADS, table, sm_count(torch.device("cuda")))
+        for live in (256, 2048):
+            cases.append(attention_case("decode", f"b{batch} live {live} table {table} ({splits} splits)",
+                                        [1] * batch, [live] * batch, table_tokens=table))
     return cases
 
 
@@ -251,8 +276,21 @@ def rotary_cases() -> list[Case]:
     return cases
 
 
+def argmax_cases() -> list[Case]:
+    from llmx.kernels.argmax import argmax_rows
+
+    cases = []
+    for rows in (1, 64, 256):
+        logits = torch.randn(rows, VOCAB, device="cuda")
+        cases.append(Case("argmax", f"{rows} x {VOCAB} float32", lambda x=logits: argmax_rows(x),
+                          lambda x=logits: torch.argmax(x, dim=-1), logits.numel() * 4 + rows * 8,
+                          baseline=lambda x=logits: torch.argmax(x, dim=-1), baseline_name="torch.argmax",
+                          exact=True))
+    return cases
+
+
 BUILDERS = {"decode": decode_cases, "prefill": prefill_cases, "write_kv_cache": write_kv_cases,
-            "rms_norm": norm_cases, "rotary": rotary_cases}
+            "rms_norm": norm_cases, "rotary": rotary_cases, "argmax": argmax_cases}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,16 +301,19 @@ BUILDERS = {"decode": decode_cases, "prefill": prefill_cases, "write_kv_cache": 
 def measure(case: Case, ceil: Ceilings, tolerance: float) -> dict:
     from llmx.kernels.gpu_timing import graph_time_ms
 
-    error = _relative_error(case.run(), case.reference())
+    out, ref = case.run(), case.reference()
+    error = _mismatch_share(out, ref) if case.exact else _relative_error(out, ref)
     median, low, high = graph_time_ms(case.run)
     seconds = median * 1e-3
     roofline_s = max(case.bytes / (ceil.hbm_tbps * 1e12), case.flops / (ceil.bf16_tflops * 1e12))
-    result = {"kernel": case.kernel, "case": case.label, "ok": error <= tolerance, "rel_error": error,
+    ok = error == 0.0 if case.exact else error <= tolerance
+    result = {"kernel": case.kernel, "case": case.label, "ok": ok, "rel_error": error,
               "ms": median, "ms_p20": low, "ms_p80": high, "bytes": case.bytes, "flops": case.flops,
               "gb_per_s": case.bytes / seconds / 1e9, "hbm_fraction": case.bytes / seconds / (ceil.hbm_tbps * 1e12),
               "tflops": case.flops / seconds / 1e12, "roofline_fraction": roofline_s / seconds}
     if case.baseline is not None:
-        result["baseline_sdpa_ms"] = graph_time_ms(case.baseline)[0]
+        result["baseline"] = case.baseline_name
+        result["baseline_ms"] = graph_time_ms(case.baseline)[0]
     return result
 
 
@@ -284,8 +325,8 @@ def print_row(r: dict) -> None:
     if r["flops"]:
         line += f"  {r['tflops']:6.1f} TFLOP/s"
     line += f"  roofline {100 * r['roofline_fraction']:5.1f}%  err {r['rel_error']:.1e}"
-    if "baseline_sdpa_ms" in r:
-        line += f"  (torch SDPA {r['baseline_sdpa_ms'] * 1e3:.1f} us)"
+    if "baseline_ms" in r:
+        line += f"  ({r['baseline']} {r['baseline_ms'] * 1e3:.1f} us)"
     print(line, flush=True)
 
 

@@ -13,8 +13,13 @@ Returns out [T, num_heads, head_dim] in q's dtype.
 
 Kernels (Hopper-minded; both read each KV tile once for all query heads that share its KV head):
   * decode (every q_len == 1): one program per (sequence, KV head, context split). When
-    num_seqs * num_kv_heads is small next to the SM count, the context is split ("flash-decoding") and
-    a second kernel merges the partial results through their log-sum-exp.
+    num_seqs * num_kv_heads is small next to the SM count, the context is split ("flash-decoding"). The
+    grid's NUM_SPLITS depends on shapes only (CUDA-graph safe); each program cuts its sequence's LIVE
+    context from seq_lens on the device, so a short context in a max_seq_len-wide table spreads over a
+    few splits instead of falling to split 0. Splits write float32 partials (output, log-sum-exp) and
+    count themselves in an int32 per (sequence, KV head); the last to arrive merges them and zeroes the
+    count. Those buffers are allocated once per shape (`split_buffers`) and shared by every layer and
+    graph replay, so decode launches of one shape must be stream-ordered.
   * prefill: one program per (tile of BLOCK_Q queries, sequence, KV head); the rows of a tile are
     (query, head-of-the-group) pairs so GQA heads share K/V loads; online softmax over KV tiles.
 The dispatcher `paged_attention` picks by max_query_len. Scores run through exp2 with the softmax scale
@@ -39,8 +44,9 @@ from llmx.kernels._triton_util import (
 )
 
 _LOG2_E = 1.4426950408889634
-# A context split shorter than this costs more in partial-result traffic and merging than it hides.
-MIN_TOKENS_PER_SPLIT = 256
+# The decode kernel gives a split at least one 64-token tile (Llama-3-8B: 2 KiB of float32 partials per
+# KV head next to 32 KiB of bf16 K/V read), so a table of N tokens keeps at most N // 64 splits busy.
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
 # Stand-in for "no sliding window": larger than any position, small enough for int32 arithmetic.
 _NO_WINDOW = 1 << 30
@@ -84,92 +90,122 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, compute_dtype: tl.constexpr, 
 
 
 @jit
+def _store_head_rows(out_ptr, token, heads, dims, rows, row_mask, dim_mask, stride_o_token, stride_o_head):
+    """rows [GROUP_PAD, BLOCK_D] float32 -> out[token, heads, :] in out's dtype."""
+    tl.store(out_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dims[None, :],
+             rows.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+@jit
+def _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, num_partials, out_ptr, token, kv_head,
+                    stride_o_token, stride_o_head,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out = sum_s 2^(lse_s - M) * out_s / sum_s 2^(lse_s - M) for each head of the KV group: every split's
+    normalised output re-weighted by its share of the softmax denominator (lse in log2 units, M = max_s).
+
+    Partial row of (split s, group head g) = first_row + s * GROUP + g. The loads use .cg (L2, not L1):
+    other SMs wrote these rows during this launch, and a line this SM cached earlier could be stale.
+    """
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, BLOCK_D)
+    valid = splits < num_partials
+    for g in range(GROUP):
+        rows = first_row + splits * GROUP + g
+        lse = tl.load(partial_lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.max(lse, axis=0)
+        weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+        partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+                          mask=valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+        total = tl.sum(weights, axis=0)
+        merged = tl.sum(partial * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + token * stride_o_token + (kv_head * GROUP + g) * stride_o_head + dims,
+                 merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+@jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    k_scale_ptr, v_scale_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-    qk_scale_log2, sliding_window, tokens_per_split,
+    k_scale_ptr, v_scale_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, arrivals_ptr,
+    qk_scale_log2, sliding_window,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
 
-    # The one query sits at position seq_len - 1 and sees [seq_len - W, seq_len) within this split.
-    split_start = split * tokens_per_split
-    kv_start = tl.maximum(split_start, seq_len - sliding_window)
-    kv_end = tl.minimum(split_start + tokens_per_split, seq_len)
+    # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles
+    # (the first aligned down) are shared out as runs of tiles_per_split to the first active_splits
+    # programs, from the LIVE length: a CUDA graph's block table is max_seq_len wide, and cutting the
+    # table instead would leave a short context to split 0 alone. The other splits exit at once.
+    window_start = tl.maximum(seq_len - sliding_window, 0)
+    first_tile = window_start // BLOCK_N * BLOCK_N
+    num_tiles = tl.cdiv(seq_len - first_tile, BLOCK_N)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
+    active_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # 1 even for an empty sequence
+    if split < active_splits:
+        token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+        kv_begin = first_tile + split * tiles_per_split * BLOCK_N
+        kv_end = tl.minimum(kv_begin + tiles_per_split * BLOCK_N, seq_len)
 
-    group_rows = tl.arange(0, GROUP_PAD)
-    row_mask = group_rows < GROUP
-    heads = kv_head * GROUP + group_rows
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        group_rows = tl.arange(0, GROUP_PAD)
+        row_mask = group_rows < GROUP
+        heads = kv_head * GROUP + group_rows
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
 
-    qk_scale = qk_scale_log2
-    if KV_QUANTIZED:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    for tile_start in range(kv_start, kv_end, BLOCK_N):
-        kv_positions = tile_start + tl.arange(0, BLOCK_N)
-        kv_mask = kv_positions < kv_end
-        k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
-                          stride_table, stride_k_block, stride_k_slot, stride_k_head, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(kv_mask[None, :], scores, float("-inf"))
-        v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
-                          stride_table, stride_v_block, stride_v_slot, stride_v_head, BLOCK_SIZE)
-        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, q.dtype, DOT_PRECISION)
+        qk_scale = qk_scale_log2
+        if KV_QUANTIZED:
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        for tile_start in range(kv_begin, kv_end, BLOCK_N):
+            kv_positions = tile_start + tl.arange(0, BLOCK_N)
+            kv_mask = (kv_positions >= window_start) & (kv_positions < kv_end)
+            k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
+                              stride_table, stride_k_block, stride_k_slot, stride_k_head, BLOCK_SIZE)
+            scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            scores = tl.where(kv_mask[None, :], scores, float("-inf"))
+            v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
+                              stride_table, stride_v_block, stride_v_slot, stride_v_head, BLOCK_SIZE)
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, q.dtype, DOT_PRECISION)
 
-    if KV_QUANTIZED:
-        acc = acc * tl.load(v_scale_ptr)
-    # An empty split (past the sequence, or before its window) has l = 0: output 0, log-sum-exp -inf.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
-    else:
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        partial_row = (seq * NUM_HEADS + heads).to(tl.int64) * NUM_SPLITS + split
-        tl.store(partial_lse_ptr + partial_row, lse, mask=row_mask)
-        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out,
-                 mask=row_mask[:, None] & dim_mask[None, :])
-
-
-@jit
-def _merge_splits_kernel(
-    partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, out_ptr, stride_o_token, stride_o_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    # out = sum_s 2^(lse_s - M) * out_s / sum_s 2^(lse_s - M): each split's normalised output re-weighted
-    # by its share of the softmax denominator (lse in log2 units, M = max_s lse_s).
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, BLOCK_D)
-    first_row = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS
-    lse = tl.load(partial_lse_ptr + first_row + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.exp2(lse - lse_max)
-    partial = tl.load(partial_out_ptr + (first_row + splits)[:, None] * HEAD_DIM + dims[None, :],
-                      mask=(splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+        if KV_QUANTIZED:
+            acc = acc * tl.load(v_scale_ptr)
+        # An empty range (seq_len 0) has l = 0: output 0, log-sum-exp -inf.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        # A lone split writes its rows directly; the constexpr test keeps the partial path out of
+        # NUM_SPLITS == 1 kernels (their partial and arrival pointers are stand-ins).
+        if NUM_SPLITS == 1:
+            _store_head_rows(out_ptr, token, heads, dims, out, row_mask, dim_mask, stride_o_token, stride_o_head)
+        elif active_splits == 1:
+            _store_head_rows(out_ptr, token, heads, dims, out, row_mask, dim_mask, stride_o_token, stride_o_head)
+        else:
+            # Partials of (seq, kv_head) are [NUM_SPLITS, GROUP] rows from first_row, float32 [HEAD_DIM] each.
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            first_row = (seq * NUM_HEADS + kv_head * GROUP).to(tl.int64) * NUM_SPLITS
+            rows = first_row + split * GROUP + group_rows
+            tl.store(partial_lse_ptr + rows, lse, mask=row_mask)
+            tl.store(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :], out,
+                     mask=row_mask[:, None] & dim_mask[None, :])
+            # Last one in merges. The barrier makes every thread's stores precede the (one-thread) release;
+            # the acq_rel add orders them before the arrival count that the merging program acquires.
+            tl.debug_barrier()
+            arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+            arrived_before = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
+            if arrived_before == active_splits - 1:
+                _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, active_splits, out_ptr, token,
+                                kv_head, stride_o_token, stride_o_head, GROUP, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+                # Every split of this launch has arrived: zero the count for the next launch (graph replay).
+                tl.store(arrivals, 0)
 
 
 @jit
@@ -371,15 +407,40 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Context splits per (sequence, KV head) for decode: enough programs for ~2 per SM, but none shorter
-    than MIN_TOKENS_PER_SPLIT. Depends on shapes only (max_context = block-table width * block size), so
-    a CUDA graph captured for a batch size stays valid."""
+    """Context splits per (sequence, KV head) for decode: enough programs for ~2 per SM, and no more than
+    the block table could give MIN_TOKENS_PER_SPLIT each. Depends on shapes only (max_context = block-table
+    width * block size), so a CUDA graph captured for a batch size stays valid; the kernel then shares each
+    sequence's live context among as many of these splits as it fills with whole tiles."""
     work = num_seqs * num_kv_heads
     if work >= num_sms:
         return 1
     by_occupancy = cdiv(2 * num_sms, max(work, 1))
     by_length = max(1, max_context // MIN_TOKENS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+_SplitBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_split_buffers: dict[tuple, _SplitBuffers] = {}
+
+
+def split_buffers(device: torch.device, num_seqs: int, num_heads: int, num_splits: int,
+                  head_dim: int) -> _SplitBuffers:
+    """Split decode's partial_out float32 [num_seqs * num_heads * num_splits, head_dim], partial_lse
+    float32 [same rows] and arrivals int32 [num_seqs * num_heads] (zero between launches), allocated once
+    per shape and reused.
+
+    A CUDA graph replays the addresses it captured, and the arrival counts must start at zero on every
+    launch: the merging program of each (sequence, KV head) resets its count, so one zeroed allocation
+    stays valid for every layer, step and replay. Launches sharing these buffers must be stream-ordered
+    (one stream, as llmx's decode steps are). arrivals has num_heads >= num_kv_heads slots per sequence.
+    """
+    key = (device, num_seqs, num_heads, num_splits, head_dim)
+    if key not in _split_buffers:
+        rows = num_seqs * num_heads * num_splits
+        _split_buffers[key] = (torch.empty((rows, head_dim), dtype=torch.float32, device=device),
+                               torch.empty(rows, dtype=torch.float32, device=device),
+                               torch.zeros(num_seqs * num_heads, dtype=torch.int32, device=device))
+    return _split_buffers[key]
 
 
 def _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out):
@@ -427,26 +488,18 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, sm_count(device))
     if num_splits < 1:
         raise LlmxError(f"paged_attention_decode: num_splits must be >= 1, got {num_splits}.")
-    block_n = 64 if head_dim <= 128 else 32
-    tokens_per_split = cdiv(cdiv(max_context, num_splits), block_n) * block_n
     if num_splits > 1:
-        partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        partial_out, partial_lse, arrivals = split_buffers(q.device, num_seqs, num_heads, num_splits, head_dim)
     else:
-        partial_out = partial_lse = out  # unused by the kernel when NUM_SPLITS == 1
+        partial_out = partial_lse = arrivals = out  # not touched by the kernel when NUM_SPLITS == 1
     scale_args, strides, constants = _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *scale_args, out, partial_out, partial_lse,
-        scale * _LOG2_E, sliding_window or _NO_WINDOW, tokens_per_split, *strides,
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, **constants, num_warps=4, num_stages=3,
+        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, *strides,
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
+        BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, SPLITS_PAD=next_power_of_2(num_splits),
+        **constants, num_warps=4, num_stages=3,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            partial_out, partial_lse, query_start_loc, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"],
-            NUM_SPLITS=num_splits, SPLITS_PAD=next_power_of_2(num_splits), num_warps=4,
-        )
     return out
 
 

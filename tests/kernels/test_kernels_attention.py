@@ -61,17 +61,19 @@ def _quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch
 
 
 def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, *, dtype=torch.float32,
-               kv_dtype=None, seed=0) -> PagedBatch:
+               kv_dtype=None, seed=0, table_tokens=0) -> PagedBatch:
     """Random sequences laid out in a paged cache through shuffled (non-contiguous, out-of-order) block ids.
 
     Cache slots that belong to no sequence hold NaN (or the largest code for int8), so a kernel reading
-    anything it should mask shows up as NaN or a wrong number.
+    anything it should mask shows up as NaN or a wrong number. The block table is two blocks wider than
+    the longest sequence, or `table_tokens` wide (as a CUDA graph's, sized for max_seq_len), padded with 0.
     """
     gen = torch.Generator().manual_seed(seed)
     blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_needed) + 3
     block_ids = torch.randperm(num_blocks, generator=gen).tolist()
-    block_tables = torch.zeros(len(seq_lens), max(blocks_needed, default=0) + 2, dtype=torch.int32)
+    table_width = max(max(blocks_needed, default=0) + 2, math.ceil(table_tokens / block_size))
+    block_tables = torch.zeros(len(seq_lens), table_width, dtype=torch.int32)
     cache_dtype = kv_dtype or dtype
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     garbage = 127 if cache_dtype == torch.int8 else float("nan")
@@ -172,6 +174,43 @@ def test_interpreted_decode_split_k_merges_to_the_reference(num_splits):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
+# What a CUDA graph sees: live lengths far below a 4096-token table, different for every sequence.
+SHORT_IN_WIDE_TABLE = [1, 7, 255, 1000]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16, 64])
+@interpreted
+def test_interpreted_decode_splits_the_live_length_not_the_table(num_splits):
+    batch = make_batch([1] * 4, SHORT_IN_WIDE_TABLE, 4, 1, 32, 16, seed=10, table_tokens=4096)
+    expected = attention.paged_attention_ref(*batch.args())
+    out = attention.paged_attention_decode(*batch.args(), num_splits=num_splits)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    # The merging programs zeroed the arrival counts, ready for the next launch (or graph replay).
+    if num_splits > 1:
+        assert not attention.split_buffers(batch.q.device, 4, 4, num_splits, 32)[2].any()
+
+
+# (num_heads, num_kv_heads, head_dim, block_size, sliding_window, dtype, kv_dtype)
+WIDE_TABLE_VARIANTS = {
+    "gqa8_head_dim_80_fp16": (8, 1, 80, 32, None, torch.float16, None),
+    "mha_head_dim_96_window_int8": (2, 2, 96, 64, 300, torch.float32, torch.int8),
+    "gqa3_head_dim_64_window_fp8": (6, 2, 64, 16, 77, torch.float32, torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("variant", WIDE_TABLE_VARIANTS.values(), ids=WIDE_TABLE_VARIANTS.keys())
+@interpreted
+def test_interpreted_decode_live_length_splits_with_windows_quantized_kv_and_odd_heads(variant):
+    # A window start that is not tile-aligned (1000 - 300, 255 - 77) starts the first split mid-tile.
+    heads, kv_heads, head_dim, block_size, window, dtype, kv_dtype = variant
+    batch = make_batch([1] * 4, SHORT_IN_WIDE_TABLE, heads, kv_heads, head_dim, block_size, dtype=dtype,
+                       kv_dtype=kv_dtype, seed=11, table_tokens=4096)
+    expected = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window)
+    out = attention.paged_attention_decode(*batch.args(), **batch.scales(), sliding_window=window, num_splits=16)
+    tolerance = 2e-3 if dtype == torch.float16 else 2e-5
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
 @interpreted
 def test_interpreted_decode_split_k_with_window_and_fp8():
     batch = make_batch([1, 1], [500, 40], 4, 2, 32, 32, kv_dtype=torch.float8_e4m3fn, seed=3)
@@ -205,7 +244,8 @@ def test_choose_num_splits_follows_the_sm_count():
     assert attention.choose_num_splits(num_seqs=64, num_kv_heads=8, max_context=8192, num_sms=132) == 1
     one_long = attention.choose_num_splits(num_seqs=1, num_kv_heads=8, max_context=8192, num_sms=132)
     assert 1 < one_long <= attention.MAX_SPLITS and 8192 / one_long >= attention.MIN_TOKENS_PER_SPLIT
-    assert attention.choose_num_splits(num_seqs=1, num_kv_heads=8, max_context=300, num_sms=132) == 1
+    assert attention.choose_num_splits(num_seqs=1, num_kv_heads=8, max_context=100, num_sms=132) == 1
+    assert attention.choose_num_splits(num_seqs=1, num_kv_heads=8, max_context=300, num_sms=132) == 4
     assert attention.choose_num_splits(num_seqs=1, num_kv_heads=1, max_context=1 << 20, num_sms=132) == 64
 
 
@@ -367,6 +407,38 @@ def test_gpu_kernels_match_reference_bf16(kv_dtype, q_lens, seq_lens):
     expected = attention.paged_attention_ref(*batch.args(), **batch.scales())
     out = attention.paged_attention(*batch.args(), **batch.scales(), max_query_len=max(q_lens))
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 16, 64])
+def test_gpu_decode_short_live_lengths_in_a_wide_table(num_splits, kv_dtype):
+    # Repeated launches: every split's partials must reach the last-arriving program on real, racing SMs.
+    batch = make_batch([1] * 5, SHORT_IN_WIDE_TABLE + [8192], 32, 8, 128, 16, dtype=torch.bfloat16,
+                       kv_dtype=kv_dtype, seed=12, table_tokens=8192).to("cuda")
+    expected = attention.paged_attention_ref(*batch.args(), **batch.scales()).float()
+    for _ in range(20):
+        out = attention.paged_attention_decode(*batch.args(), **batch.scales(), num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_decode_graph_replays_follow_the_live_lengths():
+    """One CUDA graph captured over an 8192-token table, replayed as the live lengths change in place."""
+    batch = make_batch([1] * 4, [8192] * 4, 32, 8, 128, 16, dtype=torch.bfloat16, seed=13).to("cuda")
+    args = list(batch.args())
+    attention.paged_attention_decode(*args)  # compile and allocate the split buffers outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.paged_attention_decode(*args)
+    for live in ([1, 7, 255, 1000], [8192, 64, 65, 2], [300] * 4, [8192] * 4):
+        batch.seq_lens.copy_(torch.tensor(live, dtype=torch.int32))
+        graph.replay()
+        expected = attention.paged_attention_ref(*args)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 @needs_cuda
