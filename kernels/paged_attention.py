@@ -48,6 +48,9 @@ _LOG2_E = 1.4426950408889634
 # KV head next to 32 KiB of bf16 K/V read), so a table of N tokens keeps at most N // 64 splits busy.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
+# ...and, at run time, at least this many tiles of the live context: a context of up to 4 tiles (256 tokens)
+# is one program's, with no merge. The H100 sweep in BENCHMARKS.md (`kernels_attention.py`) chose it.
+MIN_TILES_PER_SPLIT = 4
 # Stand-in for "no sliding window": larger than any position, small enough for int32 arithmetic.
 _NO_WINDOW = 1 << 30
 _REF_QUERY_CHUNK = 512
@@ -98,41 +101,52 @@ def _store_head_rows(out_ptr, token, heads, dims, rows, row_mask, dim_mask, stri
 
 @jit
 def _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, num_partials, out_ptr, token, kv_head,
-                    stride_o_token, stride_o_head,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                    stride_o_token, stride_o_head, GROUP: tl.constexpr, MERGE_GROUP_PAD: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """out = sum_s 2^(lse_s - M) * out_s / sum_s 2^(lse_s - M) for each head of the KV group: every split's
     normalised output re-weighted by its share of the softmax denominator (lse in log2 units, M = max_s).
 
-    Partial row of (split s, group head g) = first_row + s * GROUP + g. The loads use .cg (L2, not L1):
-    other SMs wrote these rows during this launch, and a line this SM cached earlier could be stale.
+    Partial row of (split s, group head g) = first_row + s * GROUP + g. All heads of the group merge together,
+    SPLIT_CHUNK splits at a time ([SPLIT_CHUNK, MERGE_GROUP_PAD, BLOCK_D] float32 loads, a running max across
+    chunks): the loads wait on L2, and one round of them per chunk, not per head, keeps that wait short. The
+    loads use .cg (L2, not L1): other SMs wrote these rows during this launch, and a line this SM cached
+    earlier could be stale.
     """
-    splits = tl.arange(0, SPLITS_PAD)
+    splits = tl.arange(0, SPLIT_CHUNK)
+    heads = tl.arange(0, MERGE_GROUP_PAD)
     dims = tl.arange(0, BLOCK_D)
-    valid = splits < num_partials
-    for g in range(GROUP):
-        rows = first_row + splits * GROUP + g
+    m = tl.full([MERGE_GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([MERGE_GROUP_PAD], tl.float32)
+    acc = tl.zeros([MERGE_GROUP_PAD, BLOCK_D], tl.float32)
+    for s0 in range(0, num_partials, SPLIT_CHUNK):
+        valid = ((s0 + splits) < num_partials)[:, None] & (heads < GROUP)[None, :]  # [C, G]
+        rows = first_row + (s0 + splits)[:, None] * GROUP + heads[None, :]
         lse = tl.load(partial_lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.max(lse, axis=0)
-        weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-        partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
-                          mask=valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-        total = tl.sum(weights, axis=0)
-        merged = tl.sum(partial * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(out_ptr + token * stride_o_token + (kv_head * GROUP + g) * stride_o_head + dims,
-                 merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+        part = tl.load(partial_out_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
+                       mask=valid[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        weights = tl.exp2(lse - m_shift[None, :])  # [C, G]; 0 for empty splits and padding
+        alpha = tl.exp2(m - m_shift)
+        total = total * alpha + tl.sum(weights, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(part * weights[:, :, None], axis=0)
+        m = m_new
+    merged = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + token * stride_o_token + (kv_head * GROUP + heads)[:, None] * stride_o_head + dims[None, :],
+             merged.to(out_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 @jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, v_scale_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, arrivals_ptr,
-    qk_scale_log2, sliding_window,
+    qk_scale_log2, sliding_window, min_tiles_per_split,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -142,11 +156,13 @@ def _decode_kernel(
     # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles
     # (the first aligned down) are shared out as runs of tiles_per_split to the first active_splits
     # programs, from the LIVE length: a CUDA graph's block table is max_seq_len wide, and cutting the
-    # table instead would leave a short context to split 0 alone. The other splits exit at once.
+    # table instead would leave a short context to split 0 alone. The other splits exit at once. A run is
+    # at least min_tiles_per_split tiles: a short context then stays in one program, which writes its
+    # output directly, without the partials' round trip through L2 and the merge.
     window_start = tl.maximum(seq_len - sliding_window, 0)
     first_tile = window_start // BLOCK_N * BLOCK_N
     num_tiles = tl.cdiv(seq_len - first_tile, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), min_tiles_per_split)
     active_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # 1 even for an empty sequence
     if split < active_splits:
         token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
@@ -203,7 +219,8 @@ def _decode_kernel(
             arrived_before = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
             if arrived_before == active_splits - 1:
                 _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, active_splits, out_ptr, token,
-                                kv_head, stride_o_token, stride_o_head, GROUP, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+                                kv_head, stride_o_token, stride_o_head, GROUP, MERGE_GROUP_PAD, HEAD_DIM, BLOCK_D,
+                                SPLIT_CHUNK)
                 # Every split of this launch has arrived: zero the count for the next launch (graph replay).
                 tl.store(arrivals, 0)
 
@@ -467,8 +484,10 @@ def _prepare(q, k_cache, v_cache, block_tables):
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """Decode attention (one query per sequence) with split-K over the context; num_splits None = automatic."""
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           min_tiles_per_split: int = MIN_TILES_PER_SPLIT) -> torch.Tensor:
+    """Decode attention (one query per sequence) with split-K over the context; num_splits None = automatic.
+    min_tiles_per_split: the fewest 64-token tiles a split takes of a sequence's live context."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window)
     device = check_launch_device("paged_attention", _decode_kernel, q, k_cache, v_cache, block_tables, seq_lens,
                                  query_start_loc)
@@ -486,8 +505,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context = block_tables.shape[1] * k_cache.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, sm_count(device))
-    if num_splits < 1:
-        raise LlmxError(f"paged_attention_decode: num_splits must be >= 1, got {num_splits}.")
+    if num_splits < 1 or min_tiles_per_split < 1:
+        raise LlmxError(f"paged_attention_decode: num_splits and min_tiles_per_split must be >= 1, got "
+                        f"{num_splits} and {min_tiles_per_split}.")
     if num_splits > 1:
         partial_out, partial_lse, arrivals = split_buffers(q.device, num_seqs, num_heads, num_splits, head_dim)
     else:
@@ -495,9 +515,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale_args, strides, constants = _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *scale_args, out, partial_out, partial_lse,
-        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, *strides,
+        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, min_tiles_per_split, *strides,
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
-        BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, SPLITS_PAD=next_power_of_2(num_splits),
+        MERGE_GROUP_PAD=next_power_of_2(group), BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits,
+        SPLIT_CHUNK=min(8, next_power_of_2(num_splits)),
         **constants, num_warps=4, num_stages=3,
     )
     return out
