@@ -146,7 +146,7 @@ def attention_cost(q_lens: list[int], seq_lens: list[int], kv_dtype: torch.dtype
 
 def attention_case(kernel: str, label: str, q_lens: list[int], seq_lens: list[int],
                    kv_dtype: torch.dtype = torch.bfloat16, sdpa_baseline: bool = False,
-                   table_tokens: int = 0, min_tiles_per_split: int | None = None) -> Case:
+                   table_tokens: int = 0) -> Case:
     from llmx.kernels import paged_attention as attention
 
     inputs = paged_inputs(q_lens, seq_lens, kv_dtype, table_tokens)
@@ -162,12 +162,8 @@ def attention_case(kernel: str, label: str, q_lens: list[int], seq_lens: list[in
             for q, k, v in dense:
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    run = lambda: attention.paged_attention(*inputs.args(), **inputs.kwargs())  # noqa: E731
-    if min_tiles_per_split is not None:
-        run = lambda: attention.paged_attention_decode(  # noqa: E731
-            *inputs.args(), k_scale=inputs.k_scale, v_scale=inputs.v_scale, min_tiles_per_split=min_tiles_per_split)
     return Case(kernel, label,
-                run=run,
+                run=lambda: attention.paged_attention(*inputs.args(), **inputs.kwargs()),
                 reference=lambda: attention.paged_attention_ref(*inputs.args(), **inputs.kwargs()),
                 bytes=size, flops=flops, baseline=baseline)
 
@@ -187,10 +183,8 @@ def decode_cases() -> list[Case]:
     for batch in (1, 4, 16):
         splits = attention.choose_num_splits(batch, KV_HEADS, table, sm_count(torch.device("cuda")))
         for live in (256, 1024, 2048):
-            for min_tiles in (1, 2, 4, 8):
-                cases.append(attention_case(
-                    "decode", f"b{batch} live {live} table {table} ({splits} splits, >= {min_tiles} tiles)",
-                    [1] * batch, [live] * batch, table_tokens=table, min_tiles_per_split=min_tiles))
+            cases.append(attention_case("decode", f"b{batch} live {live} table {table} ({splits} splits)",
+                                        [1] * batch, [live] * batch, table_tokens=table))
     return cases
 
 

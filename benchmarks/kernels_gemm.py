@@ -3,6 +3,7 @@
     python benchmarks/kernels_gemm.py                       # every kernel, Llama-3.1-8B shapes, M = 1..2048
     python benchmarks/kernels_gemm.py --kernels w4a16,bf16 --m 1,16
     python benchmarks/kernels_gemm.py --tune --tune-out tiles.json --json results.json
+    python benchmarks/kernels_gemm.py --gemv                # the decode GEMV: M = 1, 2, 4 and a tile sweep
 
 For each kernel, Llama-3.1-8B linear shape (N, K) and batch M, on fresh random data:
 1. the kernel's output is compared with its `*_ref` (max |error| <= 2% of max |reference|); a mismatch
@@ -15,7 +16,13 @@ For each kernel, Llama-3.1-8B linear shape (N, K) and batch M, on fresh random d
    bytes / HBM bandwidth) and the fraction of it reached. torch's bf16 matmul runs on the same shapes.
 
 What is timed: the whole call a linear layer makes: activation quantization included for int8_linear,
-fp8 and w4a8 (int8_gemm is also timed alone on pre-quantized input).
+fp8 and w4a8 (int8_gemm is also timed alone on pre-quantized input). `w4a16` is what its Linears call,
+w4a16_gemm, which runs the CUDA-core GEMV (w4a16_gemv) for M <= 4; `w4a16_gemv` and `w4a16_tc` time the GEMV
+and the tensor-core kernel alone at those M.
+
+--gemv prints one table for the GEMV at M = 1, 2, 4 on the four shapes (time, GB/s of int4 weights + bf16
+scales, % of the HBM ceiling, speed-up over cuBLAS bf16 and over the tensor-core kernel), then the time of
+each of a handful of tile configs (GEMV_SWEEP) at M = 1, to choose tuning.py's GEMV default from.
 
 Ceilings: measured on the lent H100 SXM (bf16 786 TFLOP/s, FP8 torch._scaled_mm 1,413 per tensor and
 1,257 row-wise, HBM 3.0 TB/s); INT8 uses the H100 SXM data-sheet 1,979 TOP/s (torch._int_mm reached
@@ -25,12 +32,15 @@ only 126). On another GPU pass its figures with --bf16-tflops/--fp8-tflops/--int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from llmx.kernels.tuning import TileConfig
 
 SHAPES = {  # Llama-3.1-8B linear layers, (N, K) = (out_features, in_features)
     "qkv": (6144, 4096),
@@ -39,10 +49,19 @@ SHAPES = {  # Llama-3.1-8B linear layers, (N, K) = (out_features, in_features)
     "down": (4096, 14336),
 }
 M_VALUES = (1, 16, 64, 256, 2048)
-KERNELS = ("bf16", "w4a16", "nvfp4", "int8", "int8_linear", "int8_wo", "fp8", "fp8_rowwise", "w4a8", "int_mm")
-TUNABLE = {"w4a16": "w4a16", "nvfp4": "nvfp4", "int8": "int8", "int8_linear": "int8", "int8_wo": "int8_wo",
-           "w4a8": "w4a8"}
+KERNELS = ("bf16", "w4a16", "w4a16_gemv", "w4a16_tc", "nvfp4", "int8", "int8_linear", "int8_wo", "fp8", "fp8_rowwise",
+           "w4a8", "int_mm")
+TUNABLE = {"w4a16": "w4a16", "w4a16_gemv": "w4a16", "nvfp4": "nvfp4", "int8": "int8", "int8_linear": "int8",
+           "int8_wo": "int8_wo", "w4a8": "w4a8"}
 GROUP_SIZE = 128
+GEMV_M_VALUES = (1, 2, 4)
+# GEMV tiles timed at M = 1 by --gemv: the default, then (block_n, block_k, num_warps) with 1 to 8 rows of
+# 4 words per thread (block_n * block_k / (1024 * num_warps)), pipeline depth, and split-K.
+GEMV_SWEEP = tuple(TileConfig(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages)
+                   for bn, bk, warps, split, stages in (
+                       (16, 1024, 4, 1, 4), (16, 1024, 4, 1, 3), (16, 1024, 4, 1, 2), (16, 512, 4, 1, 4),
+                       (16, 512, 2, 1, 4), (16, 256, 1, 1, 4), (16, 1024, 2, 1, 4), (32, 512, 4, 1, 4),
+                       (32, 512, 2, 1, 4), (64, 256, 4, 1, 4), (32, 1024, 4, 1, 4), (16, 1024, 4, 2, 4)))
 
 
 @dataclass
@@ -62,11 +81,25 @@ class Case:
     peak_tflops: float
 
 
+@contextlib.contextmanager
+def tensor_cores_only():
+    """w4a16_gemm without its hand-off to the GEMV: the tensor-core kernel at every M, for comparison."""
+    from llmx.kernels import tuning
+
+    uses_gemv = tuning.w4a16_uses_gemv
+    tuning.w4a16_uses_gemv = lambda m, k, group_size: False
+    try:
+        yield
+    finally:
+        tuning.w4a16_uses_gemv = uses_gemv
+
+
 def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str = "cuda",
-              dtype: torch.dtype = torch.bfloat16) -> Case | None:
-    """Fresh random inputs for one kernel and shape; None where the kernel does not apply.
-    (device and dtype let the tests run this plumbing in Triton's interpreter on CPU in float16.)"""
-    from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, w4a16_gemm
+              dtype: torch.dtype = torch.bfloat16, config: TileConfig | None = None) -> Case | None:
+    """Fresh random inputs for one kernel and shape; None where the kernel does not apply. `config`: the
+    w4a16_gemv tiles (else its default). (device and dtype let the tests run this plumbing in Triton's
+    interpreter on CPU in float16.)"""
+    from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, tuning, w4a16_gemm, w4a16_gemv
 
     dev, bf16 = device, dtype
     x = torch.randn(m, k, device=dev, dtype=bf16)
@@ -74,14 +107,28 @@ def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str =
     if kernel == "bf16":
         w = torch.randn(n, k, device=dev, dtype=bf16) * 0.02
         return Case(lambda: torch.nn.functional.linear(x, w), None, 2 * n * k + act_bytes, ceil.bf16_tflops)
-    if kernel in ("w4a16", "w4a8"):
+    if kernel in ("w4a16", "w4a16_gemv", "w4a16_tc", "w4a8"):
+        if kernel in ("w4a16_gemv", "w4a16_tc") and m > tuning.GEMV_MAX_M:
+            return None  # no GEMV there: w4a16 is the tensor-core kernel at that M
         qweight = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
         scales = (torch.rand(n, k // GROUP_SIZE, device=dev) * 0.01 + 1e-3).to(bf16)
         wbytes = n * k // 2 + 2 * n * (k // GROUP_SIZE)
+
+        def reference():
+            return w4a16_gemm.w4a16_gemm_ref(x, qweight, scales, GROUP_SIZE)
+
         if kernel == "w4a16":
-            return Case(lambda: w4a16_gemm.w4a16_gemm(x, qweight, scales, GROUP_SIZE),
-                        lambda: w4a16_gemm.w4a16_gemm_ref(x, qweight, scales, GROUP_SIZE),
+            return Case(lambda: w4a16_gemm.w4a16_gemm(x, qweight, scales, GROUP_SIZE), reference,
                         wbytes + act_bytes, ceil.bf16_tflops)
+        if kernel == "w4a16_gemv":
+            return Case(lambda: w4a16_gemv.w4a16_gemv(x, qweight, scales, GROUP_SIZE, config=config), reference,
+                        wbytes + act_bytes, ceil.bf16_tflops)
+        if kernel == "w4a16_tc":
+            def tensor_core():
+                with tensor_cores_only():
+                    return w4a16_gemm.w4a16_gemm(x, qweight, scales, GROUP_SIZE)
+
+            return Case(tensor_core, reference, wbytes + act_bytes, ceil.bf16_tflops)
         input_scale = (x.float().abs().amax() / 448.0).reshape(())
         return Case(lambda: fp8_gemm.w4a8_gemm(x, qweight, scales, GROUP_SIZE, input_scale),
                     lambda: fp8_gemm.w4a8_gemm_ref(x, qweight, scales, GROUP_SIZE, input_scale),
@@ -127,13 +174,69 @@ def check(case: Case) -> tuple[bool, float]:
     return rel <= 2e-2, rel
 
 
+def gemv_report(shapes: dict[str, tuple[int, int]], ceil: Ceilings) -> tuple[list[dict], int]:
+    """--gemv: w4a16_gemv at GEMV_M_VALUES against cuBLAS bf16 and the tensor-core kernel, then the GEMV_SWEEP
+    tiles at M = 1. Prints two tables; returns (rows, number of results that did not match the reference)."""
+    from llmx.kernels.gpu_timing import graph_time_ms
+
+    failures = 0
+
+    def timed(kernel: str, m: int, n: int, k: int, config: TileConfig | None = None) -> float:
+        nonlocal failures
+        case = make_case(kernel, m, n, k, ceil, config=config)
+        ok, rel_err = check(case)
+        if not ok:
+            failures += 1
+            print(f"FAIL: {kernel} M={m} N={n} K={k} {config}: relative error {rel_err:.1e}", flush=True)
+        return graph_time_ms(case.run)[0] * 1e3
+
+    def weight_gbps(n: int, k: int, us: float) -> float:
+        return (n * k // 2 + 2 * n * (k // GROUP_SIZE)) / (us * 1e-6) / 1e9
+
+    rows = []
+    print(f"\nw4a16_gemv, default tiles: GB/s of int4 weights + bf16 scales (group {GROUP_SIZE}), % of "
+          f"{ceil.hbm_tbps:.1f} TB/s; bf16 = cuBLAS, tc = the tensor-core w4a16 kernel")
+    print(f"{'shape':<9}{'M':>3}{'gemv us':>9}{'GB/s':>7}{'%HBM':>6}{'bf16 us':>9}{'vs bf16':>8}{'tc us':>8}"
+          f"{'vs tc':>7}")
+    for shape, (n, k) in shapes.items():
+        for m in GEMV_M_VALUES:
+            us, bf16_us, tc_us = (timed(kernel, m, n, k) for kernel in ("w4a16_gemv", "bf16", "w4a16_tc"))
+            gbps = weight_gbps(n, k, us)
+            rows.append({"table": "gemv", "shape": shape, "n": n, "k": k, "m": m, "us": us, "gbps": gbps,
+                         "hbm_frac": gbps / (ceil.hbm_tbps * 1e3), "bf16_us": bf16_us, "tc_us": tc_us})
+            print(f"{shape:<9}{m:>3}{us:>9.1f}{gbps:>7.0f}{gbps / (ceil.hbm_tbps * 10):>5.0f}%{bf16_us:>9.1f}"
+                  f"{bf16_us / us:>7.2f}x{tc_us:>8.1f}{tc_us / us:>6.2f}x", flush=True)
+
+    print("\nw4a16_gemv tiles at M = 1: us (% of HBM), * = fastest for the shape; rows/thread = "
+          "block_n * block_k / (1024 * warps)")
+    sweep = {cfg: {shape: timed("w4a16_gemv", 1, n, k, cfg) for shape, (n, k) in shapes.items()} for cfg in GEMV_SWEEP}
+    best = {shape: min(sweep[cfg][shape] for cfg in GEMV_SWEEP) for shape in shapes}
+    print(f"{'block_n block_k warps stages split':<36}{'rows':>5}" + "".join(f"{shape:>16}" for shape in shapes))
+    for cfg in GEMV_SWEEP:
+        cells = ""
+        for shape, (n, k) in shapes.items():
+            us = sweep[cfg][shape]
+            rows.append({"table": "gemv_sweep", "config": cfg.to_dict(), "shape": shape, "n": n, "k": k, "m": 1,
+                         "us": us, "gbps": weight_gbps(n, k, us)})
+            cell = f"{us:.1f} ({weight_gbps(n, k, us) / (ceil.hbm_tbps * 10):.0f}%){'*' if us == best[shape] else ' '}"
+            cells += f"{cell:>16}"
+        label = f"{cfg.block_n:>7} {cfg.block_k:>7} {cfg.num_warps:>5} {cfg.num_stages:>6} {cfg.split_k:>5}"
+        print(f"{label:<36}{cfg.block_n * cfg.block_k // (1024 * cfg.num_warps):>5}{cells}", flush=True)
+    return rows, failures
+
+
 def tune(kernels: list[str], m_values: list[int], path: str | None) -> None:
     from llmx.kernels import tuning
 
     tables = []
     for name in sorted({TUNABLE[k] for k in kernels if k in TUNABLE}):
         print(f"tuning {name} ...", flush=True)
-        tables.append(tuning.autotune(name, list(SHAPES.values()), m_values, log=lambda s: print("  " + s)))
+        for n, k in SHAPES.values():
+            # The (kernel, M) entries serving each M bucket: w4a16's decode buckets hold the GEMV's tiles.
+            timed = {entry for m in m_values
+                     for entry in tuning.bucket_kernels(name, tuning.m_bucket(m), k, GROUP_SIZE)}
+            for kernel, m in sorted(timed):
+                tables.append(tuning.autotune(kernel, [(n, k)], [m], log=lambda s: print("  " + s)))
     table = tuning.merge_tables(*tables)
     tuning.load_tuned(table)
     if path:
@@ -151,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-out", help="write the tuned table (engine.json's gemm_tiles) to this file")
     p.add_argument("--tiles", help="load a tuned table from this JSON file instead of tuning")
     p.add_argument("--json", help="write every measured row to this file")
+    p.add_argument("--gemv", action="store_true", help="only the decode GEMV report: M = 1, 2, 4 and a tile sweep")
     for field, default in vars(Ceilings()).items():
         p.add_argument("--" + field.replace("_", "-"), type=float, default=default)
     args = p.parse_args(argv)
@@ -182,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, triton {triton.__version__}")
     print(f"ceilings: bf16 {ceil.bf16_tflops:.0f} TFLOP/s, fp8 {ceil.fp8_tflops:.0f} per-tensor / "
           f"{ceil.fp8_rowwise_tflops:.0f} row-wise, int8 {ceil.int8_tops:.0f} TOP/s, HBM {ceil.hbm_tbps:.1f} TB/s")
+    if args.gemv:
+        rows, failures = gemv_report(shapes, ceil)
+        return _finish(args, props, ceil, rows, failures)
     header = (f"{'kernel':<12}{'shape':<9}{'M':>6}{'us':>10}{'TFLOP/s':>9}{'GB/s':>8}{'roof us':>9}"
               f"{'%roof':>7}{'vs bf16':>8}{'bound':>7}  check")
     print(header)
@@ -213,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{roof_us:>9.1f}{100 * row['roofline_frac']:>6.0f}%"
                       f"{(f'{base / us:.2f}x' if base else '-'):>8}{row['bound']:>7}  "
                       f"{'ok' if ok else 'FAIL'} ({rel_err:.1e})", flush=True)
+    return _finish(args, props, ceil, rows, failures)
+
+
+def _finish(args: argparse.Namespace, props, ceil: Ceilings, rows: list[dict], failures: int) -> int:
+    """Write --json, report mismatches; the exit status."""
+    import triton
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,

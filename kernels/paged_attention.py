@@ -48,9 +48,12 @@ _LOG2_E = 1.4426950408889634
 # KV head next to 32 KiB of bf16 K/V read), so a table of N tokens keeps at most N // 64 splits busy.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
-# ...and, at run time, at least this many tiles of the live context: a context of up to 4 tiles (256 tokens)
-# is one program's, with no merge. The H100 sweep in BENCHMARKS.md (`kernels_attention.py`) chose it.
-MIN_TILES_PER_SPLIT = 4
+# At run time a live context is cut into at most MERGE_CHUNK splits (merged in one round) as long as that
+# gives a split no more than FEW_SPLITS_MAX_TILES tiles; longer contexts use every split of the launch.
+# From the H100 sweep in BENCHMARKS.md: batch 1 at 256 / 1,024 / 2,048 live tokens took 8.4 / 11.1 / 15.4 us
+# this way against 11.2 / 14.3 / 15.4 with a fixed 4 tiles per split and 8.4 / 13.6 / 17.7 with 1.
+MERGE_CHUNK = 8
+FEW_SPLITS_MAX_TILES = 4
 # Stand-in for "no sliding window": larger than any position, small enough for int32 arithmetic.
 _NO_WINDOW = 1 << 30
 _REF_QUERY_CHUNK = 512
@@ -140,13 +143,14 @@ def _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, num_partials, o
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, v_scale_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, arrivals_ptr,
-    qk_scale_log2, sliding_window, min_tiles_per_split,
+    qk_scale_log2, sliding_window,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, FEW_SPLITS_MAX_TILES: tl.constexpr,
+    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -156,13 +160,14 @@ def _decode_kernel(
     # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles
     # (the first aligned down) are shared out as runs of tiles_per_split to the first active_splits
     # programs, from the LIVE length: a CUDA graph's block table is max_seq_len wide, and cutting the
-    # table instead would leave a short context to split 0 alone. The other splits exit at once. A run is
-    # at least min_tiles_per_split tiles: a short context then stays in one program, which writes its
-    # output directly, without the partials' round trip through L2 and the merge.
+    # table instead would leave a short context to split 0 alone. The other splits exit at once. Up to
+    # SPLIT_CHUNK * FEW_SPLITS_MAX_TILES tiles, a context takes at most SPLIT_CHUNK splits: the merge then
+    # reads the partials in one round, and fewer programs wait on the arrival count.
     window_start = tl.maximum(seq_len - sliding_window, 0)
     first_tile = window_start // BLOCK_N * BLOCK_N
     num_tiles = tl.cdiv(seq_len - first_tile, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), min_tiles_per_split)
+    few_splits = tl.minimum(tl.cdiv(num_tiles, SPLIT_CHUNK), FEW_SPLITS_MAX_TILES)
+    tiles_per_split = tl.maximum(tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), few_splits), 1)
     active_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # 1 even for an empty sequence
     if split < active_splits:
         token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
@@ -484,10 +489,8 @@ def _prepare(q, k_cache, v_cache, block_tables):
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           sliding_window: int | None = None, num_splits: int | None = None,
-                           min_tiles_per_split: int = MIN_TILES_PER_SPLIT) -> torch.Tensor:
-    """Decode attention (one query per sequence) with split-K over the context; num_splits None = automatic.
-    min_tiles_per_split: the fewest 64-token tiles a split takes of a sequence's live context."""
+                           sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention (one query per sequence) with split-K over the context; num_splits None = automatic."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window)
     device = check_launch_device("paged_attention", _decode_kernel, q, k_cache, v_cache, block_tables, seq_lens,
                                  query_start_loc)
@@ -505,9 +508,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context = block_tables.shape[1] * k_cache.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, sm_count(device))
-    if num_splits < 1 or min_tiles_per_split < 1:
-        raise LlmxError(f"paged_attention_decode: num_splits and min_tiles_per_split must be >= 1, got "
-                        f"{num_splits} and {min_tiles_per_split}.")
+    if num_splits < 1:
+        raise LlmxError(f"paged_attention_decode: num_splits must be >= 1, got {num_splits}.")
     if num_splits > 1:
         partial_out, partial_lse, arrivals = split_buffers(q.device, num_seqs, num_heads, num_splits, head_dim)
     else:
@@ -515,10 +517,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale_args, strides, constants = _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *scale_args, out, partial_out, partial_lse,
-        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, min_tiles_per_split, *strides,
+        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, *strides,
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         MERGE_GROUP_PAD=next_power_of_2(group), BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits,
-        SPLIT_CHUNK=min(8, next_power_of_2(num_splits)),
+        SPLIT_CHUNK=min(MERGE_CHUNK, next_power_of_2(num_splits)), FEW_SPLITS_MAX_TILES=FEW_SPLITS_MAX_TILES,
         **constants, num_warps=4, num_stages=3,
     )
     return out

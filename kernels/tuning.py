@@ -33,6 +33,7 @@ M_BUCKETS = (1, 16, 64, 256, 2048, 8192)
 # kernel name -> (module, function building a timing case); see `autotune`.
 TUNING_CASES = {
     "w4a16": ("llmx.kernels.w4a16_gemm", "w4a16_tuning_case"),
+    "w4a16_gemv": ("llmx.kernels.w4a16_gemv", "w4a16_gemv_tuning_case"),
     "nvfp4": ("llmx.kernels.nvfp4_gemm", "nvfp4_tuning_case"),
     "int8": ("llmx.kernels.int8_gemm", "int8_tuning_case"),
     "int8_wo": ("llmx.kernels.int8_gemm", "int8_wo_tuning_case"),
@@ -40,7 +41,13 @@ TUNING_CASES = {
 }
 
 # Weight bits per element of each kernel: decides how wide a K tile the decode defaults stream.
-_WEIGHT_BITS = {"w4a16": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
+_WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
+
+# w4a16_gemm runs the CUDA-core GEMV (w4a16_gemv.py) for M <= GEMV_MAX_M rows when K and the group size are
+# whole int32 words of 8 nibbles. The GEMV's tiles have their own table entries, under "w4a16_gemv": in the
+# M = 1 bucket, and in the M = 16 bucket (timed at M = GEMV_MAX_M) beside the tensor-core kernel's entry,
+# which then serves M = GEMV_MAX_M + 1..16.
+GEMV_MAX_M = 4
 
 _H100_SM_COUNT = 132
 
@@ -102,6 +109,23 @@ def shape_key(m: int, n: int, k: int) -> str:
     return f"m{m_bucket(m)}_n{n}_k{k}"
 
 
+def w4a16_uses_gemv(m: int, k: int, group_size: int) -> bool:
+    """Whether w4a16_gemm hands an [M, K] call with this group size to the GEMV."""
+    return m <= GEMV_MAX_M and k % 8 == 0 and group_size % 8 == 0
+
+
+def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = None) -> list[tuple[str, int]]:
+    """(kernel name, M to time) of each table entry serving `kernel`'s calls with M in bucket `bucket`: the
+    kernel itself at M = bucket, except where w4a16 runs the GEMV (see GEMV_MAX_M)."""
+    if kernel != "w4a16" or group_size is None or not w4a16_uses_gemv(1, k, group_size):
+        return [(kernel, bucket)]
+    if bucket <= GEMV_MAX_M:
+        return [("w4a16_gemv", bucket)]
+    if bucket == m_bucket(GEMV_MAX_M):
+        return [("w4a16_gemv", GEMV_MAX_M), (kernel, bucket)]
+    return [(kernel, bucket)]
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count() -> int:
     """Streaming multiprocessors of the current GPU (the H100's 132 when there is none)."""
@@ -124,6 +148,8 @@ def default_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
     """
     if kernel not in _WEIGHT_BITS:
         raise LlmxError(f"Unknown GEMM kernel {kernel!r}; expected one of {sorted(_WEIGHT_BITS)}.")
+    if kernel == "w4a16_gemv":
+        return _gemv_default(n, k)
     bits = _WEIGHT_BITS[kernel]
     if m <= 16:
         sms = sm_count()
@@ -143,8 +169,33 @@ def default_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
     return TileConfig(128, 128, 128 if kernel == "int8" else 64, num_warps=8, num_stages=3)
 
 
+# The GEMV's (block_n, block_k, num_warps): each thread holds rows = block_n * block_k / (1024 * num_warps) rows
+# of 4 words (a 16-byte load each), and converts its 4 words' activations once for all of those rows: 4 or 8
+# rows keep that conversion a small share of the work (1 row: about a third) without spilling registers.
+_GEMV_TILES = ((16, 1024, 4), (16, 512, 2), (32, 512, 4), (64, 256, 4),  # 4 rows per thread
+               (16, 1024, 2), (32, 512, 2), (32, 1024, 4), (64, 512, 4))  # 8 rows per thread
+
+
+def _gemv_default(n: int, k: int) -> TileConfig:
+    """16-row tiles, so even N = 4096 makes 256 programs for 132 SMs; K tiles of up to 1024 inputs (512 weight
+    bytes per row), 2 of them in flight per program (3 stages: on the H100 the fastest of 12 configurations
+    for all four Llama-3.1-8B shapes at M = 1, e.g. gate_up 29.0 us = 70% of HBM against 31.4 with 4 stages);
+    split-K only when under half the SMs would have a tile."""
+    block_k = max(16, min(1024, _pow2_at_least(k)))
+    cfg = TileConfig(16, 16, block_k, num_warps=4, num_stages=3)
+    tiles = -(-n // cfg.block_n)
+    if 2 * tiles < sm_count():
+        return cfg.replace(split_k=max(1, min(4, sm_count() // tiles, k // (2 * block_k))))
+    return cfg
+
+
 def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """The configurations `autotune` times for one kernel at one M bucket (the default first)."""
+    if kernel == "w4a16_gemv":
+        # Each activation row adds a float32 accumulator per held word: 8 rows of 4 words spill at M > 2.
+        tiles = [(bn, bk, warps) for bn, bk, warps in _GEMV_TILES if bn * bk // (1024 * warps) * min(m, 4) <= 16]
+        return [TileConfig(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages)
+                for bn, bk, warps in tiles for split, stages in ((1, 4), (1, 3), (2, 4), (4, 4))]
     small = m <= 16
     cands: list[TileConfig] = []
     if small:

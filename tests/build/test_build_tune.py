@@ -226,7 +226,10 @@ def test_formats_without_triton_gemms_have_nothing_to_tune(checkpoints):
     _load_registry()
     names = {method.name for method in METHODS.values()}
     assert names == set(build_tune.KERNEL_OF_METHOD) | {"unquantized", "fp8", "fp8_pc_pt"}
-    assert set(build_tune.KERNEL_OF_METHOD.values()) == set(tuning.TUNING_CASES)
+    # Every tunable kernel is one a format launches, or one such a kernel hands some row counts to.
+    launched = {name for kernel in build_tune.KERNEL_OF_METHOD.values() for bucket in tuning.M_BUCKETS
+                for name, _ in tuning.bucket_kernels(kernel, bucket, 4096, 128)}
+    assert launched == set(tuning.TUNING_CASES)
 
 
 def test_m_buckets_stop_at_the_bucket_covering_max_num_tokens_and_at_decode_sizes():
@@ -256,9 +259,12 @@ def test_build_stores_the_fastest_tiles_and_the_runtime_installs_them(checkpoint
                                                                      monkeypatch, caplog):
     result = build_on_fake_gpu(fake_gpu, checkpoints["int4_awq"], tmp_path / "e", mapping=Mapping(tp=2))
     shapes = [(64, 64), (64, 32), (128, 64)]  # q|k|v and down_proj share (64, 64) at tp 2
-    entries = len(shapes) * len(BUCKETS)
+    # Bucket 1 is the GEMV's; bucket 16 holds the GEMV's entry (timed at M = 4) and the tensor-core kernel's.
+    timed = [("w4a16_gemv", 1), ("w4a16_gemv", 4), ("w4a16", 16), ("w4a16", 64), ("w4a16", 256)]
+    assert [entry for bucket in BUCKETS for entry in tuning.bucket_kernels("w4a16", bucket, 64, 32)] == timed
+    entries = len(shapes) * len(timed)
     assert result.tuning.timed == entries and result.tuning.cached == 0 and result.tuning.skipped is None
-    assert timer.calls == sum(len(tuning.candidate_configs("w4a16", m)) for m in BUCKETS) * len(shapes)
+    assert timer.calls == sum(len(tuning.candidate_configs(kernel, m)) for kernel, m in timed) * len(shapes)
 
     engine = read_engine(result.path)
     table = engine.build.kernels["gemm_tiles"]
@@ -267,9 +273,12 @@ def test_build_stores_the_fastest_tiles_and_the_runtime_installs_them(checkpoint
 
     assert table["device"] == {"name": H100, "compute_capability": "9.0", "triton": triton.__version__}
     assert table["kernels"]["w4a16"] == {tuning.shape_key(m, n, k): winner("w4a16", m).to_dict()
-                                         for n, k in shapes for m in BUCKETS}
-    assert winner("w4a16", 1) == TileConfig(16, 64, 128, split_k=1, num_warps=4, num_stages=4)
-    assert winner("w4a16", 1) != tuning.default_config("w4a16", 1, 64, 64)
+                                         for n, k in shapes for m in BUCKETS[1:]}
+    assert table["kernels"]["w4a16_gemv"] == {tuning.shape_key(m, n, k): winner("w4a16_gemv", m).to_dict()
+                                              for n, k in shapes for m in (1, 4)}
+    assert winner("w4a16", 16) == TileConfig(16, 64, 128, split_k=1, num_warps=4, num_stages=4)
+    assert winner("w4a16", 16) != tuning.default_config("w4a16", 16, 64, 64)
+    assert winner("w4a16_gemv", 1) != tuning.default_config("w4a16_gemv", 1, 64, 64)
 
     # The runtime hands the table to load_engine_tiles when it builds the model runner ...
     from llmx.runtime.distributed import ParallelContext
@@ -288,8 +297,10 @@ def test_build_stores_the_fastest_tiles_and_the_runtime_installs_them(checkpoint
     try:
         assert tuning.load_engine_tiles(table, H100)
         for n, k in shapes:
-            for m in (1, 9, 64, 200):
+            for m in (9, 64, 200):
                 assert tuning.gemm_config("w4a16", m, n, k) == winner("w4a16", tuning.m_bucket(m))
+            for m in (1, 3):
+                assert tuning.gemm_config("w4a16_gemv", m, n, k) == winner("w4a16_gemv", 1 if m == 1 else 4)
         with caplog.at_level(logging.WARNING, logger=tuning.__name__):
             assert not tuning.load_engine_tiles(table, "NVIDIA H200")
         assert tuning.gemm_config("w4a16", 1, 64, 64) == tuning.default_config("w4a16", 1, 64, 64)
@@ -310,16 +321,17 @@ def test_cache_hit_does_not_time_again_and_is_keyed_by_dtype_and_group(checkpoin
     second = build_on_fake_gpu(fake_gpu, checkpoints["int4_awq"], tmp_path / "b",
                                build=BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=200, device="cuda"))
     assert timer.calls == calls
-    assert (second.tuning.timed, second.tuning.cached) == (0, first.tuning.entries) and first.tuning.entries == 16
+    # 4 shapes, 5 entries each (see test_build_stores_the_fastest_tiles_and_the_runtime_installs_them).
+    assert (second.tuning.timed, second.tuning.cached) == (0, first.tuning.entries) and first.tuning.entries == 20
     assert second.tuning.table == first.tuning.table
     # A smaller max_num_tokens needs fewer buckets, all in the cache; a larger one adds no prefill bucket
     # (only decode sizes are tuned).
     third = build_on_fake_gpu(fake_gpu, checkpoints["int4_awq"], tmp_path / "c",
                               build=BuildConfig(max_batch_size=4, max_seq_len=256, max_num_tokens=16, device="cuda"))
-    assert (third.tuning.timed, third.tuning.cached) == (0, 8)
+    assert (third.tuning.timed, third.tuning.cached) == (0, 12)
     fourth = build_on_fake_gpu(fake_gpu, checkpoints["int4_awq"], tmp_path / "d",
                                build=BuildConfig(max_batch_size=4, max_seq_len=2048, max_num_tokens=2048, device="cuda"))
-    assert (fourth.tuning.timed, fourth.tuning.cached) == (0, 16)
+    assert (fourth.tuning.timed, fourth.tuning.cached) == (0, 20)
     assert timer.calls == calls
     # Same shapes, another group size or activation dtype: timed afresh.
     shapes = {"w4a16": [(64, 64)]}
@@ -347,14 +359,15 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rewritten(checkpoints, tmp_
     (warning,) = again.tuning.warnings
     assert str(path) in warning and "ignored" in warning
     assert again.tuning.table == first.tuning.table
-    assert len(json.loads(path.read_text())["entries"]["w4a16/bfloat16/g32"]) == first.tuning.entries
+    cached = json.loads(path.read_text())["entries"]
+    assert len(cached["w4a16/bfloat16/g32"]) + len(cached["w4a16_gemv/bfloat16/g32"]) == first.tuning.entries
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
 
 
 def test_unwritable_cache_only_warns(checkpoints, tmp_path, fake_gpu, timer, cache_dir):
     cache_dir.write_text("a file where the cache folder should be")
     result = build_on_fake_gpu(fake_gpu, checkpoints["int4_awq"], tmp_path / "e")
-    assert result.tuning.timed == 16 and "gemm_tiles" in read_engine(result.path).build.kernels
+    assert result.tuning.timed == 20 and "gemm_tiles" in read_engine(result.path).build.kernels
     (warning,) = result.tuning.warnings
     assert "could not write the GEMM tile cache" in warning
 
@@ -428,10 +441,11 @@ def test_gpu_tuned_engine_generates_what_the_untuned_one_does(checkpoints, tmp_p
     table = read_engine(tuned.path).build.kernels["gemm_tiles"]
     shapes = [(128, 64), (64, 64), (256, 64), (64, 128)]
     assert table["device"]["name"] == torch.cuda.get_device_name()
-    assert set(table["kernels"]["w4a16"]) == {tuning.shape_key(m, n, k) for n, k in shapes for m in (1, 16, 64)}
-    assert tuned.tuning.timed == 12 and tuned.tuning.cached == 0
+    assert set(table["kernels"]["w4a16"]) == {tuning.shape_key(m, n, k) for n, k in shapes for m in (16, 64)}
+    assert set(table["kernels"]["w4a16_gemv"]) == {tuning.shape_key(m, n, k) for n, k in shapes for m in (1, 4)}
+    assert tuned.tuning.timed == 16 and tuned.tuning.cached == 0
     again = build_engine(checkpoints["int4_awq"], tmp_path / "again", build)
-    assert (again.tuning.timed, again.tuning.cached) == (0, 12)
+    assert (again.tuning.timed, again.tuning.cached) == (0, 16)
     plain = build_engine(checkpoints["int4_awq"], tmp_path / "plain", build, tune=False)
     assert "gemm_tiles" not in read_engine(plain.path).build.kernels
 
@@ -442,11 +456,12 @@ def test_gpu_tuned_engine_generates_what_the_untuned_one_does(checkpoints, tmp_p
     for name, path in (("tuned", tuned.path), ("plain", plain.path)):
         llm = LLM(path, kv_cache_fraction=0.05)
         if name == "tuned":
-            for key, config in table["kernels"]["w4a16"].items():
-                m, n, k = (int(part[1:]) for part in key.split("_"))
-                assert tuning.gemm_config("w4a16", m, n, k) == TileConfig.from_dict(config)
+            for kernel in ("w4a16", "w4a16_gemv"):
+                for key, config in table["kernels"][kernel].items():
+                    m, n, k = (int(part[1:]) for part in key.split("_"))
+                    assert tuning.gemm_config(kernel, m, n, k) == TileConfig.from_dict(config)
         else:
-            assert tuning.gemm_config("w4a16", 1, 64, 64) == tuning.default_config("w4a16", 1, 64, 64)
+            assert tuning.gemm_config("w4a16_gemv", 1, 64, 64) == tuning.default_config("w4a16_gemv", 1, 64, 64)
         outputs[name] = [o.output_token_ids for o in llm.generate(prompts, params)]
         del llm
         torch.cuda.empty_cache()

@@ -1,0 +1,253 @@
+"""W4A16 GEMV: int4 group-wise weights times a few activation rows (decode) on the CUDA cores.
+
+`w4a16_gemv(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype computes
+what `w4a16_gemm` computes (same storage format and input checks, see w4a16_gemm.py) for M <= GEMV_MAX_M (4),
+K % 8 == 0 and group_size % 8 == 0. `w4a16_gemm` hands exactly those calls here (`tuning.w4a16_uses_gemv`), so
+every caller (the runtime's Linears, build-time tuning) gets it.
+
+Why a GEMV: at M = 1..4 a GEMM is a stream of weight bytes, half a byte per weight and M multiply-adds each.
+The tensor-core kernel pads the batch to 16 and reshapes every weight into a dot operand; here each weight is
+read once, converted in two instructions and multiplied on the CUDA cores, so the time should be that of
+reading N * K / 2 weight bytes (+ 2 * N * K / group_size scale bytes) from HBM.
+
+Layout math. qweight uint8 [N, K / 2] is read as int32 [N, K / 8] (a free view: 4 little-endian bytes, low
+nibble first): word w of row n holds the inputs k = 8w + i, i = 0..7, nibble i at bits 4i..4i+3. Program
+(pid_n, pid_k) owns the rows pid_n * BLOCK_N + [0, BLOCK_N) and the pid_k-th of SPLIT_K slices of the K loop,
+which walks int32 [BLOCK_N, BLOCK_K / 8] weight tiles: 16-byte reads of 4 words of one row per thread, copied
+asynchronously NUM_STAGES - 1 tiles ahead of their use (Triton's software pipeline; cp.async on Hopper).
+
+Dequantization with no shift per weight and no int-to-float conversion (a quarter of the FMA rate): nibble i
+lies in the low (i < 4) or high 16-bit half of its word, at bits 4p..4p+3 with p = i % 4. OR-ed in place into
+the bits of the float 2^(23 - 4p), whose last mantissa bit is worth 2^-4p, it gives exactly 2^(23 - 4p) +
+nibble; subtracting 2^(23 - 4p) + 8 leaves nibble - 8. One AND-OR and one subtract per weight, one shift per
+word (the high half), then a float32 multiply-add per activation row.
+
+Activations: the tile needs x[m, 8w + i] as 8 vectors over its words, i = 0..7. 16-bit activations are read
+as int32 pairs (x[2j], x[2j + 1]), 4 vectors with a stride of 4 pairs, which Triton copies ahead with the
+weights (2-byte reads it would not, and every iteration would wait for them), then split into two floats by a
+shift and a mask. pre_scale (AWQ) is read the same way and multiplies x.
+
+Scales: the 8 products of a word are summed in float32 and multiplied once by the word's group scale
+scales[n, 8w // GROUP_SIZE] (a word never straddles groups: GROUP_SIZE % 8 == 0), a multiply-add per 8 weights.
+When the tile holds whole groups whose scales can be read 4 bytes at a time (GROUPED_SCALES: pairs of 16-bit
+scales, or float32 ones), its [BLOCK_N, BLOCK_K / GROUP_SIZE] scales are copied ahead with the weights and
+repeated over each group's words; otherwise each word reads its own scale.
+
+The products accumulate in float32 per (row, word) lane, [BLOCK_N, BLOCK_K / 8] per activation row; the lanes
+are summed once, after the K loop. With SPLIT_K > 1 the partial rows are added atomically into a zeroed
+float32 output, as in the tensor-core kernel, and split 0 adds the bias.
+
+Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_gemv" (block_m is unused); tuning.py says
+which table entries serve which M.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmx.common.errors import LlmxError
+from llmx.kernels import tuning
+from llmx.kernels._gemm_common import finish_output, new_output
+from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
+from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
+from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None, *,
+               config: TileConfig | dict | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype, for M <= GEMV_MAX_M.
+
+    `config` overrides the tile configuration (else the tuned table, else the default).
+    """
+    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemv")
+    m, k = x.shape
+    n = qweight.shape[0]
+    if not w4a16_uses_gemv(m, k, group_size):
+        raise LlmxError(f"w4a16_gemv takes M <= {GEMV_MAX_M} rows, K % 8 == 0 and group_size % 8 == 0, got "
+                        f"M={m}, K={k}, group_size={group_size}; call w4a16_gemm, which picks the kernel.")
+    check_launch_device("w4a16_gemv", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale)
+    cfg = tuning.gemm_config("w4a16_gemv", m, n, k, config)
+    block_k = cfg.block_k  # a power of two >= 16: at least 2 words per row
+    act, wide = x.dtype, x.dtype == torch.float32
+    scales = scales.to(act)
+    # 16-bit activations, pre_scale and grouped scales are read as int32 pairs of elements (see above).
+    grouped = block_k % group_size == 0 if wide else block_k % (2 * group_size) == 0 and (k // group_size) % 2 == 0
+    x_words = x.contiguous() if wide else _as_int32(x)
+    pre_words = x_words  # a placeholder pointer unless HAS_PRE_SCALE
+    if pre_scale is not None:
+        pre = pre_scale.to(act).reshape(1, k)
+        pre_words = pre.contiguous() if wide else _as_int32(pre)
+    scale_words = _as_int32(scales) if grouped and not wide else scales.contiguous()
+    qwords = _as_int32(qweight)  # [N, K / 8]
+    y = new_output(m, n, act, x.device, cfg)
+    _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+        x_words, qwords, scale_words, pre_words, x if bias is None else bias.to(act).contiguous(), y,
+        n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0),
+        M_ROWS=m, GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], GROUPED_SCALES=grouped,
+        HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % (block_k * cfg.split_k) == 0,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
+    return finish_output(y, act)
+
+
+def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
+                           dtype: torch.dtype = torch.bfloat16):
+    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, whose launches at these sizes go
+    through the dispatch every caller takes, to the GEMV."""
+    if not w4a16_uses_gemv(m, k, group_size):
+        raise LlmxError(f"w4a16_gemv does not run M={m}, K={k}, group_size={group_size}; tune w4a16 there.")
+    return w4a16_tuning_case(m, n, k, device, group_size, dtype)
+
+
+def _as_int32(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor whose rows are whole int32 words, as int32: uint8 [R, 4C] or 16-bit [R, 2C] -> [R, C], the
+    lower-addressed element in the low bits. A view when every row starts 4-byte aligned, else a copy."""
+    size = t.element_size()
+    aligned = t.stride(1) == 1 and (t.storage_offset() * size) % 4 == 0 and (t.stride(0) * size) % 4 == 0
+    return (t if aligned else t.clone(memory_format=torch.contiguous_format)).view(torch.int32)
+
+
+@jit
+def _load(ptrs, mask, EVEN_K: tl.constexpr):
+    """A K-loop read; zeros past K (masks only when the K loop does not divide evenly)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@jit
+def _pair_to_float(pair, ACT: tl.constexpr):
+    """int32 pairs of 16-bit floats -> (lower element, upper element) in float32."""
+    if ACT == tl.bfloat16:
+        # A bfloat16 is the upper half of a float32: shift or mask it into place.
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@jit
+def _x_tile(row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr, HAS_PRE_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[m, 8w + i] (times pre_scale) for i = 0..7 over the tile's words: 8 float32 [1, BLOCK_K / 8] vectors.
+    `row_ptr` and `pre_ptr` address float32 elements, or int32 pairs of 16-bit ones."""
+    xs = ()
+    for j in tl.static_range(4):  # inputs 2j and 2j + 1 of every word
+        if ACT == tl.float32:
+            low = _load(row_ptr + words * 8 + 2 * j, w_ok, EVEN_K)
+            high = _load(row_ptr + words * 8 + 2 * j + 1, w_ok, EVEN_K)
+            if HAS_PRE_SCALE:
+                low *= _load(pre_ptr + words * 8 + 2 * j, w_ok, EVEN_K)
+                high *= _load(pre_ptr + words * 8 + 2 * j + 1, w_ok, EVEN_K)
+        else:
+            low, high = _pair_to_float(_load(row_ptr + words * 4 + j, w_ok, EVEN_K), ACT)
+            if HAS_PRE_SCALE:
+                pre_low, pre_high = _pair_to_float(_load(pre_ptr + words * 4 + j, w_ok, EVEN_K), ACT)
+                low, high = low * pre_low, high * pre_high
+        xs = xs + (low[None, :], high[None, :])
+    return xs
+
+
+@jit
+def _accumulate(acc, qw, qw_high, s, row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr,
+                HAS_PRE_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + s * sum_i (nibble_i - 8) * x_i per word of the tile, float32 [BLOCK_N, BLOCK_K / 8]: one activation
+    row. The dequantized weights are the same expressions for every row, so the compiler computes them once."""
+    xs = _x_tile(row_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE, EVEN_K)
+    dots = tl.zeros(qw.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        half = qw if i < 4 else qw_high
+        bits = (half & (0xF << (4 * (i % 4)))) | ((150 - 4 * (i % 4)) << 23)
+        dots += (bits.to(tl.float32, bitcast=True) - ((1 << (23 - 4 * (i % 4))) + 8.0)) * xs[i]
+    return acc + dots * s
+
+
+@jit
+def _word_scales(scales_ptr, rows, stride_sn, words, tile, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ACT: tl.constexpr, GROUPED_SCALES: tl.constexpr, EVEN_K: tl.constexpr):
+    """The group scale of every word of K tile `tile`, float32 [BLOCK_N, BLOCK_K / 8]."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    if GROUPED_SCALES:
+        if ACT == tl.float32:
+            offs_g = tile * GROUPS + tl.arange(0, GROUPS)
+            s = _load(scales_ptr + rows[:, None] * stride_sn + offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :],
+                      EVEN_K)
+        else:
+            offs_p = tile * (GROUPS // 2) + tl.arange(0, GROUPS // 2)
+            pair = _load(scales_ptr + rows[:, None] * stride_sn + offs_p[None, :],
+                         (offs_p < K // GROUP_SIZE // 2)[None, :], EVEN_K)
+            low, high = _pair_to_float(pair, ACT)
+            s = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS))
+        s = tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 8))
+        return tl.reshape(s, (BLOCK_N, BLOCK_K // 8))
+    groups = tl.minimum(words, K // 8 - 1) // (GROUP_SIZE // 8)  # clamped past K, where x is zero
+    return tl.load(scales_ptr + rows[:, None] * stride_sn + groups[None, :]).to(tl.float32)
+
+
+@jit
+def _store_row(acc, m, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """Sum one activation row's [BLOCK_N, BLOCK_K / 8] lanes into y[m, offs_n] (+ bias, by split 0 only):
+    stored, or added atomically into the float32 buffer when SPLIT_K > 1."""
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, bias, 0.0)
+    ptrs = out_ptr + m * stride_om + offs_n
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, y, mask=n_ok, sem="relaxed")
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_ptr,
+    N, K, stride_xm, stride_qn, stride_sn, stride_om,
+    M_ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, GROUPED_SCALES: tl.constexpr,
+    HAS_PRE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_k = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
+    rows = tl.minimum(offs_n, N - 1)
+    offs_w = tl.arange(0, WORDS)
+
+    # One accumulator per activation row; those past M_ROWS are never touched, and the compiler drops them.
+    acc0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
+    for it in tl.range(0, iters, num_stages=NUM_STAGES):
+        tile = pid_k * iters + it
+        words = tile * WORDS + offs_w  # [WORDS]: the int32 words of this K tile
+        w_ok = words < K // 8
+        qw = _load(qw_ptr + rows[:, None] * stride_qn + words[None, :], w_ok[None, :], EVEN_K)
+        s = _word_scales(scales_ptr, rows, stride_sn, words, tile, K, GROUP_SIZE, BLOCK_N, BLOCK_K, ACT,
+                         GROUPED_SCALES, EVEN_K)
+        qw_high = qw >> 16
+        acc0 = _accumulate(acc0, qw, qw_high, s, x_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE, EVEN_K)
+        if M_ROWS > 1:
+            acc1 = _accumulate(acc1, qw, qw_high, s, x_ptr + stride_xm, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE,
+                               EVEN_K)
+        if M_ROWS > 2:
+            acc2 = _accumulate(acc2, qw, qw_high, s, x_ptr + 2 * stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K)
+        if M_ROWS > 3:
+            acc3 = _accumulate(acc3, qw, qw_high, s, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K)
+
+    n_ok = offs_n < N
+    _store_row(acc0, 0, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    if M_ROWS > 1:
+        _store_row(acc1, 1, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    if M_ROWS > 2:
+        _store_row(acc2, 2, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    if M_ROWS > 3:
+        _store_row(acc3, 3, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
