@@ -23,6 +23,7 @@ SCENARIOS = {
     "tput_128_128_4k": BenchOptions(isl=128, osl=128, num_requests=4096, warmup=8),
     "tput_2048_128": BenchOptions(isl=2048, osl=128, num_requests=256, warmup=4),
     "tput_128_2048": BenchOptions(isl=128, osl=2048, num_requests=256, warmup=0),
+    "tput_2048_2048": BenchOptions(isl=2048, osl=2048, num_requests=256, warmup=0),
 }
 
 
