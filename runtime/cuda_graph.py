@@ -40,6 +40,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Every bucket writes its logits into the head of one float32 [max_bs, vocab] buffer. A graph's own
+        # output would stay allocated in the pool for as long as the graph lives: at 128K vocabulary the
+        # buckets up to 1,024 sequences would hold 17 GB of logits, the buckets up to 512 4.3 GB.
+        self.logits_buffer = torch.empty((n, model.config.vocab_size), dtype=torch.float32, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -50,7 +54,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.logits_buffer[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -45,8 +45,9 @@ class LMHead(nn.Module):
         self.tied_to = tied_to
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: a float32 [S, vocab] buffer to write the logits into (the one conversion kernel either way)."""
         tensors = {"weight": self.tied_to.weight} if self.tied_to is not None else self.tensors
         logits = self.method.apply(tensors, hidden, None)
-        logits = tp_all_gather_last_dim(logits)
-        return logits[:, : self.vocab_size].float()
+        logits = tp_all_gather_last_dim(logits)[:, : self.vocab_size]
+        return logits.float() if out is None else out.copy_(logits)

@@ -109,6 +109,6 @@ class DecoderModel(nn.Module):
         hidden, _ = self.final_norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden] -> float32 logits [S, vocab]."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [S, hidden] -> float32 logits [S, vocab] (into `out` when given)."""
+        return self.lm_head(hidden, out)

@@ -176,3 +176,14 @@ def test_steps_queued_ahead_give_the_outputs_of_steps_run_one_at_a_time(tiny_eng
     assert any(reason == "stop" for _, reason in ahead)
     if kv_cache_tokens:
         assert llm.stats()["num_preemptions"] > 0
+
+
+def test_logits_written_into_a_given_buffer_equal_the_returned_ones(tiny_engine):
+    """The decode CUDA graphs share one logits buffer through compute_logits(hidden, out)."""
+    model = LLM(tiny_engine).runner.model
+    hidden = torch.randn(3, model.config.hidden_size)
+    buffer = torch.full((5, model.config.vocab_size), float("nan"))
+    written = model.compute_logits(hidden, buffer[:3])
+    assert written.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(written, model.compute_logits(hidden), rtol=0, atol=0)
+    assert buffer[3:].isnan().all()
