@@ -58,7 +58,7 @@ class WorkItem(NamedTuple):
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor | None  # [T] int64; None for a step fed by token_rows until `launch` gathers it
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [S] int64: packed row of the last token of each sampling sequence
@@ -84,7 +84,11 @@ class PendingTokens:
             self._host.copy_(tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(tokens.device))
-        self.rows = {item.seq_id: row for row, item in enumerate(items)}  # seq_id -> row of `tokens`
+
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """seq_id -> row of `tokens`; built only when a step is launched after this one."""
+        return {item.seq_id: row for row, item in enumerate(self.items)}
 
     def result(self) -> dict[int, int]:
         """{seq_id: sampled token}, waiting for this step's copy if it is still under way."""
@@ -126,7 +130,6 @@ class StepInputsBuilder:
         query_start_loc = np.zeros(n + 1, dtype=np.int64)  # [B+1] offsets in the packed batch
         np.cumsum(query_lens, out=query_start_loc[1:])
         total = int(query_start_loc[-1])
-        input_ids = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=total)  # [T]
         if total == n:  # a decode step: one token per sequence
             rows, positions = np.arange(n), start
         else:
@@ -143,14 +146,18 @@ class StepInputsBuilder:
             chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
         slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs  # [T]
         logits_rows = query_start_loc[1:][np.array(samples, dtype=bool)] - 1  # [S] last token of each sampler
-        extra = {} if token_rows is None else {"token_rows": np.array(token_rows, dtype=np.int64)}
-        t = self._upload(input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
+        # Either the ids themselves or, for a step fed by the previous one, the rows that hold them on the device.
+        if token_rows is None:
+            ids = {"input_ids": np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=total)}  # [T]
+        else:
+            ids = {"token_rows": np.array(token_rows, dtype=np.int64)}
+        t = self._upload(**ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
                          seq_lens=seq_lens.astype(np.int32), query_start_loc=query_start_loc.astype(np.int32),
-                         logits_rows=logits_rows, **extra)
+                         logits_rows=logits_rows)
         meta = AttentionMetadata(slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
                                  seq_lens=t["seq_lens"], query_start_loc=t["query_start_loc"],
                                  max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
-        return StepInputs(input_ids=t["input_ids"], positions=t["positions"], meta=meta,
+        return StepInputs(input_ids=t.get("input_ids"), positions=t["positions"], meta=meta,
                           logits_rows=t["logits_rows"], sampling=list(compress(work, samples)),
                           token_rows=t.get("token_rows"))
 

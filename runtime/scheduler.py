@@ -284,15 +284,13 @@ class Scheduler:
         if not live or len(live) != len(self._running) or len(live) > self.max_num_tokens:
             return None
         limits = self._output_limits
-        # After step N each sequence holds one more output token than now.
-        ending = [item for item in live if len(item[0].output_token_ids) + 1 >= limits[item[0]]]
-        if self._waiting and (ending or len(self._running) < self.max_num_seqs):
+        # After step N each sequence holds one more output token than now: those at their limit end there.
+        continuing = [item for item in live if len(item[0].output_token_ids) + 1 < limits[item[0]]]
+        if self._waiting and (len(continuing) < len(live) or len(self._running) < self.max_num_seqs):
             return None
         out = SchedulerOutput()
         block_size = self.block_size
-        for seq, num_new, start, _ in live:
-            if len(seq.output_token_ids) + 1 >= limits[seq]:
-                continue
+        for seq, num_new, start, _ in continuing:
             position = start + num_new  # where the token sampled by step N goes
             if position >= len(seq.block_table) * block_size and \
                     not self.block_manager.allocate_for(seq, position + 1 - seq.num_computed_tokens):
