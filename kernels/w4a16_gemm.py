@@ -132,8 +132,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     check_launch_device("w4a16_gemm", _w4a16_kernel, x, qweight, scales, bias, pre_scale)
     m, k = x.shape
     if tuning.w4a16_uses_gemv(m, k, group_size):  # decode rows: the CUDA-core GEMV (whose module imports this one)
-        from llmx.kernels.w4a16_gemv import w4a16_gemv
-        return w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config=config)
+        from llmx.kernels.w4a16_gemv import launch_w4a16_gemv
+        return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
     n = qweight.shape[0]
     cfg = tuning.gemm_config("w4a16", m, n, k, config)
     block_k = _block_k_for_group(cfg.block_k, group_size)

@@ -64,11 +64,17 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     """
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemv")
     m, k = x.shape
-    n = qweight.shape[0]
     if not w4a16_uses_gemv(m, k, group_size):
         raise LlmxError(f"w4a16_gemv takes M <= {GEMV_MAX_M} rows, K % 8 == 0 and group_size % 8 == 0, got "
                         f"M={m}, K={k}, group_size={group_size}; call w4a16_gemm, which picks the kernel.")
     check_launch_device("w4a16_gemv", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale)
+    return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
+
+
+def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config) -> torch.Tensor:
+    """The launch of `w4a16_gemv` for inputs already checked (w4a16_gemm's dispatch checked them)."""
+    m, k = x.shape
+    n = qweight.shape[0]
     cfg = tuning.gemm_config("w4a16_gemv", m, n, k, config)
     block_k = cfg.block_k  # a power of two >= 16: at least 2 words per row
     act, wide = x.dtype, x.dtype == torch.float32

@@ -92,8 +92,8 @@ def test_interpreted_w4a16_gemm_hands_decode_rows_to_the_gemv(monkeypatch):
         calls.append(args[0].shape[0])
         return gemv(*args, **kwargs)
 
-    gemv = w4a16_gemv.w4a16_gemv
-    monkeypatch.setattr(w4a16_gemv, "w4a16_gemv", recording)
+    gemv = w4a16_gemv.launch_w4a16_gemv
+    monkeypatch.setattr(w4a16_gemv, "launch_w4a16_gemv", recording)
     for m, k, group in ((1, 64, 32), (4, 64, 32), (5, 64, 32), (2, 36, 4), (3, 64, 4)):
         x, qweight, scales, bias, pre = _inputs(m, 40, k, group, {"bias": True}, torch.float32)
         calls.clear()
