@@ -14,6 +14,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels._triton_util import FLOAT_DTYPES, check_launch_device, jit, next_power_of_2, tl
+from llmx.kernels.pdl import pdl_launch, wait_and_release
 
 _BLOCK = 1024
 
@@ -33,11 +34,13 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
     dtype = out_ptr.dtype.element_ty
+    wait_and_release(PDL)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + INTERMEDIATE + cols, mask=mask, other=0.0).to(tl.float32)
     activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -56,5 +59,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(_BLOCK, next_power_of_2(intermediate))
     _silu_and_mul_kernel[(tokens, -(-intermediate // block))](
-        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4)
+        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4,
+        **pdl_launch(x.device))
     return out

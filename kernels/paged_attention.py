@@ -42,6 +42,7 @@ from llmx.kernels._triton_util import (
     sm_count,
     tl,
 )
+from llmx.kernels.pdl import pdl_launch, wait_and_release
 
 _LOG2_E = 1.4426950408889634
 # The decode kernel gives a split at least one 64-token tile (Llama-3-8B: 2 KiB of float32 partials per
@@ -150,11 +151,12 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, FEW_SPLITS_MAX_TILES: tl.constexpr,
-    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    wait_and_release(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
 
     # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles
@@ -521,7 +523,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         MERGE_GROUP_PAD=next_power_of_2(group), BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits,
         SPLIT_CHUNK=min(MERGE_CHUNK, next_power_of_2(num_splits)), FEW_SPLITS_MAX_TILES=FEW_SPLITS_MAX_TILES,
-        **constants, num_warps=4, num_stages=3,
+        **constants, num_warps=4, num_stages=3, **pdl_launch(q.device),
     )
     return out
 

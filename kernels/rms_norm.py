@@ -14,6 +14,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels._triton_util import FLOAT_DTYPES, check_launch_device, jit, next_power_of_2, tl
+from llmx.kernels.pdl import pdl_launch, wait_and_release
 
 # Largest row a single program normalises in registers (Llama-3-405B's hidden size is 16384).
 _MAX_ROW = 65536
@@ -26,6 +27,7 @@ def _rms_norm_kernel(
     stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner,
     eps,
     N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Row r of the logical [n_rows, N_COLS] matrix sits at (r // rows_per_outer) * stride_outer +
     # (r % rows_per_outer) * stride_inner: a plain [T, H] matrix has rows_per_outer = 1, a per-head norm
@@ -40,6 +42,7 @@ def _rms_norm_kernel(
     out_offsets = rows.to(tl.int64)[:, None] * N_COLS + cols[None, :]
     out_dtype = y_ptr.dtype.element_ty
 
+    wait_and_release(PDL)
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r_offsets = (outer * stride_r_outer + inner * stride_r_inner)[:, None] + cols[None, :]
@@ -130,7 +133,7 @@ def _launch(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight: tor
         x.stride(0), inner_stride, residual_strides[0], residual_strides[1],
         float(eps),
         N_COLS=n_cols, BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None,
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_launch(x.device),
     )
     return y, new_residual
 

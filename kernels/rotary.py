@@ -21,6 +21,7 @@ from llmx.common.errors import LlmxError
 from llmx.kernels._triton_util import (FLOAT_DTYPES, QUANTIZED_KV_DTYPES, check_launch_device, jit, next_power_of_2,
                                       tl)
 from llmx.kernels.kv_cache_write import check_kv_write_inputs, quant_mode, quantize_for_cache, write_kv_cache_ref
+from llmx.kernels.pdl import pdl_launch, wait_and_release
 from llmx.runtime.config import RopeScaling
 
 
@@ -132,11 +133,12 @@ def _rotary_write_kv_kernel(
     stride_cache_pos, stride_c_block, stride_c_slot, stride_c_head,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: rotate its q heads into q_out, and its k heads straight into the token's
     # KV-cache slot next to its v heads; the rotated k never makes a round trip through memory.
     token = tl.program_id(0).to(tl.int64)
+    wait_and_release(PDL)
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache_pos, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), stride_q_head,
                   2 * HALF, cos, sin, 1.0, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, 0)
@@ -264,6 +266,6 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(k.shape[1]), BLOCK_HALF=next_power_of_2(half),
         BLOCK_D=next_power_of_2(head_dim), QUANT=quant_mode(k_cache.dtype),
-        num_warps=4 if block_hq * half >= 2048 else 2,
+        num_warps=4 if block_hq * half >= 2048 else 2, **pdl_launch(q.device),
     )
     return q_out

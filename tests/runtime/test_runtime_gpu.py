@@ -125,3 +125,25 @@ def test_steps_queued_ahead_on_cuda_graphs_equal_steps_run_one_at_a_time(smollm2
         runs.append([(o.output_token_ids, o.finish_reason) for o in llm.generate(prompts, params)])
     assert runs[1] == runs[0]
     assert ("stop" in {reason for _, reason in runs[1]})
+
+
+def test_decode_with_programmatic_dependent_launch_equals_decode_without(smollm2_shaped_bf16):
+    """PDL (kernels/pdl.py) only lets each decode kernel launch early; graphs replayed with it must give the
+    same logits and tokens as graphs captured without it."""
+    from llmx.kernels import pdl
+    from llmx.runtime.engine import LLM
+    from llmx.runtime.sequence import SamplingParams
+
+    prompts = [[5 + i] * (3 + 11 * i) for i in range(7)]
+    runs = []
+    for enabled in (False, True):
+        pdl.set_pdl(enabled)
+        try:
+            llm = LLM(smollm2_shaped_bf16, kv_cache_fraction=0.2)
+            assert llm.runner.graphs is not None
+            runs.append([o.output_token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=32,
+                                                                                            ignore_eos=True))])
+        finally:
+            pdl.set_pdl(True)
+    assert runs[1] == runs[0]
+
