@@ -75,10 +75,15 @@ def random_slabs(name: str, spec: TensorSpec, seed: int) -> Iterator[Any]:
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     for start in range(0, shape[0], rows_per_slab):
         rows = min(rows_per_slab, shape[0] - start)
-        if name.endswith(_NORM_SUFFIXES):
+        if is_norm_weight(name):
             yield torch.ones((rows, *shape[1:]), dtype=dtype)
         else:
             yield (torch.randn((rows, *shape[1:]), generator=generator) * INIT_STD).to(dtype)
+
+
+def is_norm_weight(name: str) -> bool:
+    """Whether the dummy value of tensor `name` is ones (an RMSNorm weight) rather than N(0, INIT_STD)."""
+    return name.endswith(_NORM_SUFFIXES)
 
 
 def tensor_seed(seed: int, name: str) -> int:
