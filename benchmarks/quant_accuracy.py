@@ -10,7 +10,12 @@ time, plus the exact settings. What is timed: `quantize()` only (load + calibrat
 perplexity.
 
     python benchmarks/quant_accuracy.py [--model HF_DIR] [--algos fp8,int4_awq,...] [--calib-size 64]
-        [--seq-len 512] [--windows 8] [--device cpu|cuda] [--workdir DIR]
+        [--seq-len 512] [--windows 8] [--device cpu|cuda] [--workdir DIR] [--untie] [--lm-head bf16|quantized|both]
+
+`--lm-head quantized` (or `both`: each algorithm with the LM head left in bf16, then quantized) runs
+`quantize(..., quantize_lm_head=True)`. That needs a head of its own: `--untie` (implied by those values)
+first writes an untied copy of the model, `lm_head.weight` = the embedding matrix and
+`tie_word_embeddings: false` in config.json, the same function as the tied original.
 
 On a 2-core CPU expect minutes per algorithm (AWQ and GPTQ make several passes over the calibration
 data); on a GPU, seconds. Note: the SmolLM2 fixture is dequantized from a Q4_1 GGUF, so its weights
@@ -20,6 +25,7 @@ already sit on a 4-bit grid (blocks of 32), which flatters int4 formats with gro
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -39,6 +45,30 @@ def model_dir(path: Path) -> Path:
     return path
 
 
+def untied_copy(hf_dir: Path, out: Path) -> Path:
+    """`hf_dir` with its LM head untied: lm_head.weight written as a copy of the embedding, config flag false."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    shutil.copytree(hf_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    index = out / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    holder = out / (weight_map["model.embed_tokens.weight"] if weight_map else "model.safetensors")
+    tensors = load_file(holder)
+    if "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, holder, metadata={"format": "pt"})
+        if weight_map is not None:
+            data = json.loads(index.read_text())
+            data["weight_map"]["lm_head.weight"] = holder.name
+            index.write_text(json.dumps(data, indent=2))
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF folder (default: SmolLM2 at /tmp/smollm2)")
@@ -52,7 +82,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints here (default: a temp dir)")
+    ap.add_argument("--untie", action="store_true", help="evaluate an untied copy of the model (lm_head = embedding)")
+    ap.add_argument("--lm-head", choices=("bf16", "quantized", "both"), default="bf16",
+                    help="leave the LM head in bf16, quantize it too (--quantize-lm-head), or run both; "
+                         "quantized/both imply --untie")
     args = ap.parse_args()
+    untie = args.untie or args.lm_head != "bf16"
+    heads = {"bf16": (False,), "quantized": (True,), "both": (False, True)}[args.lm_head]
 
     import torch
 
@@ -64,9 +100,12 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llmx-quant-accuracy-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        ckpt = workdir / "bf16"
+        source = model_dir(args.model)
+        if untie:
+            source = untied_copy(source, workdir / "untied-hf")
+        ckpt = workdir / ("bf16-untied" if untie else "bf16")
         if not (ckpt / "llmx.json").exists():
-            convert(model_dir(args.model), ckpt, dtype="bfloat16")
+            convert(source, ckpt, dtype="bfloat16")
 
         def ppl(path: Path) -> float:
             return evaluate_perplexity(path, args.data, seq_len=args.seq_len, windows=args.windows,
@@ -74,28 +113,33 @@ def main() -> None:
 
         base = ppl(ckpt)
         size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
-        rows = [("bf16", "-", f"{base:.3f}", "-", f"{size(ckpt) / 1e6:.1f}", "-")]
+        rows = [("bf16", "-", "bf16", f"{base:.3f}", "-", f"{size(ckpt) / 1e6:.1f}", "-")]
+        print(f"bf16{' (untied)' if untie else ''}: perplexity {base:.3f}", file=sys.stderr, flush=True)
         for spec in filter(None, args.algos.split(",")):
             algo, _, kv = spec.partition(":")
-            out = workdir / spec.replace(":", "-kv-")
-            t0 = time.perf_counter()
-            result = quantize(ckpt, out, algo=algo, kv_cache_dtype=kv or None, calib_data=str(args.calib),
-                              calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
-                              group_size=args.group_size, device=device, force=True)
-            seconds = time.perf_counter() - t0
-            value = ppl(out)
-            rows.append((algo, kv or "-", f"{value:.3f}", f"{(value / base - 1) * 100:+.2f}%",
-                         f"{result.size_after_bytes / 1e6:.1f}", f"{seconds:.1f}"))
-            print(f"{spec}: perplexity {value:.3f} ({seconds:.1f} s to quantize)", file=sys.stderr, flush=True)
+            for head in heads:
+                out = workdir / (spec.replace(":", "-kv-") + ("-lm-head" if head else ""))
+                t0 = time.perf_counter()
+                result = quantize(ckpt, out, algo=algo, kv_cache_dtype=kv or None, calib_data=str(args.calib),
+                                  calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                                  group_size=args.group_size, device=device, force=True, quantize_lm_head=head)
+                seconds = time.perf_counter() - t0
+                value = ppl(out)
+                rows.append((algo, kv or "-", algo if head else "bf16", f"{value:.3f}",
+                             f"{(value / base - 1) * 100:+.2f}%", f"{result.size_after_bytes / 1e6:.1f}",
+                             f"{seconds:.1f}"))
+                print(f"{spec}{' + lm_head' if head else ''}: perplexity {value:.3f} ({seconds:.1f} s to quantize)",
+                      file=sys.stderr, flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"Model: {args.model.name}; eval: {args.data.name}, {args.windows} windows x {args.seq_len} tokens, "
+    name = args.model.name + (" (untied copy)" if untie else "")
+    print(f"Model: {name}; eval: {args.data.name}, {args.windows} windows x {args.seq_len} tokens, "
           f"no BOS; calibration: {args.calib.name}, {args.calib_size} x {args.calib_seq_len} tokens, seed 0; "
           f"int4 group size {args.group_size}; device {device}; torch {torch.__version__}.\n")
-    print("| algo | KV cache | perplexity | vs bf16 | weights (MB) | quantize (s) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| algo | KV cache | lm_head | perplexity | vs bf16 | weights (MB) | quantize (s) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -209,7 +209,8 @@ def _quantize_options(values: dict[str, Any], name: str, paths: _Paths) -> tuple
     return {"algo": algo, "kv_cache_dtype": kv, "calib_data": calib, "calib_size": values["calib_size"],
             "calib_seq_len": values["calib_seq_len"], "batch_size": values["batch_size"],
             "group_size": values["group_size"], "exclude": tuple(values["exclude"]),
-            "device": _resolve_device(values["device"]), "seed": values["seed"]}, None
+            "device": _resolve_device(values["device"]), "seed": values["seed"],
+            "quantize_lm_head": values["quantize_lm_head"]}, None
 
 
 def _calibration_source(value: str, name: str, paths: _Paths) -> str:

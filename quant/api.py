@@ -5,6 +5,10 @@ Steps: validate every option before any heavy work; build the calibration set; l
 a transformers model; calibrate it with ModelOpt (llmx.quant.modelopt); write the output atomically
 (llmx.quant.export_llmx or llmx.quant.export_hf). No printing: `progress(stage, done, total)` reports
 the stages "load", "calibrate" (one per forward pass over the data), "export".
+
+The LM head stays unquantized unless `quantize_lm_head=True`: it is then quantized like the decoder
+Linears (same format and algorithm; AWQ/SmoothQuant's smoothing vector is folded into the final norm,
+GPTQ runs on it after the layers). Models that tie the head to the input embedding cannot use it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ if TYPE_CHECKING:
     from llmx.runtime.config import ModelConfig, QuantConfig
 
 EXPORT_FORMATS = ("llmx", "hf")
-DEFAULT_EXCLUDE = ("lm_head",)  # standard practice: the logits are the most quantization-sensitive GEMM
+LM_HEAD = "lm_head"
+# Standard practice: the logits are the most quantization-sensitive GEMM. Dropped by quantize_lm_head=True.
+DEFAULT_EXCLUDE = (LM_HEAD,)
 
 
 @dataclass
@@ -56,7 +62,8 @@ class ModulePlan:
 def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
              calib_size: int = 512, calib_seq_len: int = 512, batch_size: int = 8, group_size: int = 128,
              exclude: tuple[str, ...] = (), device: str = "cpu", seed: int = 0, export_format: str = "llmx",
-             force: bool = False, recipe: str | None = None, progress: Progress | None = None) -> QuantizeResult:
+             force: bool = False, recipe: str | None = None, progress: Progress | None = None,
+             quantize_lm_head: bool = False) -> QuantizeResult:
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     algo = presets.resolve_algo(algo)
@@ -75,14 +82,17 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
                         "fp8_pc_pt need none).")
     device = _check_device(device)
     exclude = tuple(exclude)
+    quantize_lm_head = _check_lm_head_options(quantize_lm_head, algo, exclude)
     _check_output(src, out, export_format, force)
+    if quantize_lm_head:
+        _check_untied_head(src)
 
     with _source_checkpoint(src) as ckpt:
         if ckpt.quant is not None:
             raise LlmxError(f"{src} is already quantized (algo {ckpt.quant.algo}); quantize the unquantized "
                             "checkpoint it was made from.")
-        plan = plan_modules(ckpt.model, algo, exclude, group)
-        quant = _quant_config(algo, group, kv_cache_dtype, exclude, plan)
+        plan = plan_modules(ckpt.model, algo, exclude, group, quantize_lm_head=quantize_lm_head)
+        quant = _quant_config(algo, group, kv_cache_dtype, exclude, plan, quantize_lm_head=quantize_lm_head)
         calib = None
         if calibrates:
             from llmx.quant.calibrate import build_calibration_set
@@ -104,8 +114,12 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
                           calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings)
 
 
-def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None) -> ModulePlan:
-    """Which Linears get quantized; checks the exclusions and that the group size fits every one."""
+def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None, *,
+                 quantize_lm_head: bool = False) -> ModulePlan:
+    """Which Linears get quantized; checks the exclusions and that the group size fits every one.
+
+    The LM head is skipped unless `quantize_lm_head` (the caller has checked the head is not tied).
+    """
     from llmx.build.checkpoint import linear_modules
     from llmx.quant.export_llmx import FUSED_GROUPS
     from llmx.quant.methods.int4 import check_group_divides
@@ -118,7 +132,7 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             warnings.append(f"--exclude {pattern!r} matches no Linear module (names look like "
                             "layers.0.mlp.down_proj or lm_head); it excluded nothing.")
-    patterns = DEFAULT_EXCLUDE + exclude
+    patterns = _exclusions(exclude, quantize_lm_head)
     skipped = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     for layer in range(model.num_layers):
         for block, projs, _ in FUSED_GROUPS:
@@ -141,7 +155,7 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
 
 
 def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, exclude: tuple[str, ...],
-                  plan: ModulePlan) -> "QuantConfig":
+                  plan: ModulePlan, *, quantize_lm_head: bool = False) -> "QuantConfig":
     from llmx.quant.export_llmx import PRE_QUANT_SCALE_KEY, pre_quant_scale_patterns
     from llmx.runtime.config import QuantConfig
 
@@ -150,7 +164,43 @@ def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, excl
     if patterns and any(fnmatch.fnmatchcase(n, p) for n in plan.quantized for p in patterns):
         extra[PRE_QUANT_SCALE_KEY] = patterns
     return QuantConfig(algo=algo, group_size=group, kv_cache_dtype=kv_cache_dtype,
-                       exclude=tuple(dict.fromkeys(DEFAULT_EXCLUDE + exclude)), extra=extra)
+                       exclude=_exclusions(exclude, quantize_lm_head), extra=extra)
+
+
+def _exclusions(exclude: tuple[str, ...], quantize_lm_head: bool) -> tuple[str, ...]:
+    """The module patterns left unquantized: the user's, plus lm_head unless it is to be quantized."""
+    return tuple(dict.fromkeys((() if quantize_lm_head else DEFAULT_EXCLUDE) + tuple(exclude)))
+
+
+def _check_lm_head_options(quantize_lm_head: bool, algo: str, exclude: tuple[str, ...]) -> bool:
+    """quantize_lm_head as a bool, refused with options that contradict it (before any heavy work)."""
+    if not isinstance(quantize_lm_head, bool):
+        raise LlmxError(f"quantize_lm_head must be true or false, got {quantize_lm_head!r}.")
+    if not quantize_lm_head:
+        return False
+    if algo == presets.KV_ONLY:
+        raise LlmxError("--quantize-lm-head quantizes the LM head in the weight format of --algo, and --algo none "
+                        "quantizes no weights; choose an algorithm or drop --quantize-lm-head.")
+    clash = next((p for p in exclude if fnmatch.fnmatchcase(LM_HEAD, p)), None)
+    if clash is not None:
+        raise LlmxError(f"--exclude {clash!r} leaves lm_head unquantized and --quantize-lm-head quantizes it: the two "
+                        "options contradict; drop one of them (a recipe's quantize.exclude counts as --exclude).")
+    return True
+
+
+def _check_untied_head(src: Path) -> None:
+    """--quantize-lm-head needs a head of its own: read only the config (llmx.json or config.json)."""
+    from llmx.build.checkpoint import CHECKPOINT_FILE, read_checkpoint
+
+    if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
+        from llmx.build.families import read_hf_config
+
+        model, where, field = read_hf_config(src / "config.json")[1], src / "config.json", "tie_word_embeddings"
+    else:
+        model, where, field = read_checkpoint(src).model, src / CHECKPOINT_FILE, "model.tie_word_embeddings"
+    if model.tie_word_embeddings:
+        raise LlmxError(f"--quantize-lm-head: {where} sets `{field}` true: the model's LM head is its input embedding "
+                        "matrix, which llmx keeps unquantized; drop --quantize-lm-head for this model.")
 
 
 def _check_device(device: str) -> str:
@@ -236,14 +286,19 @@ def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
 
 def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, progress: Progress | None) -> None:
     from llmx.quant.calibrate import make_forward_loop
-    from llmx.quant.modelopt import quantize_model, quantized_linear_names
+    from llmx.quant.modelopt import calibrate_module, quantize_model, quantized_linear_names
 
     disabled = [_hf_module(n) for n in plan.skipped]
+    head = LM_HEAD in plan.quantized
     mtq_config = presets.modelopt_config(algo, group_size=quant.group_size, kv_cache_dtype=quant.kv_cache_dtype,
-                                         disabled_modules=disabled)
+                                         disabled_modules=disabled, quantize_lm_head=head)
     use_cache = algo == presets.KV_ONLY or presets.PRESETS[algo].calib_use_cache
     loop = make_forward_loop(calib, use_cache=use_cache, progress=progress) if calib is not None else None
     quantize_model(model, mtq_config, loop)
+    if head and presets.PRESETS[algo].layerwise:
+        # Layerwise calibration (GPTQ) visits the decoder layers only and leaves the head uncalibrated: run the
+        # same algorithm on the head, fed by the whole (now quantized) model.
+        calibrate_module(model, _hf_module(LM_HEAD), mtq_config["algorithm"], loop)
     expected = sorted(_hf_module(n) for n in plan.quantized)
     got = sorted(quantized_linear_names(model))
     if got != expected:

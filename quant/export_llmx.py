@@ -10,6 +10,8 @@ Smoothing (SmoothQuant) and AWQ pre-quant scales `s` replace y = x W^T by y = (x
   original float weights), which is then folded into the norm weight: exact, no runtime cost.
 - o_proj and down_proj have no norm in front of them: they keep `pre_quant_scale` [K], multiplied onto x
   in apply. The checkpoint lists them in quantization.extra["pre_quant_scale_modules"].
+- A quantized lm_head (`llmx quantize --quantize-lm-head`) reads the final RMSNorm's output alone: its
+  vector is folded into final_norm the same way, as a group of one (HEAD_GROUP).
 The folded norm weight is rounded to the checkpoint dtype, and the weights are divided by the scale that
 rounding actually produced, so the folding stays exact up to float32 arithmetic.
 Per-tensor scales of Linears fused at build (fp8 weight/input scales, the NVFP4 global scale) are made
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 FUSED_GROUPS = (("attn", ("q_proj", "k_proj", "v_proj"), "attn_norm"),
                 ("mlp", ("gate_proj", "up_proj"), "mlp_norm"))
 UNFUSED = (("attn", "o_proj"), ("mlp", "down_proj"))
+# The LM head and the norm in front of it (llmx names). The checkpoint yields final_norm before lm_head.
+HEAD_GROUP = (("lm_head",), "final_norm")
 PRE_QUANT_SCALE_KEY = "pre_quant_scale_modules"
 
 
@@ -73,7 +77,12 @@ def export_tensors(model: "ModelConfig", dtype: str, quant: "QuantConfig", *,
     specs = checkpoint_tensor_specs(model, dtype, quant)
     produced: dict[str, "torch.Tensor"] = {}
     done_layers: set[int] = set()
+    head_names, head_norm = HEAD_GROUP
+    head_done = not any(n in states for n in head_names)
     for name, spec in specs.items():
+        if not head_done and name.split(".", 1)[0] in (head_norm, *head_names):
+            produced.update(_export_fused(list(head_names), f"{head_norm}.weight", dtype, quant, source, states))
+            head_done = True
         layer = _layer_of(name)
         if layer is not None and layer not in done_layers:
             produced.update(_export_layer(layer, model, dtype, quant, source, states))
@@ -110,19 +119,7 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
     prefix = f"layers.{layer}"
     for block, projs, norm in FUSED_GROUPS:
         names = [f"{prefix}.{block}.{p}" for p in projs]
-        quantized = [n for n in names if n in states]
-        if not quantized:
-            continue
-        group = [states[n] for n in quantized]
-        norm_name = f"{prefix}.{norm}.weight"
-        if any(s.pre_quant_scale is not None for s in group):
-            norm_weight, scale = _fold_into_norm(source(norm_name), group, dtype)
-            out[norm_name] = norm_weight
-            for n, s in zip(quantized, group):
-                _rescale(s, source(f"{n}.weight"), scale)
-        _share_per_tensor_amax(group, quant.algo)
-        for n, s in zip(quantized, group):
-            out.update(_pack(n, s, method_for(quant, n), dtype, keep_pre_quant_scale=False))
+        out.update(_export_fused(names, f"{prefix}.{norm}.weight", dtype, quant, source, states))
     for block, proj in UNFUSED:
         n = f"{prefix}.{block}.{proj}"
         if n not in states:
@@ -137,6 +134,28 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
         elif s.pre_quant_scale is not None:
             raise ValueError(f"{n}: calibration produced a pre_quant_scale that the {quant.algo} format cannot store")
         out.update(_pack(n, s, method, dtype, keep_pre_quant_scale=True))
+    return out
+
+
+def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantConfig",
+                  source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
+    """Linears `names` reading the output of norm `norm_name`: packed, with any smoothing folded into the norm
+    (then the norm is among the tensors returned). Names not in `states` are left out (unquantized)."""
+    from llmx.quant.methods import method_for
+
+    out: dict[str, "torch.Tensor"] = {}
+    quantized = [n for n in names if n in states]
+    if not quantized:
+        return out
+    group = [states[n] for n in quantized]
+    if any(s.pre_quant_scale is not None for s in group):
+        norm_weight, scale = _fold_into_norm(source(norm_name), group, dtype)
+        out[norm_name] = norm_weight
+        for n, s in zip(quantized, group):
+            _rescale(s, source(f"{n}.weight"), scale)
+    _share_per_tensor_amax(group, quant.algo)
+    for n, s in zip(quantized, group):
+        out.update(_pack(n, s, method_for(quant, n), dtype, keep_pre_quant_scale=False))
     return out
 
 

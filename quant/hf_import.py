@@ -11,7 +11,9 @@ absent (KV cache only) -> none. What differs from llmx's layout:
   W4A8's `weight_scale_2` (the per-tensor FP8 scale TensorRT-LLM's kernel applies) is not needed: the group
   scales alone give the weight.
 - pre_quant_scale on q/k/v or gate/up (SmoothQuant exports keep it there) is folded into the RMSNorm in
-  front when the group shares one vector, as `llmx quantize` does; o_proj/down_proj keep it.
+  front when the group shares one vector, as `llmx quantize` does; o_proj/down_proj keep it. A quantized
+  lm_head (ModelOpt keeps its AWQ/SmoothQuant vector, having no group to fuse) has it folded into the
+  final norm.
 - int8_sq's static `input_scale` is dropped: llmx quantizes SmoothQuant activations per token.
 - KV-cache scales `self_attn.k_proj.k_scale` / `v_proj.v_scale` become `attn.k_scale` / `attn.v_scale`.
 """
@@ -129,8 +131,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
             raise LlmxError(f"--dtype {act_dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}.")
         layers = [_import_layer(i, model, quant, reader, act_dtype) for i in range(model.num_layers)]
         if quant.algo != "none" and not model.tie_word_embeddings and not is_excluded("lm_head", quant.exclude):
-            layers[-1].tensors.update(_import_linear("lm_head", quant.algo, reader, act_dtype,
-                                                     keep_pre_quant_scale=True))
+            layers[-1].tensors.update(_import_head(quant.algo, reader, act_dtype))
         kept = sorted({m for layer in layers for m in layer.pre_quant_scale_modules})
         if kept:
             quant = _with_extra(quant, {PRE_QUANT_SCALE_KEY: kept})
@@ -218,8 +219,7 @@ def _import_layer(layer: int, model: "ModelConfig", quant: "QuantConfig", reader
             if any(s is None for s in scales) or any(not _equal(s, scales[0]) for s in scales[1:]):
                 raise LlmxError(f"{reader.hf_dir}: {', '.join(names)} carry different pre_quant_scale vectors; llmx "
                                 "fuses them into one GEMM and needs one shared vector: re-export the checkpoint.")
-            norm_name = f"{prefix}.{norm}.weight"
-            out.tensors[norm_name] = reader.read(norm_name).float() * scales[0].float()
+            out.tensors.update(_folded_norm(reader, f"{prefix}.{norm}.weight", scales[0]))
         for n in names:
             out.tensors.update(_import_linear(n, quant.algo, reader, dtype, keep_pre_quant_scale=False))
     for block, proj in UNFUSED:
@@ -230,6 +230,19 @@ def _import_layer(layer: int, model: "ModelConfig", quant: "QuantConfig", reader
         if f"{n}.pre_quant_scale" in out.tensors:
             out.pre_quant_scale_modules.add(f"layers.*.{block}.{proj}")
     return out
+
+
+def _import_head(algo: str, reader: _Reader, dtype: str) -> dict[str, "torch.Tensor"]:
+    """The quantized lm_head; a pre_quant_scale it carries is folded into final_norm, which alone feeds it."""
+    tensors = _import_linear("lm_head", algo, reader, dtype, keep_pre_quant_scale=False)
+    if "lm_head.pre_quant_scale" in reader:
+        tensors.update(_folded_norm(reader, "final_norm.weight", reader.read("lm_head.pre_quant_scale")))
+    return tensors
+
+
+def _folded_norm(reader: _Reader, norm_name: str, scale: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """The RMSNorm weight times the smoothing vector of the Linears it feeds (x * s comes out of the norm)."""
+    return {norm_name: reader.read(norm_name).float() * scale.float().reshape(-1)}
 
 
 def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pre_quant_scale: bool):

@@ -61,6 +61,28 @@ def quantize_model(model: Any, config: dict, forward_loop: Callable[[Any], None]
         mtq.quantize(model, config, forward_loop)
 
 
+def calibrate_module(model: Any, module_name: str, algorithm: dict, forward_loop: Callable[[Any], None]) -> None:
+    """Run the layerwise `algorithm` (GPTQ) on one quantized module outside the decoder layers, after quantize_model.
+
+    ModelOpt's layerwise calibration visits only the decoder layers, leaving e.g. the LM head with an
+    uncalibrated weight quantizer. GPTQ runs here on `module_name` alone with the preset's own settings
+    (max calibration of its quantizers, Hessian of its inputs, column-wise weight update); each of its
+    passes forwards the whole model, whose layers are already quantized, so the module's Hessian comes from
+    quantized activations as ModelOpt's layerwise GPTQ gives each layer.
+    """
+    _mtq()  # imports ModelOpt quietly, or names the missing extra
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.config import GPTQCalibConfig
+
+    if algorithm.get("method") != "gptq":
+        raise ValueError(f"calibrate_module runs GPTQ only, not {algorithm.get('method')!r}")
+    settings = GPTQCalibConfig(**algorithm).model_dump()
+    kwargs = {k: v for k, v in settings.items() if k not in ("method", "layerwise", "moe_calib_experts_ratio")}
+    module = model.get_submodule(module_name)
+    with _quiet():
+        model_calib.gptq(module, lambda _module: forward_loop(model), **kwargs)
+
+
 def quantized_linear_names(model: Any) -> list[str]:
     """Names of the modules whose weight quantizer is enabled after quantize_model."""
     return [name for name, module in model.named_modules()

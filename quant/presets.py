@@ -3,10 +3,11 @@
 Each preset names the stored weight format (llmx.quant.methods.registry), whether it needs calibration
 data, and the ModelOpt `mtq.quantize` config: quantizer settings for the Linear weights and inputs plus
 the calibration algorithm. Configs use ModelOpt 0.47's list form ({"quantizer_name": pattern, "cfg" |
-"enable": ...}, later entries win). Only Linears of the decoder layers are quantized: everything is
-disabled first, then the weight/input quantizers of the decoder layers' Linears are switched on, then
-every excluded module is switched off by exact name, so llmx never depends on ModelOpt's own default
-exclusions (llmx.quant.api checks afterwards that exactly the planned Linears were quantized).
+"enable": ...}, later entries win). Only Linears of the decoder layers are quantized, plus the LM head
+when asked (`llmx quantize --quantize-lm-head`): everything is disabled first, then the weight/input
+quantizers of the decoder layers' Linears (and of the head, with the same settings) are switched on,
+then every excluded module is switched off by exact name, so llmx never depends on ModelOpt's own
+default exclusions (llmx.quant.api checks afterwards that exactly the planned Linears were quantized).
 
 Plain data, no ModelOpt import: `llmx --help` and recipe validation read it.
 """
@@ -35,6 +36,11 @@ class Preset:
     fixed_group_size: int | None = None  # NVFP4's 16-element blocks
     calib_use_cache: bool = True  # layerwise GPTQ replays layers and needs forwards without a KV cache
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether ModelOpt calibrates layer by layer (GPTQ): modules outside the decoder layers are not visited."""
+        return isinstance(self.algorithm, dict) and bool(self.algorithm.get("layerwise", {}).get("enable"))
 
 
 def _int4_weight(group_size: int) -> dict[str, Any]:
@@ -77,6 +83,8 @@ ALIASES: dict[str, str] = {"smoothquant": "int8_sq", "awq": "int4_awq", "gptq": 
 # The Linears of the decoder layers in transformers' naming (model.layers.3.self_attn.q_proj,
 # model.layers.3.mlp.down_proj): embeddings and lm_head never match.
 LAYER_LINEARS = "*.layers.*_proj"
+# The LM head in transformers' naming (a top-level module of *ForCausalLM); quantized only on request.
+LM_HEAD = "lm_head"
 # `--algo none --kv-cache-dtype fp8`: weights stay as they are, only KV-cache scales are calibrated.
 KV_ONLY = "none"
 
@@ -124,14 +132,19 @@ def _weight_cfg(preset: Preset, group_size: int | None) -> Any:
 
 
 def modelopt_config(algo: str, *, group_size: int | None, kv_cache_dtype: str | None,
-                    disabled_modules: list[str]) -> dict[str, Any]:
-    """The `mtq.quantize` config for `algo`; `disabled_modules` are HF module names left unquantized."""
+                    disabled_modules: list[str], quantize_lm_head: bool = False) -> dict[str, Any]:
+    """The `mtq.quantize` config for `algo`; `disabled_modules` are HF module names left unquantized.
+
+    quantize_lm_head: the LM head's quantizers get exactly the decoder Linears' settings.
+    """
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     if algo != KV_ONLY:
         preset = PRESETS[algo]
-        entries.append({"quantizer_name": f"{LAYER_LINEARS}.weight_quantizer", "cfg": _weight_cfg(preset, group_size)})
-        if preset.input is not None:
-            entries.append({"quantizer_name": f"{LAYER_LINEARS}.input_quantizer", "cfg": copy.deepcopy(preset.input)})
+        modules = [LAYER_LINEARS] + ([LM_HEAD] if quantize_lm_head else [])
+        for module in modules:
+            entries.append({"quantizer_name": f"{module}.weight_quantizer", "cfg": _weight_cfg(preset, group_size)})
+            if preset.input is not None:
+                entries.append({"quantizer_name": f"{module}.input_quantizer", "cfg": copy.deepcopy(preset.input)})
         algorithm = copy.deepcopy(preset.algorithm)
     else:
         algorithm = "max"

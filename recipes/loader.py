@@ -60,6 +60,7 @@ def load_recipe(spec: str | Path) -> tuple[Recipe, str]:
     except ValidationError as exc:
         raise LlmxError(describe_validation_error(exc, name)) from exc
     recipe = _check_algo_names(recipe, name)
+    _check_lm_head(recipe, name)
     for section in SECTIONS:
         for key, value in recipe.section(section).items():
             problem = target_conflict(recipe.target, section, key, value)
@@ -127,6 +128,19 @@ def _check_pipeline_lists(recipe: Recipe, name: str) -> None:
         if scenario.concurrency is not None and scenario.request_rate is not None:
             raise LlmxError(f"{name}: `bench.scenarios.{i}` sets both concurrency and request_rate, two ways to "
                             "offer load; keep one.")
+
+
+def _check_lm_head(recipe: Recipe, name: str) -> None:
+    """`quantize.quantize_lm_head: true` with a `quantize.exclude` pattern matching lm_head asks for both."""
+    import fnmatch
+
+    section = recipe.quantize
+    if not section.quantize_lm_head:
+        return
+    clash = next((p for p in section.exclude or () if fnmatch.fnmatchcase("lm_head", p)), None)
+    if clash is not None:
+        raise LlmxError(f"{name}: `quantize.quantize_lm_head` is true but `quantize.exclude` {clash!r} leaves lm_head "
+                        "unquantized: the two contradict; drop one of them.")
 
 
 def canonical_algo(algo: str) -> str:

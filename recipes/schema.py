@@ -79,6 +79,7 @@ class QuantizeSection(_Section):
     device: Device | None = None
     seed: NonNegativeInt | None = None
     export_format: Literal["llmx", "hf"] | None = None
+    quantize_lm_head: bool | None = None
 
 
 class BuildSection(_Section):

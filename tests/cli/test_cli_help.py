@@ -12,7 +12,8 @@ from llmx.cli.main import run_cli
 COMMANDS = {
     "convert": ["--dtype", "--dummy-weights", "--trust-remote-code", "--force", "--recipe", "--print-config", "--json"],
     "quantize": ["--algo", "--kv-cache-dtype", "--calib-data", "--calib-size", "--calib-seq-len", "--batch-size",
-                 "--group-size", "--exclude", "--device", "--seed", "--export-format", "--recipe", "--json"],
+                 "--group-size", "--exclude", "--device", "--seed", "--export-format", "--quantize-lm-head", "--recipe",
+                 "--json"],
     "build": ["--tp", "--pp", "--max-batch-size", "--max-seq-len", "--max-num-tokens", "--kv-block-size",
               "--device", "--recipe", "--force", "--json"],
     "run": ["--prompt", "--prompts-file", "--chat", "--max-new-tokens", "--temperature", "--top-k", "--top-p",

@@ -131,3 +131,20 @@ def _trained_tokenizer(vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
+
+
+def make_outlier_llama(out_dir: Path, *, final_norm: bool = False) -> Path:
+    """A tiny bf16 Llama (make_tiny_hf_model) whose RMSNorm weights have 4 channels scaled by 10, like the
+    activation outliers of real LLMs: smoothing algorithms (AWQ, SmoothQuant) then choose far-from-one
+    vectors, so a wrong fold of them shows in the logits. final_norm: scale the final norm's too (the LM
+    head's input), not only the layers' norms."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make_tiny_hf_model("llama", out_dir, dtype=torch.bfloat16)
+    tensors = load_file(hf / "model.safetensors")
+    outliers = torch.randperm(tensors["model.norm.weight"].shape[0], generator=torch.Generator().manual_seed(3))[:4]
+    for name, t in tensors.items():
+        if name.endswith("layernorm.weight") or (final_norm and name == "model.norm.weight"):
+            t[outliers] *= 10
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    return hf

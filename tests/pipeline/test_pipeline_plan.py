@@ -130,6 +130,12 @@ def test_weight_only_quantization_ignores_calibration_data(project):
     assert plan.quantize["calib_data"] is None and plan.quantize["algo"] == "int8_wo"
 
 
+def test_the_recipes_lm_head_choice_reaches_the_quantize_stage(project):
+    assert plan_of(project, project.recipe()).quantize["quantize_lm_head"] is False
+    recipe = project.recipe(quantize={**project_quantize(), "quantize_lm_head": True})
+    assert plan_of(project, recipe).quantize["quantize_lm_head"] is True
+
+
 def test_a_hub_dataset_name_is_kept_as_written(project):
     plan = plan_of(project, project.recipe(quantize={"algo": "int8_sq", "calib_data": "cnn_dailymail:3.0.0"}))
     assert plan.quantize["calib_data"] == "cnn_dailymail:3.0.0"

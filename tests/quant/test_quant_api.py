@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.common.errors import LlmxError
@@ -31,17 +31,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dir(workdir):
-    """A tiny Llama whose norms have a few large channels, like the activation outliers of real LLMs."""
-    from helpers.tiny_models import make_tiny_hf_model
+    from helpers.tiny_models import make_outlier_llama
 
-    hf = make_tiny_hf_model("llama", workdir / "hf", dtype=torch.bfloat16)
-    tensors = load_file(hf / "model.safetensors")
-    outliers = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:4]
-    for name, t in tensors.items():
-        if name.endswith("layernorm.weight"):
-            t[outliers] *= 10
-    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
-    return hf
+    return make_outlier_llama(workdir / "hf")
 
 
 @pytest.fixture(scope="module")
