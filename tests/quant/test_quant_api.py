@@ -37,20 +37,6 @@ def hf_dir(workdir):
 
 
 @pytest.fixture(scope="module")
-def ckpt(workdir, hf_dir):
-    from llmx.build.convert import convert
-
-    return convert(hf_dir, workdir / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def calib_file(workdir):
-    path = workdir / "calib.txt"
-    path.write_text((CORPUS / "austen_emma.txt").read_text()[:60_000])
-    return path
-
-
-@pytest.fixture(scope="module")
 def quantized(workdir, ckpt, calib_file):
     """algo -> (output dir, QuantizeResult), made once per algorithm."""
     made = {}
