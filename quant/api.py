@@ -172,6 +172,11 @@ def _exclusions(exclude: tuple[str, ...], quantize_lm_head: bool) -> tuple[str, 
     return tuple(dict.fromkeys((() if quantize_lm_head else DEFAULT_EXCLUDE) + tuple(exclude)))
 
 
+def lm_head_exclusion(exclude) -> str | None:
+    """The first exclude pattern that matches lm_head (and so contradicts quantizing it), or None."""
+    return next((p for p in exclude or () if fnmatch.fnmatchcase(LM_HEAD, p)), None)
+
+
 def _check_lm_head_options(quantize_lm_head: bool, algo: str, exclude: tuple[str, ...]) -> bool:
     """quantize_lm_head as a bool, refused with options that contradict it (before any heavy work)."""
     if not isinstance(quantize_lm_head, bool):
@@ -181,7 +186,7 @@ def _check_lm_head_options(quantize_lm_head: bool, algo: str, exclude: tuple[str
     if algo == presets.KV_ONLY:
         raise LlmxError("--quantize-lm-head quantizes the LM head in the weight format of --algo, and --algo none "
                         "quantizes no weights; choose an algorithm or drop --quantize-lm-head.")
-    clash = next((p for p in exclude if fnmatch.fnmatchcase(LM_HEAD, p)), None)
+    clash = lm_head_exclusion(exclude)
     if clash is not None:
         raise LlmxError(f"--exclude {clash!r} leaves lm_head unquantized and --quantize-lm-head quantizes it: the two "
                         "options contradict; drop one of them (a recipe's quantize.exclude counts as --exclude).")

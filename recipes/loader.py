@@ -132,12 +132,12 @@ def _check_pipeline_lists(recipe: Recipe, name: str) -> None:
 
 def _check_lm_head(recipe: Recipe, name: str) -> None:
     """`quantize.quantize_lm_head: true` with a `quantize.exclude` pattern matching lm_head asks for both."""
-    import fnmatch
+    from llmx.quant.api import lm_head_exclusion
 
     section = recipe.quantize
     if not section.quantize_lm_head:
         return
-    clash = next((p for p in section.exclude or () if fnmatch.fnmatchcase("lm_head", p)), None)
+    clash = lm_head_exclusion(section.exclude)
     if clash is not None:
         raise LlmxError(f"{name}: `quantize.quantize_lm_head` is true but `quantize.exclude` {clash!r} leaves lm_head "
                         "unquantized: the two contradict; drop one of them.")
