@@ -61,7 +61,7 @@ def main() -> None:
     else:
         ckpt = read_checkpoint(source)
         model, dtype, tokenizer_dir, origin = ckpt.model, ckpt.dtype, ckpt.path, ckpt.path
-        handle = safe_open(str(rank_file(ckpt.path, 0)), framework="pt", device="cpu").__enter__()
+        handle = safe_open(str(rank_file(ckpt.path, 0)), framework="pt", device="cpu")
         names, read = list(handle.keys()), handle.get_tensor
     quant = None if args.algo == "none" else QuantConfig(
         algo=args.algo, group_size=args.group_size if "4" in args.algo else None,

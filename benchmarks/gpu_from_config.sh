@@ -2,8 +2,8 @@
 # --from-config: no 16 GB CPU-drawn checkpoint), built and benchmarked one after another, each removed before
 # the next. RUNS lists NAME:ALGO:MAX_BS:SCENARIOS[:ENV=VALUE,...] entries; results under $OUT/NAME/.
 # DUMMY_FLAGS_<ALGO> adds dummy_quantize flags per algorithm (e.g. DUMMY_FLAGS_int4_awq=--quantize-lm-head);
-# BUILD_FLAGS adds llmx build flags (e.g. --no-tune). Runs sharing NAME's engine prefix reuse it: a run whose
-# ALGO and MAX_BS equal the previous run's keeps that engine.
+# BUILD_FLAGS adds llmx build flags (e.g. --no-tune). A run whose ALGO and MAX_BS equal the previous run's reuses
+# that engine (A/B runs differ only in ENV).
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json
