@@ -9,8 +9,9 @@ has completed and its memory is visible, so the result is the same, only the lau
 
 The contract every PDL-launched kernel keeps (see `wait_and_release`): it waits before its first read
 or write of global memory, so that neither a value N writes (read after write) nor a buffer N still
-reads (write after read: the graph pool reuses buffers) is touched early. The signal comes right after
-the wait, so at most two kernels overlap: N+1 waits on N, which has already passed its own wait.
+reads (write after read: the graph pool reuses buffers) is touched early. The signal comes after the
+wait (right after it, or after the main loop: `wait_only` + `release`), so at most two kernels overlap:
+N+1 waits on N, which has already passed its own wait.
 Kernels launched without PDL (cuBLAS, torch's own) simply keep the ordinary ordering around them.
 
 On: CUDA devices of compute capability 9.0 and above, with a Triton that has the griddepcontrol ops.
@@ -60,4 +61,20 @@ def wait_and_release(PDL: tl.constexpr):
     the next one launch. Compiles to nothing when PDL is False."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@jit
+def wait_only(PDL: tl.constexpr):
+    """`wait_and_release` without the release, for kernels that call `release` later themselves."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@jit
+def release(PDL: tl.constexpr):
+    """Let the next kernel launch (after `wait_only`). A kernel of several waves of programs releases late,
+    after its main loop: the next kernel's programs, launched early, hold registers and shared memory on the
+    SMs while they wait, which a heavy next kernel (a GEMV after a GEMV) takes from this one's later waves."""
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()

@@ -37,9 +37,15 @@ The products accumulate in float32 per (row, word) lane, [BLOCK_N, BLOCK_K / 8] 
 are summed once, after the K loop. With SPLIT_K > 1 the partial rows are added atomically into a zeroed
 float32 output, as in the tensor-core kernel, and split 0 adds the bias.
 
+Gated variant (GATED, w4a16_gemv_gated.py): the weight is a fused [gate | up]; each program gathers BLOCK_N / 2
+gate rows and the matching up rows and writes silu(gate) * up (times an optional out_scale) for them.
+
 Launch: with programmatic dependent launch (kernels/pdl.py) the programs wait for the previous kernel before
 their first read. Asking L2 for their first weight tiles before that wait (the weights never depend on the
 previous kernel) was measured on the H100 and made int4 decode slower (2.65 against 2.57 ms per token).
+The plain GEMV lets the next kernel launch right after its wait; the gated one only after its K loop, since
+its next kernel is the down GEMV, whose early-launched programs would hold SM resources through every wave
+of this one (measured on the H200, see BENCHMARKS.md, fifth session).
 
 Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_gemv" (block_m is unused); tuning.py says
 which table entries serve which M.
@@ -53,7 +59,7 @@ from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import finish_output, new_output
 from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
-from llmx.kernels.pdl import pdl_launch, wait_and_release
+from llmx.kernels.pdl import pdl_launch, release, wait_only
 from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
 
@@ -76,11 +82,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
 
 
-def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config) -> torch.Tensor:
-    """The launch of `w4a16_gemv` for inputs already checked (w4a16_gemm's dispatch checked them)."""
+def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *, gated: bool = False,
+                      out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The launch of `w4a16_gemv` for inputs already checked (w4a16_gemm's dispatch checked them), and of the
+    gated variant (w4a16_gemv_gated.py checks its inputs): silu(gate) * up [M, N / 2] (times out_scale [N / 2])."""
     m, k = x.shape
     n = qweight.shape[0]
     cfg = tuning.gemm_config("w4a16_gemv", m, n, k, config)
+    if gated and cfg.split_k > 1:
+        cfg = cfg.replace(split_k=1)  # the activation needs whole sums: no atomically added partial ones
     block_k = cfg.block_k  # a power of two >= 16: at least 2 words per row
     act, wide = x.dtype, x.dtype == torch.float32
     scales = scales.to(act)
@@ -93,16 +103,18 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config) -
         pre_words = pre.contiguous() if wide else _as_int32(pre)
     scale_words = _as_int32(scales) if grouped and not wide else scales.contiguous()
     qwords = _as_int32(qweight)  # [N, K / 8]
-    y = new_output(m, n, act, x.device, cfg)
+    y = torch.empty((m, n // 2), device=x.device, dtype=act) if gated else new_output(m, n, act, x.device, cfg)
     _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-        x_words, qwords, scale_words, pre_words, x if bias is None else bias.to(act).contiguous(), y,
+        x_words, qwords, scale_words, pre_words, x if bias is None else bias.to(act).contiguous(),
+        x if out_scale is None else out_scale.to(act).contiguous(), y,
         n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0),
         M_ROWS=m, GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], GROUPED_SCALES=grouped,
-        HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % (block_k * cfg.split_k) == 0,
+        HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
+        HAS_OUT_SCALE=out_scale is not None, EVEN_K=k % (block_k * cfg.split_k) == 0,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, **pdl_launch(x.device),
     )
-    return finish_output(y, act)
+    return y if gated else finish_output(y, act)
 
 
 def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
@@ -199,35 +211,58 @@ def _word_scales(scales_ptr, rows, stride_sn, words, tile, K, GROUP_SIZE: tl.con
 
 
 @jit
-def _store_row(acc, m, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS: tl.constexpr,
+def _store_row(acc, m, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT: tl.constexpr,
+               HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr):
-    """Sum one activation row's [BLOCK_N, BLOCK_K / 8] lanes into y[m, offs_n] (+ bias, by split 0 only):
-    stored, or added atomically into the float32 buffer when SPLIT_K > 1."""
+    """Sum one activation row's [BLOCK_N, BLOCK_K / 8] lanes into its BLOCK_N outputs (weight rows `rows`), plus
+    the bias (by split 0 only), and write them to row m of the output: stored, or added atomically into the
+    float32 buffer when SPLIT_K > 1. GATED: the tile's first half are gate rows and its second the matching up
+    rows; it writes the BLOCK_N / 2 values silu(gate) * up, rounded as silu_and_mul rounds them after a 16-bit
+    gate_up output, times out_scale (HAS_OUT_SCALE) before the last rounding."""
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rows).to(tl.float32)
         y += tl.where(pid_k == 0, bias, 0.0)
-    ptrs = out_ptr + m * stride_om + offs_n
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, y, mask=n_ok, sem="relaxed")
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        halves = tl.reshape(y.to(ACT).to(tl.float32), (2, HALF))
+        which = tl.arange(0, 2)[:, None]
+        gate = tl.sum(tl.where(which == 0, halves, 0.0), axis=0)
+        up = tl.sum(tl.where(which == 1, halves, 0.0), axis=0)
+        out = (gate / (1.0 + tl.exp(-gate))).to(ACT).to(tl.float32) * up
+        offs = pid_n * HALF + tl.arange(0, HALF)
+        ok = offs < N // 2
+        if HAS_OUT_SCALE:
+            out *= tl.load(out_scale_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + offs, out.to(ACT), mask=ok)
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SPLIT_K > 1:
+            tl.atomic_add(out_ptr + m * stride_om + offs, y, mask=offs < N, sem="relaxed")
+        else:
+            tl.store(out_ptr + m * stride_om + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
 @jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_scale_ptr, out_ptr,
     N, K, stride_xm, stride_qn, stride_sn, stride_om,
     M_ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, GROUPED_SCALES: tl.constexpr,
-    HAS_PRE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_PRE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
-    rows = tl.minimum(offs_n, N - 1)
+    if GATED:
+        # Gate rows pid_n * HALF + [0, HALF), then the up rows N / 2 further on, each clamped to its half.
+        HALF: tl.constexpr = BLOCK_N // 2
+        idx = tl.arange(0, BLOCK_N)
+        rows = tl.minimum(pid_n * HALF + idx % HALF, N // 2 - 1) + (idx // HALF) * (N // 2)
+    else:
+        # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
+        rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
     offs_w = tl.arange(0, WORDS)
 
     # One accumulator per activation row; those past M_ROWS are never touched, and the compiler drops them.
@@ -235,7 +270,9 @@ def _w4a16_gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    wait_and_release(PDL)
+    wait_only(PDL)
+    if not GATED:
+        release(PDL)
     iters = tl.cdiv(K, BLOCK_K * SPLIT_K)
     for it in tl.range(0, iters, num_stages=NUM_STAGES):
         tile = pid_k * iters + it
@@ -255,12 +292,20 @@ def _w4a16_gemv_kernel(
         if M_ROWS > 3:
             acc3 = _accumulate(acc3, qw, qw_high, s, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
                                HAS_PRE_SCALE, EVEN_K)
+    if GATED:
+        # Late: the gated GEMV's dependent is the down GEMV, whose early programs would hold SM resources
+        # through all of this kernel's waves (kernels/pdl.py). Released early, the fused MLP was slower than
+        # the unfused one; released late everywhere, the other GEMVs lost more than the MLP gained (H200).
+        release(PDL)
 
-    n_ok = offs_n < N
-    _store_row(acc0, 0, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    _store_row(acc0, 0, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT, HAS_BIAS, GATED,
+               HAS_OUT_SCALE, BLOCK_N, SPLIT_K)
     if M_ROWS > 1:
-        _store_row(acc1, 1, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+        _store_row(acc1, 1, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT, HAS_BIAS,
+                   GATED, HAS_OUT_SCALE, BLOCK_N, SPLIT_K)
     if M_ROWS > 2:
-        _store_row(acc2, 2, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+        _store_row(acc2, 2, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT, HAS_BIAS,
+                   GATED, HAS_OUT_SCALE, BLOCK_N, SPLIT_K)
     if M_ROWS > 3:
-        _store_row(acc3, 3, out_ptr, bias_ptr, offs_n, n_ok, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+        _store_row(acc3, 3, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT, HAS_BIAS,
+                   GATED, HAS_OUT_SCALE, BLOCK_N, SPLIT_K)
