@@ -61,3 +61,14 @@ class QuantMethod:
     def apply(self, tensors: dict[str, "torch.Tensor"], x: "torch.Tensor", bias: "torch.Tensor | None") -> "torch.Tensor":
         """y = x @ W^T (+ bias) for x [tokens, in_features] -> [tokens, out_features] in x's dtype."""
         raise NotImplementedError
+
+    def apply_gated(self, tensors: dict[str, "torch.Tensor"], x: "torch.Tensor", bias: "torch.Tensor | None",
+                    out_scale: "torch.Tensor | None" = None) -> "torch.Tensor | None":
+        """silu(gate) * up (* out_scale) [tokens, out_features / 2] of this fused [gate | up] Linear in one
+        kernel, or None where the format has no such kernel for x (the caller runs apply, then silu_and_mul)."""
+        return None
+
+    def split_input_scale(self, tensors: dict[str, "torch.Tensor"]) -> "tuple[dict[str, torch.Tensor], torch.Tensor] | None":
+        """(the tensors without it, the per-input-channel vector `apply` multiplies x by) for a producer that
+        multiplies its output by that vector instead; None when the format stores none here."""
+        return None

@@ -145,3 +145,21 @@ class Int4Method(QuantMethod):
         weight, scale = tensors["weight"], tensors["weight_scale"]
         y = gemm(x2, weight, scale, group_size_of(weight, scale), bias, tensors.get("pre_quant_scale"))
         return y.reshape(*lead, y.shape[-1])
+
+    def apply_gated(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                    out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        from llmx.kernels.tuning import w4a16_uses_gemv
+        from llmx.runtime.layers.ops import use_kernels
+
+        weight, scale = tensors["weight"], tensors["weight_scale"]
+        group_size = group_size_of(weight, scale)
+        if x.dim() != 2 or not use_kernels(x) or not w4a16_uses_gemv(x.shape[0], x.shape[1], group_size):
+            return None
+        from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated
+
+        return w4a16_gemv_gated(x, weight, scale, group_size, bias, tensors.get("pre_quant_scale"), out_scale)
+
+    def split_input_scale(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        if "pre_quant_scale" not in tensors:
+            return None
+        return {name: t for name, t in tensors.items() if name != "pre_quant_scale"}, tensors["pre_quant_scale"]

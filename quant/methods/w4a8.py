@@ -52,3 +52,7 @@ class W4A8Method(Int4Method):
         y = gemm(x2, weight, scale, group_size_of(weight, scale), tensors["input_scale"], bias,
                  tensors.get("pre_quant_scale"))
         return y.reshape(*lead, y.shape[-1])
+
+    def apply_gated(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                    out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        return None  # its activations go through FP8 tensor cores, not the int4 GEMV that has the gated variant

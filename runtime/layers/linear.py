@@ -35,12 +35,19 @@ class Linear(nn.Module):
     def expected_tensors(self, act_dtype: str) -> dict:
         return self.method.weight_specs(self.out_features, self.in_features, act_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`tensors` replaces self.tensors for this call (e.g. without an input scale the producer applied)."""
+        tensors = self.tensors if tensors is None else tensors
         if self.parallel == "row":
-            y = self.method.apply(self.tensors, x, None)
+            y = self.method.apply(tensors, x, None)
             y = tp_all_reduce(y)
             return y if self.bias is None else y + self.bias
-        return self.method.apply(self.tensors, x, self.bias)
+        return self.method.apply(tensors, x, self.bias)
+
+    def gated(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """For a fused [gate | up] Linear: silu(gate) * up (* out_scale) in one kernel, or None where the
+        method has none for x (QuantMethod.apply_gated)."""
+        return self.method.apply_gated(self.tensors, x, self.bias, out_scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, parallel={self.parallel}"

@@ -3,15 +3,18 @@
 Each kernel module in llmx.kernels exposes a launching wrapper and a `*_ref` with the same signature;
 this is the single place that chooses between them, so model code never branches on the device.
 `set_use_triton(False)` forces the references on GPU too (for A/B checks and debugging).
+`set_fused_mlp(False)` (or LLMX_FUSED_MLP=0) keeps the MLP's activation out of its gate_up GEMV (decoder.MLP).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 _USE_TRITON = True
+_FUSED_MLP = os.environ.get("LLMX_FUSED_MLP", "1") != "0"
 
 
 def set_use_triton(enabled: bool) -> None:
@@ -28,6 +31,15 @@ def _triton_available() -> bool:
 
 def use_kernels(t: torch.Tensor) -> bool:
     return _USE_TRITON and t.is_cuda and _triton_available()
+
+
+def set_fused_mlp(enabled: bool) -> None:
+    global _FUSED_MLP
+    _FUSED_MLP = enabled
+
+
+def fused_mlp_enabled() -> bool:
+    return _FUSED_MLP
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,12 +27,25 @@ from llmx.runtime.layers.rotary import RotaryEmbedding
 
 
 class MLP(nn.Module):
+    """down(silu(gate) * up). Where the gate_up format has a gated kernel for x (int4 decode rows), the
+    activation runs in the gate_up GEMV, which also applies down_proj's input scale (AWQ's pre_quant_scale),
+    so the down GEMV skips it (kernels/w4a16_gemv_gated.py). LLMX_FUSED_MLP=0 turns that off."""
+
     def __init__(self, gate_up: Linear, down: Linear):
         super().__init__()
         self.gate_up_proj = gate_up
         self.down_proj = down
+        # (down_proj's tensors without its input scale, that scale), taken on the first fused call (after loading).
+        self._down_split: tuple[dict[str, torch.Tensor] | None, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.fused_mlp_enabled():
+            if self._down_split is None:
+                self._down_split = self.down_proj.method.split_input_scale(self.down_proj.tensors) or (None, None)
+            down_tensors, down_scale = self._down_split
+            gated = self.gate_up_proj.gated(x, down_scale)
+            if gated is not None:
+                return self.down_proj(gated, down_tensors)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "smollm2.py"
-CORPUS = REPO.parent / "shared" / "data" / "corpus"
+# $LLMX_TEST_CORPUS points elsewhere where ../shared is not beside the checkout (the lent GPU machine).
+CORPUS = Path(os.environ.get("LLMX_TEST_CORPUS", REPO.parent / "shared" / "data" / "corpus"))
 
 
 def cache_dir() -> Path:
