@@ -1,8 +1,11 @@
-"""Packaging: every package folder ships in the wheel, and so do the recipes."""
+"""Packaging: every package folder ships in the wheel, and so do the recipes; run from the checkout, llmx's
+folders do not shadow installed top-level packages."""
 
 from __future__ import annotations
 
 import fnmatch
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -56,3 +59,15 @@ def test_console_script_points_at_main():
     from llmx.cli.main import main
 
     assert callable(main)
+
+
+def test_importing_llmx_from_the_checkout_unshadows_its_subfolders():
+    """`python -c` / `python -m` from the repository root put it on sys.path, where kernels/ and build/ would
+    stand in for Hugging Face's `kernels` (which transformers imports) and PyPA's `build`."""
+    code = ("import importlib.util, os, sys; before = importlib.util.find_spec('kernels'); import llmx; "
+            "after = importlib.util.find_spec('kernels'); "
+            "print(before is not None and os.path.dirname(before.origin)); print(after and after.origin)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    before, after = out.stdout.splitlines()
+    assert Path(before) == REPO / "kernels"  # the shadowing is real before llmx is imported
+    assert after == "None" or Path(after).parent != REPO / "kernels", after  # absent, or the installed one
