@@ -45,12 +45,22 @@ def compile_gemv(args: argparse.Namespace):
                           options={"num_warps": args.warps, "num_stages": args.stages})
 
 
-def disassemble(cubin: bytes) -> list[str]:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+def _cuda_tool(name: str, cubin: bytes, *flags: str) -> str:
+    """stdout of one of the CUDA binary tools bundled with triton, run on `cubin`."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
+        return subprocess.run([str(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> list[str]:
+    return _cuda_tool("nvdisasm", cubin, "-c").splitlines()
+
+
+def registers(cubin: bytes) -> int:
+    """Registers per thread: with num_warps, what decides how many programs share an SM."""
+    return int(re.search(r"REG:(\d+)", _cuda_tool("cuobjdump", cubin, "--dump-resource-usage")).group(1))
 
 
 def loop_opcodes(sass: list[str]) -> collections.Counter:
@@ -82,7 +92,8 @@ def main() -> None:
     ap.add_argument("--gated", action="store_true", help="the gated variant (w4a16_gemv_gated)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
-    sass = disassemble(compile_gemv(args).asm["cubin"])
+    cubin = compile_gemv(args).asm["cubin"]
+    sass = disassemble(cubin)
     if args.sass:
         Path(args.sass).write_text("\n".join(sass))
     ops = loop_opcodes(sass)
@@ -92,7 +103,7 @@ def main() -> None:
           f"{args.stages} stages, M = {args.rows}{', pre_scale' if args.pre_scale else ''}"
           f"{', gated' if args.gated else ''}")
     print(f"K loop: {total} instructions per thread per iteration for {weights} weights x {args.rows} row(s): "
-          f"{total / weights:.2f} per weight")
+          f"{total / weights:.2f} per weight; {registers(cubin)} registers per thread")
     for op, count in ops.most_common():
         print(f"  {op:<10}{count:5d}  {count / weights:5.2f} per weight")
 
