@@ -8,7 +8,8 @@ fifth session: the same times on the H200 as on the H100). This compiles it for 
 here (its bundled ptxas and nvdisasm), finds the K loop in the SASS (the block that ends in the backward
 branch), and prints the loop's instructions by opcode and per weight, for one thread and one iteration. It is
 a proxy for changes to the loop, not a timing: check a candidate on the GPU with kernels_gemm.py --gemv.
-Arguments get the divisibility-by-16 hints the runtime's launches get (pointers, N, K, strides).
+Arguments get the divisibility-by-16 hints the runtime's launches get (pointers, N, K, strides; not the
+nibble mask, 15).
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ from llmx.kernels import w4a16_gemv
 # The kernel's runtime arguments in order, and those the launches specialise as multiples of 16.
 ARGS = {"x_ptr": "*i32", "qw_ptr": "*i32", "scales_ptr": "*i32", "pre_ptr": "*i32", "bias_ptr": "*bf16",
         "out_scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_xm": "i32",
-        "stride_qn": "i32", "stride_sn": "i32", "stride_om": "i32"}
+        "stride_qn": "i32", "stride_sn": "i32", "stride_om": "i32", "nibble_mask": "i32"}
+DIVISIBLE_BY_16 = list(ARGS)[:-1]
 
 
 def compile_gemv(args: argparse.Namespace):
     constants = dict(M_ROWS=args.rows, GROUP_SIZE=128, ACT=tl.bfloat16, GROUPED_SCALES=True,
                      HAS_PRE_SCALE=args.pre_scale, HAS_BIAS=False, GATED=args.gated, HAS_OUT_SCALE=False,
-                     EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k, SPLIT_K=1, NUM_STAGES=args.stages,
-                     PDL=True)
+                     LITERAL_MASK=args.literal_mask, EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k,
+                     SPLIT_K=1, NUM_STAGES=args.stages, PDL=True)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ARGS))}
+    attrs = {(list(ARGS).index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     source = ASTSource(fn=w4a16_gemv._w4a16_gemv_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": args.warps, "num_stages": args.stages})
@@ -90,6 +92,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="activation rows M (1..4)")
     ap.add_argument("--pre-scale", action="store_true", help="with an input scale (AWQ's o/down)")
     ap.add_argument("--gated", action="store_true", help="the gated variant (w4a16_gemv_gated)")
+    ap.add_argument("--literal-mask", action="store_true",
+                    help="the nibble mask as a literal (LLMX_GEMV_LITERAL_MASK=1)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     cubin = compile_gemv(args).asm["cubin"]
@@ -101,7 +105,7 @@ def main() -> None:
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_90; block_n {args.block_n}, block_k {args.block_k}, {args.warps} warps, "
           f"{args.stages} stages, M = {args.rows}{', pre_scale' if args.pre_scale else ''}"
-          f"{', gated' if args.gated else ''}")
+          f"{', gated' if args.gated else ''}{', literal mask' if args.literal_mask else ''}")
     print(f"K loop: {total} instructions per thread per iteration for {weights} weights x {args.rows} row(s): "
           f"{total / weights:.2f} per weight; {registers(cubin)} registers per thread")
     for op, count in ops.most_common():

@@ -22,6 +22,14 @@ the bits of the float 2^(23 - 4p), whose last mantissa bit is worth 2^-4p, it gi
 nibble; subtracting 2^(23 - 4p) + 8 leaves nibble - 8. One AND-OR and one subtract per weight, one shift per
 word (the high half), then a float32 multiply-add per activation row.
 
+The nibble mask reaches the kernel as a runtime argument (15), not as a literal. A LOP3 takes one immediate, so
+a literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead
+of keeping it live: 84 extra moves per K-loop iteration. From an argument the 4 masks stay in registers. The K
+loop then compiles to 522 instead of 665 instructions per thread at M = 1 (sm_90, triton 3.6,
+benchmarks/gemv_sass.py), with 120 registers instead of 89. The GEMV is bound by instruction issue at decode
+sizes (BENCHMARKS.md, fifth session). The change is not yet timed on a GPU: `LLMX_GEMV_LITERAL_MASK=1` compiles
+the literal-mask loop for that A/B.
+
 Activations: the tile needs x[m, 8w + i] as 8 vectors over its words, i = 0..7. 16-bit activations are read
 as int32 pairs (x[2j], x[2j + 1]), 4 vectors with a stride of 4 pairs, which Triton copies ahead with the
 weights (2-byte reads it would not, and every iteration would wait for them), then split into two floats by a
@@ -53,6 +61,8 @@ which table entries serve which M.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmx.common.errors import LlmxError
@@ -64,6 +74,8 @@ from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
+# The A/B switch of the runtime nibble mask (see above); read once, like LLMX_PDL.
+_LITERAL_MASK = os.environ.get("LLMX_GEMV_LITERAL_MASK", "0") == "1"
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -107,10 +119,10 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *
     _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
         x_words, qwords, scale_words, pre_words, x if bias is None else bias.to(act).contiguous(),
         x if out_scale is None else out_scale.to(act).contiguous(), y,
-        n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0),
+        n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0), 0xF,
         M_ROWS=m, GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], GROUPED_SCALES=grouped,
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        HAS_OUT_SCALE=out_scale is not None, EVEN_K=k % (block_k * cfg.split_k) == 0,
+        HAS_OUT_SCALE=out_scale is not None, LITERAL_MASK=_LITERAL_MASK, EVEN_K=k % (block_k * cfg.split_k) == 0,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, **pdl_launch(x.device),
     )
@@ -175,15 +187,16 @@ def _x_tile(row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr, HAS_PRE_SCALE: tl.
 
 
 @jit
-def _accumulate(acc, qw, qw_high, s, row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr,
+def _accumulate(acc, qw, qw_high, s, nibble, row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr,
                 HAS_PRE_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + s * sum_i (nibble_i - 8) * x_i per word of the tile, float32 [BLOCK_N, BLOCK_K / 8]: one activation
-    row. The dequantized weights are the same expressions for every row, so the compiler computes them once."""
+    row, `nibble` the mask 0xF. The dequantized weights are the same expressions for every row, so the compiler
+    computes them once."""
     xs = _x_tile(row_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE, EVEN_K)
     dots = tl.zeros(qw.shape, dtype=tl.float32)
     for i in tl.static_range(8):
         half = qw if i < 4 else qw_high
-        bits = (half & (0xF << (4 * (i % 4)))) | ((150 - 4 * (i % 4)) << 23)
+        bits = (half & (nibble << (4 * (i % 4)))) | ((150 - 4 * (i % 4)) << 23)
         dots += (bits.to(tl.float32, bitcast=True) - ((1 << (23 - 4 * (i % 4))) + 8.0)) * xs[i]
     return acc + dots * s
 
@@ -246,11 +259,11 @@ def _store_row(acc, m, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, 
 @jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_scale_ptr, out_ptr,
-    N, K, stride_xm, stride_qn, stride_sn, stride_om,
+    N, K, stride_xm, stride_qn, stride_sn, stride_om, nibble_mask,
     M_ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, GROUPED_SCALES: tl.constexpr,
     HAS_PRE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    LITERAL_MASK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -264,6 +277,10 @@ def _w4a16_gemv_kernel(
         # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
         rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
     offs_w = tl.arange(0, WORDS)
+    if LITERAL_MASK:
+        nibble = 0xF
+    else:
+        nibble = nibble_mask + tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)  # 0xF, held in registers
 
     # One accumulator per activation row; those past M_ROWS are never touched, and the compiler drops them.
     acc0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -281,16 +298,17 @@ def _w4a16_gemv_kernel(
         qw = _load(qw_ptr + rows[:, None] * stride_qn + words[None, :], w_ok[None, :], EVEN_K)
         s = _word_scales(scales_ptr, rows, stride_sn, words, tile, K, GROUP_SIZE, BLOCK_N, BLOCK_K, ACT,
                          GROUPED_SCALES, EVEN_K)
-        qw_high = qw >> 16
-        acc0 = _accumulate(acc0, qw, qw_high, s, x_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE, EVEN_K)
+        qw_high = (qw.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # logical: no sign extension
+        acc0 = _accumulate(acc0, qw, qw_high, s, nibble, x_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE,
+                           EVEN_K)
         if M_ROWS > 1:
-            acc1 = _accumulate(acc1, qw, qw_high, s, x_ptr + stride_xm, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE,
-                               EVEN_K)
+            acc1 = _accumulate(acc1, qw, qw_high, s, nibble, x_ptr + stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K)
         if M_ROWS > 2:
-            acc2 = _accumulate(acc2, qw, qw_high, s, x_ptr + 2 * stride_xm, pre_ptr, words, w_ok, ACT,
+            acc2 = _accumulate(acc2, qw, qw_high, s, nibble, x_ptr + 2 * stride_xm, pre_ptr, words, w_ok, ACT,
                                HAS_PRE_SCALE, EVEN_K)
         if M_ROWS > 3:
-            acc3 = _accumulate(acc3, qw, qw_high, s, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
+            acc3 = _accumulate(acc3, qw, qw_high, s, nibble, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
                                HAS_PRE_SCALE, EVEN_K)
     if GATED:
         # Late: the gated GEMV's dependent is the down GEMV, whose early programs would hold SM resources

@@ -85,6 +85,16 @@ def test_interpreted_gemv_matches_reference(name, dtype):
 
 
 @interpreted
+def test_interpreted_literal_mask_loop_gives_the_same_output(monkeypatch):
+    """LLMX_GEMV_LITERAL_MASK=1 (the A/B of the runtime nibble mask) compiles the other loop: same result."""
+    m, n, k, group, options, cfg = CASES["m4_scale_per_word"]
+    x, qweight, scales, bias, pre = _inputs(m, n, k, group, options, torch.float32)
+    runtime_mask = w4a16_gemv.w4a16_gemv(x, qweight, scales, group, bias, pre, config=cfg)
+    monkeypatch.setattr(w4a16_gemv, "_LITERAL_MASK", True)
+    assert torch.equal(w4a16_gemv.w4a16_gemv(x, qweight, scales, group, bias, pre, config=cfg), runtime_mask)
+
+
+@interpreted
 def test_interpreted_w4a16_gemm_hands_decode_rows_to_the_gemv(monkeypatch):
     calls = []
 
@@ -210,3 +220,15 @@ def test_gpu_autotune_gemv_returns_a_loadable_table():
             assert tuning.gemm_config("w4a16_gemv", m, 256, 256) == tuned
     finally:
         tuning.load_tuned(None)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_gpu_literal_mask_loop_is_bit_identical_bf16(m, monkeypatch):
+    """The two K loops LLMX_GEMV_LITERAL_MASK chooses between compute the same thing on the GPU too."""
+    n, k = LLAMA_SHAPES["down"]
+    x, qweight, scales, _, pre = _inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
+    runtime_mask = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
+    monkeypatch.setattr(w4a16_gemv, "_LITERAL_MASK", True)
+    assert torch.equal(w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre), runtime_mask)
