@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children
+from helpers.triton_interpreter import IN_INTERPRETER, interpreted, needs_cuda, run_interpreted_tests, runs_children
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning, w4a16_gemm, w4a16_gemv
 from llmx.kernels.tuning import TileConfig
@@ -232,3 +232,25 @@ def test_gpu_literal_mask_loop_is_bit_identical_bf16(m, monkeypatch):
     runtime_mask = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
     monkeypatch.setattr(w4a16_gemv, "_LITERAL_MASK", True)
     assert torch.equal(w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre), runtime_mask)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="compiles for sm_90; the interpreter process does not")
+def test_runtime_nibble_mask_compiles_to_a_shorter_k_loop():
+    """The reason the GEMV takes its nibble mask as an argument: with a literal mask ptxas rematerialises the
+    masks before every LOP3. Compiled for sm_90 here (no GPU needed) with the installed triton, the runtime-mask
+    K loop must stay clearly shorter; if a triton release stops rematerialising, this says the switch can go."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv_sass.py"
+    spec = importlib.util.spec_from_file_location("llmx_bench_gemv_sass", path)
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    counts = {}
+    for literal in (False, True):
+        args = argparse.Namespace(block_n=16, block_k=1024, warps=4, stages=3, rows=1, pre_scale=False, gated=False,
+                                  literal_mask=literal)
+        counts[literal] = sum(sass.loop_opcodes(sass.disassemble(sass.compile_gemv(args).asm["cubin"])).values())
+    assert counts[False] <= 0.9 * counts[True], counts
