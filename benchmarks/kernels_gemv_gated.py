@@ -46,7 +46,7 @@ def _int4(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--m", type=int, default=1, help="decode rows (1..4)")
+    ap.add_argument("--m", type=int, default=1, choices=range(1, 5), help="decode rows, 1..4 (the GEMV's range)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     m = args.m

@@ -86,12 +86,17 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     `config` overrides the tile configuration (else the tuned table, else the default).
     """
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemv")
-    m, k = x.shape
-    if not w4a16_uses_gemv(m, k, group_size):
-        raise LlmxError(f"w4a16_gemv takes M <= {GEMV_MAX_M} rows, K % 8 == 0 and group_size % 8 == 0, got "
-                        f"M={m}, K={k}, group_size={group_size}; call w4a16_gemm, which picks the kernel.")
+    check_gemv_shape(x, group_size, "w4a16_gemv", "call w4a16_gemm, which picks the kernel")
     check_launch_device("w4a16_gemv", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale)
     return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
+
+
+def check_gemv_shape(x: torch.Tensor, group_size: int, what: str, instead: str) -> None:
+    """Refuse an x [M, K] and group size the GEMV does not run (`w4a16_uses_gemv`), saying what to call `instead`."""
+    m, k = x.shape
+    if not w4a16_uses_gemv(m, k, group_size):
+        raise LlmxError(f"{what} takes M <= {GEMV_MAX_M} rows, K % 8 == 0 and group_size % 8 == 0, got "
+                        f"M={m}, K={k}, group_size={group_size}; {instead}.")
 
 
 def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *, gated: bool = False,

@@ -24,18 +24,15 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels._triton_util import check_launch_device
 from llmx.kernels.activation import silu_and_mul_ref
-from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
+from llmx.kernels.tuning import TileConfig
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_gemm_ref
-from llmx.kernels.w4a16_gemv import _w4a16_gemv_kernel, launch_w4a16_gemv
+from llmx.kernels.w4a16_gemv import _w4a16_gemv_kernel, check_gemv_shape, launch_w4a16_gemv
 
 
 def _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, what) -> None:
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what)
-    m, k = x.shape
+    check_gemv_shape(x, group_size, what, "run w4a16_gemm and silu_and_mul instead")
     n = qweight.shape[0]
-    if not w4a16_uses_gemv(m, k, group_size):
-        raise LlmxError(f"{what} takes M <= {GEMV_MAX_M} rows, K % 8 == 0 and group_size % 8 == 0, got "
-                        f"M={m}, K={k}, group_size={group_size}; run w4a16_gemm and silu_and_mul instead.")
     if n % 2:
         raise LlmxError(f"{what}: the weight must be [gate | up] with an even number of rows, got N={n}.")
     if out_scale is not None and tuple(out_scale.shape) != (n // 2,):

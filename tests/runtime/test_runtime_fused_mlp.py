@@ -64,7 +64,7 @@ def test_int4_awq_mlp_offers_the_gated_kernel_and_down_scale(cpu_int4_mlp):
     assert torch.equal(mlp(x), expected)
 
 
-def test_unquantized_linears_have_no_gated_kernel(tmp_path):
+def test_unquantized_linears_have_no_gated_kernel():
     from llmx.quant.methods import UnquantizedMethod
 
     method = UnquantizedMethod()
