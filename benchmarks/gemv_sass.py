@@ -38,7 +38,7 @@ DIVISIBLE_BY_16 = list(ARGS)[:-1]
 def compile_gemv(args: argparse.Namespace):
     constants = dict(M_ROWS=args.rows, GROUP_SIZE=128, ACT=tl.bfloat16, GROUPED_SCALES=True,
                      HAS_PRE_SCALE=args.pre_scale, HAS_BIAS=False, GATED=args.gated, HAS_OUT_SCALE=False,
-                     LITERAL_MASK=args.literal_mask, EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k,
+                     FOLD_OFFSET=args.rows <= w4a16_gemv.FOLD_MAX_ROWS and not args.subtract_offset, EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k,
                      SPLIT_K=1, NUM_STAGES=args.stages, PDL=True)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     attrs = {(list(ARGS).index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
@@ -92,8 +92,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="activation rows M (1..4)")
     ap.add_argument("--pre-scale", action="store_true", help="with an input scale (AWQ's o/down)")
     ap.add_argument("--gated", action="store_true", help="the gated variant (w4a16_gemv_gated)")
-    ap.add_argument("--literal-mask", action="store_true",
-                    help="the nibble mask as a literal (LLMX_GEMV_LITERAL_MASK=1)")
+    ap.add_argument("--subtract-offset", action="store_true",
+                    help="the loop that subtracts each weight's offset (LLMX_GEMV_SUBTRACT_OFFSET=1)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     cubin = compile_gemv(args).asm["cubin"]
@@ -105,7 +105,7 @@ def main() -> None:
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_90; block_n {args.block_n}, block_k {args.block_k}, {args.warps} warps, "
           f"{args.stages} stages, M = {args.rows}{', pre_scale' if args.pre_scale else ''}"
-          f"{', gated' if args.gated else ''}{', literal mask' if args.literal_mask else ''}")
+          f"{', gated' if args.gated else ''}{', subtract offset' if args.subtract_offset else ''}")
     print(f"K loop: {total} instructions per thread per iteration for {weights} weights x {args.rows} row(s): "
           f"{total / weights:.2f} per weight; {registers(cubin)} registers per thread")
     for op, count in ops.most_common():

@@ -16,19 +16,29 @@ nibble first): word w of row n holds the inputs k = 8w + i, i = 0..7, nibble i a
 which walks int32 [BLOCK_N, BLOCK_K / 8] weight tiles: 16-byte reads of 4 words of one row per thread, copied
 asynchronously NUM_STAGES - 1 tiles ahead of their use (Triton's software pipeline; cp.async on Hopper).
 
-Dequantization with no shift per weight and no int-to-float conversion (a quarter of the FMA rate): nibble i
-lies in the low (i < 4) or high 16-bit half of its word, at bits 4p..4p+3 with p = i % 4. OR-ed in place into
-the bits of the float 2^(23 - 4p), whose last mantissa bit is worth 2^-4p, it gives exactly 2^(23 - 4p) +
-nibble; subtracting 2^(23 - 4p) + 8 leaves nibble - 8. One AND-OR and one subtract per weight, one shift per
-word (the high half), then a float32 multiply-add per activation row.
+Dequantization with no shift per weight and no int-to-float conversion (a quarter of the FMA rate): a nibble at
+bits p..p+3 of a 32-bit word, OR-ed in place into the bits of the float 2^(23 - p) (whose last mantissa bit is
+worth 2^-p), gives exactly the float 2^(23 - p) + nibble. One AND-OR (a LOP3) per weight. Two loops use it:
+  * subtract (M >= 3, and float32 activations): nibble i of the word and of its high half sits at p = 4 (i % 4);
+    subtracting 2^(23 - p) + 8 leaves nibble - 8, then a float32 multiply-add per activation row. One shift per
+    word, one subtract per weight, shared by the rows.
+  * folded offset (M <= 2, 16-bit activations): three shifted copies of the word (<< 11, >> 1, >> 13) put nibble
+    i at p = 11 + 4 (i % 3), and the loop multiplies 2^(23 - p) + nibble itself into x. The offsets
+    sum_i (2^(23 - p_i) + 8) x_i are the same for every weight row: computed once per word column, they start
+    the row sums. Three shifts per word and no subtract: the K loop compiles to 461 instead of 522 instructions
+    per thread at M = 1 (sm_90, triton 3.6, benchmarks/gemv_sass.py), 539 instead of 600 with pre_scale; at M = 4
+    it would be longer (1,143 against 1,096). The price is precision: the products carry a part up to 4,096x
+    the activation that the offset cancels, which costs float32 about 12 of its 24 bits. The error stays near
+    2^-14 of the largest output (interpreter, K = 4,096), under a bf16 or fp16 output's own rounding (2^-9,
+    2^-11); float32 activations keep the exact loop. `LLMX_GEMV_SUBTRACT_OFFSET=1` compiles the subtract loop
+    at every M, for A/B timing.
 
-The nibble mask reaches the kernel as a runtime argument (15), not as a literal. A LOP3 takes one immediate, so
-a literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead
-of keeping it live: 84 extra moves per K-loop iteration. From an argument the 4 masks stay in registers. The K
-loop then compiles to 522 instead of 665 instructions per thread at M = 1 (sm_90, triton 3.6,
-benchmarks/gemv_sass.py), with 120 registers instead of 89. The GEMV is bound by instruction issue at decode
-sizes (BENCHMARKS.md, fifth session). The change is not yet timed on a GPU: `LLMX_GEMV_LITERAL_MASK=1` compiles
-the literal-mask loop for that A/B.
+The nibble masks reach the kernel as a runtime argument (15), not as literals. A LOP3 takes one immediate, so a
+literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead of
+keeping it live. From an argument the masks stay in registers: the subtract loop went from 665 to 522
+instructions per thread at M = 1 (120 registers instead of 89), and int4 decode from 2.465 to 2.176 ms per
+token (H200, Llama-3.1-8B shapes, BENCHMARKS.md, sixth session). The GEMV is bound by instruction issue at
+decode sizes, not by HBM.
 
 Activations: the tile needs x[m, 8w + i] as 8 vectors over its words, i = 0..7. 16-bit activations are read
 as int32 pairs (x[2j], x[2j + 1]), 4 vectors with a stride of 4 pairs, which Triton copies ahead with the
@@ -75,7 +85,11 @@ from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
 # The A/B switch of the runtime nibble mask (see above); read once, like LLMX_PDL.
-_LITERAL_MASK = os.environ.get("LLMX_GEMV_LITERAL_MASK", "0") == "1"
+_SUBTRACT_OFFSET = os.environ.get("LLMX_GEMV_SUBTRACT_OFFSET", "0") == "1"
+# Folding pays at M <= 2 only: at M = 4 the offsets cost 4 multiply-adds per word column where the subtract
+# loop shares one subtract per weight among the rows (gemv_sass.py: 1,096 -> 1,143 instructions at M = 4).
+FOLD_MAX_ROWS = 2
+FOLD_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -127,11 +141,17 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *
         n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0), 0xF,
         M_ROWS=m, GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], GROUPED_SCALES=grouped,
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        HAS_OUT_SCALE=out_scale is not None, LITERAL_MASK=_LITERAL_MASK, EVEN_K=k % (block_k * cfg.split_k) == 0,
+        HAS_OUT_SCALE=out_scale is not None, FOLD_OFFSET=folds_offset(m, act), EVEN_K=k % (block_k * cfg.split_k) == 0,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, **pdl_launch(x.device),
     )
     return y if gated else finish_output(y, act)
+
+
+def folds_offset(m: int, dtype: torch.dtype) -> bool:
+    """Whether the K loop for m activation rows of `dtype` folds the weights' offset into per-column sums
+    (see above): for 16-bit activations, whose outputs round away more than folding loses."""
+    return m <= FOLD_MAX_ROWS and dtype in FOLD_DTYPES and not _SUBTRACT_OFFSET
 
 
 def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
@@ -192,18 +212,54 @@ def _x_tile(row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr, HAS_PRE_SCALE: tl.
 
 
 @jit
-def _accumulate(acc, qw, qw_high, s, nibble, row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr,
-                HAS_PRE_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
+def _accumulate(acc, words_in, masks, s, row_ptr, pre_ptr, words, w_ok, ACT: tl.constexpr,
+                HAS_PRE_SCALE: tl.constexpr, EVEN_K: tl.constexpr, FOLD_OFFSET: tl.constexpr):
     """acc + s * sum_i (nibble_i - 8) * x_i per word of the tile, float32 [BLOCK_N, BLOCK_K / 8]: one activation
-    row, `nibble` the mask 0xF. The dequantized weights are the same expressions for every row, so the compiler
-    computes them once."""
+    row. `words_in` and `masks` are what `_shifted_words` and `_nibble_masks` give. The dequantized weights are
+    the same expressions for every row, so the compiler computes them once."""
     xs = _x_tile(row_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE, EVEN_K)
-    dots = tl.zeros(qw.shape, dtype=tl.float32)
-    for i in tl.static_range(8):
-        half = qw if i < 4 else qw_high
-        bits = (half & (nibble << (4 * (i % 4)))) | ((150 - 4 * (i % 4)) << 23)
-        dots += (bits.to(tl.float32, bitcast=True) - ((1 << (23 - 4 * (i % 4))) + 8.0)) * xs[i]
+    if FOLD_OFFSET:
+        # sum_i (2^(23 - p_i) + nibble_i) * x_i - sum_i (2^(23 - p_i) + 8) * x_i: the second sum is the same for
+        # every weight row, so it is computed per word column [1, WORDS] and starts the row sums.
+        offset = tl.zeros(xs[0].shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            offset += ((1 << (12 - 4 * (i % 3))) + 8.0) * xs[i]
+        dots = tl.zeros(acc.shape, dtype=tl.float32) - offset
+        for i in tl.static_range(8):
+            bits = (words_in[i // 3] & masks[i % 3]) | ((139 - 4 * (i % 3)) << 23)
+            dots += bits.to(tl.float32, bitcast=True) * xs[i]
+    else:
+        dots = tl.zeros(acc.shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            half = words_in[0] if i < 4 else words_in[1]
+            bits = (half & masks[i % 4]) | ((150 - 4 * (i % 4)) << 23)
+            dots += (bits.to(tl.float32, bitcast=True) - ((1 << (23 - 4 * (i % 4))) + 8.0)) * xs[i]
     return acc + dots * s
+
+
+@jit
+def _nibble_masks(nibble_mask, shape, FOLD_OFFSET: tl.constexpr):
+    """The masks of the nibble positions the loop reads, int32 tensors of `shape` built from the runtime argument
+    `nibble_mask` (15) before the K loop, so they stay in registers (see the module docstring)."""
+    nibble = nibble_mask + tl.zeros(shape, dtype=tl.int32)
+    if FOLD_OFFSET:
+        masks = (nibble << 11, nibble << 15, nibble << 19)
+    else:
+        masks = (nibble, nibble << 4, nibble << 8, nibble << 12)
+    return masks
+
+
+@jit
+def _shifted_words(qw, FOLD_OFFSET: tl.constexpr):
+    """The copies of the weight words the nibble masks apply to: three shifted ones, or the word and its high
+    half (logical shifts: no sign extension)."""
+    unsigned = qw.to(tl.uint32, bitcast=True)
+    if FOLD_OFFSET:
+        copies = ((unsigned << 11).to(tl.int32, bitcast=True), (unsigned >> 1).to(tl.int32, bitcast=True),
+                  (unsigned >> 13).to(tl.int32, bitcast=True))
+    else:
+        copies = (qw, (unsigned >> 16).to(tl.int32, bitcast=True))
+    return copies
 
 
 @jit
@@ -267,7 +323,7 @@ def _w4a16_gemv_kernel(
     N, K, stride_xm, stride_qn, stride_sn, stride_om, nibble_mask,
     M_ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, GROUPED_SCALES: tl.constexpr,
     HAS_PRE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
-    LITERAL_MASK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FOLD_OFFSET: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -282,10 +338,7 @@ def _w4a16_gemv_kernel(
         # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
         rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
     offs_w = tl.arange(0, WORDS)
-    if LITERAL_MASK:
-        nibble = 0xF
-    else:
-        nibble = nibble_mask + tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)  # 0xF, held in registers
+    masks = _nibble_masks(nibble_mask, (BLOCK_N, WORDS), FOLD_OFFSET)
 
     # One accumulator per activation row; those past M_ROWS are never touched, and the compiler drops them.
     acc0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -303,18 +356,18 @@ def _w4a16_gemv_kernel(
         qw = _load(qw_ptr + rows[:, None] * stride_qn + words[None, :], w_ok[None, :], EVEN_K)
         s = _word_scales(scales_ptr, rows, stride_sn, words, tile, K, GROUP_SIZE, BLOCK_N, BLOCK_K, ACT,
                          GROUPED_SCALES, EVEN_K)
-        qw_high = (qw.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # logical: no sign extension
-        acc0 = _accumulate(acc0, qw, qw_high, s, nibble, x_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE,
-                           EVEN_K)
+        words_in = _shifted_words(qw, FOLD_OFFSET)
+        acc0 = _accumulate(acc0, words_in, masks, s, x_ptr, pre_ptr, words, w_ok, ACT, HAS_PRE_SCALE,
+                           EVEN_K, FOLD_OFFSET)
         if M_ROWS > 1:
-            acc1 = _accumulate(acc1, qw, qw_high, s, nibble, x_ptr + stride_xm, pre_ptr, words, w_ok, ACT,
-                               HAS_PRE_SCALE, EVEN_K)
+            acc1 = _accumulate(acc1, words_in, masks, s, x_ptr + stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K, FOLD_OFFSET)
         if M_ROWS > 2:
-            acc2 = _accumulate(acc2, qw, qw_high, s, nibble, x_ptr + 2 * stride_xm, pre_ptr, words, w_ok, ACT,
-                               HAS_PRE_SCALE, EVEN_K)
+            acc2 = _accumulate(acc2, words_in, masks, s, x_ptr + 2 * stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K, FOLD_OFFSET)
         if M_ROWS > 3:
-            acc3 = _accumulate(acc3, qw, qw_high, s, nibble, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
-                               HAS_PRE_SCALE, EVEN_K)
+            acc3 = _accumulate(acc3, words_in, masks, s, x_ptr + 3 * stride_xm, pre_ptr, words, w_ok, ACT,
+                               HAS_PRE_SCALE, EVEN_K, FOLD_OFFSET)
     if GATED:
         # Late: the gated GEMV's dependent is the down GEMV, whose early programs would hold SM resources
         # through all of this kernel's waves (kernels/pdl.py). Released early, the fused MLP was slower than

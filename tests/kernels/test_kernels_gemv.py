@@ -84,14 +84,28 @@ def test_interpreted_gemv_matches_reference(name, dtype):
     _check_against_reference(out, x, qweight, scales, group, bias, pre, rel)
 
 
+def _relative_error_to_exact(out, x, qweight, scales, group, pre):
+    """max |out - exact| / max |exact|, exact = the format's product in float64 from the same 16-bit inputs."""
+    xd = x.double() * (1.0 if pre is None else pre.double())
+    exact = xd @ w4a16_gemm.dequantize_int4(qweight, scales.double(), group, torch.float64).T
+    return ((out.double() - exact).abs().max() / exact.abs().max()).item()
+
+
 @interpreted
-def test_interpreted_literal_mask_loop_gives_the_same_output(monkeypatch):
-    """LLMX_GEMV_LITERAL_MASK=1 (the A/B of the runtime nibble mask) compiles the other loop: same result."""
-    m, n, k, group, options, cfg = CASES["m4_scale_per_word"]
-    x, qweight, scales, bias, pre = _inputs(m, n, k, group, options, torch.float32)
-    runtime_mask = w4a16_gemv.w4a16_gemv(x, qweight, scales, group, bias, pre, config=cfg)
-    monkeypatch.setattr(w4a16_gemv, "_LITERAL_MASK", True)
-    assert torch.equal(w4a16_gemv.w4a16_gemv(x, qweight, scales, group, bias, pre, config=cfg), runtime_mask)
+@pytest.mark.parametrize("m", [1, 2])
+def test_interpreted_folded_offset_loop_stays_within_fp16_rounding(m, monkeypatch):
+    """The folded-offset loop (M <= 2, 16-bit activations) gives up float32 bits to save the subtract; its error
+    must stay below one fp16 rounding of the largest output (2^-11), like the subtract loop's."""
+    n, k = 64, 4096
+    x, qweight, scales, _, pre = _inputs(m, n, k, 128, {"pre_scale": m == 2}, torch.float16, seed=m)
+    x = x * 4  # activations of a few units: the offset part of the products grows with them
+    assert w4a16_gemv.folds_offset(m, torch.float16) and not w4a16_gemv.folds_offset(m, torch.float32)
+    folded = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
+    monkeypatch.setattr(w4a16_gemv, "_SUBTRACT_OFFSET", True)
+    subtracted = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
+    assert not torch.equal(folded, subtracted)  # two different loops ran
+    for out in (folded, subtracted):
+        assert _relative_error_to_exact(out, x, qweight, scales, 128, pre) <= 2.0 ** -11
 
 
 @interpreted
@@ -224,21 +238,25 @@ def test_gpu_autotune_gemv_returns_a_loadable_table():
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4])
-def test_gpu_literal_mask_loop_is_bit_identical_bf16(m, monkeypatch):
-    """The two K loops LLMX_GEMV_LITERAL_MASK chooses between compute the same thing on the GPU too."""
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_folded_offset_loop_is_as_close_as_the_subtract_loop_bf16(m, monkeypatch):
+    """On the GPU (fused multiply-adds) too, the folded-offset loop's bf16 outputs stay within a bf16 rounding
+    of the subtract loop's, and both within half a bf16 step (2^-8) of the largest exact output."""
     n, k = LLAMA_SHAPES["down"]
     x, qweight, scales, _, pre = _inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
-    runtime_mask = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
-    monkeypatch.setattr(w4a16_gemv, "_LITERAL_MASK", True)
-    assert torch.equal(w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre), runtime_mask)
+    folded = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
+    monkeypatch.setattr(w4a16_gemv, "_SUBTRACT_OFFSET", True)
+    subtracted = w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre)
+    assert (folded.float() - subtracted.float()).abs().max() <= 2.0 ** -8 * subtracted.float().abs().max()
+    for out in (folded, subtracted):
+        assert _relative_error_to_exact(out, x, qweight, scales, 128, pre) <= 2.0 ** -8
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="compiles for sm_90; the interpreter process does not")
-def test_runtime_nibble_mask_compiles_to_a_shorter_k_loop():
-    """The reason the GEMV takes its nibble mask as an argument: with a literal mask ptxas rematerialises the
-    masks before every LOP3. Compiled for sm_90 here (no GPU needed) with the installed triton, the runtime-mask
-    K loop must stay clearly shorter; if a triton release stops rematerialising, this says the switch can go."""
+def test_folded_offset_compiles_to_a_shorter_k_loop_at_one_row():
+    """The reason for the folded-offset loop: compiled for sm_90 here (no GPU needed) with the installed triton,
+    its K loop at M = 1 must stay clearly shorter than the subtract loop's (461 against 522 instructions with
+    triton 3.6), and it must have no subtract per weight left."""
     import argparse
     import importlib.util
     from pathlib import Path
@@ -249,8 +267,11 @@ def test_runtime_nibble_mask_compiles_to_a_shorter_k_loop():
     sass = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass)
     counts = {}
-    for literal in (False, True):
+    for subtract in (False, True):
         args = argparse.Namespace(block_n=16, block_k=1024, warps=4, stages=3, rows=1, pre_scale=False, gated=False,
-                                  literal_mask=literal)
-        counts[literal] = sum(sass.loop_opcodes(sass.disassemble(sass.compile_gemv(args).asm["cubin"])).values())
-    assert counts[False] <= 0.9 * counts[True], counts
+                                  subtract_offset=subtract)
+        counts[subtract] = sass.loop_opcodes(sass.disassemble(sass.compile_gemv(args).asm["cubin"]))
+    folded, subtracted = (sum(counts[flag].values()) for flag in (False, True))
+    assert folded <= 0.92 * subtracted, (folded, subtracted)
+    weights = 16 * 1024 // 128  # per thread and iteration: block_n * block_k / threads
+    assert counts[False]["FADD"] <= weights // 8 < counts[True]["FADD"], counts
