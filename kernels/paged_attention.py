@@ -66,17 +66,31 @@ _REF_QUERY_CHUNK = 512
 
 
 @jit
-def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
-                  stride_table, stride_block, stride_slot, stride_head, BLOCK_SIZE: tl.constexpr):
-    """[BLOCK_N, BLOCK_D] K or V rows for `kv_positions` of sequence `seq`, gathered through its block table.
+def _physical_blocks(block_tables_ptr, seq, kv_positions, kv_mask, stride_table, BLOCK_SIZE: tl.constexpr):
+    """The cache block of each of `kv_positions` [BLOCK_N] of sequence `seq`, from its block table (0 where
+    masked)."""
+    return tl.load(block_tables_ptr + seq * stride_table + kv_positions // BLOCK_SIZE, mask=kv_mask, other=0)
+
+
+@jit
+def _gather_kv(cache_ptr, physical_block, kv_head, kv_positions, kv_mask, dims, dim_mask, stride_block, stride_slot,
+               stride_head, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] K or V rows for `kv_positions`, which lie in the cache blocks `physical_block`.
 
     Each position resolves its own physical block, so a tile may span cache blocks in any order and the
     tile width is independent of the cache block size.
     """
-    logical_block = kv_positions // BLOCK_SIZE
-    physical_block = tl.load(block_tables_ptr + seq * stride_table + logical_block, mask=kv_mask, other=0)
     row = physical_block.to(tl.int64) * stride_block + (kv_positions % BLOCK_SIZE) * stride_slot + kv_head * stride_head
     return tl.load(cache_ptr + row[:, None] + dims[None, :], mask=kv_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@jit
+def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
+                  stride_table, stride_block, stride_slot, stride_head, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] K or V rows for `kv_positions` of sequence `seq`, gathered through its block table."""
+    physical_block = _physical_blocks(block_tables_ptr, seq, kv_positions, kv_mask, stride_table, BLOCK_SIZE)
+    return _gather_kv(cache_ptr, physical_block, kv_head, kv_positions, kv_mask, dims, dim_mask, stride_block,
+                      stride_slot, stride_head, BLOCK_SIZE)
 
 
 @jit
@@ -156,7 +170,10 @@ def _decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    wait_and_release(PDL)
+    # The step's inputs (seq_lens, query_start_loc, block_tables) are read before the PDL wait. They are written
+    # before the step's first kernel, and this kernel starts only once the one before it has passed its own
+    # wait, so every kernel two back has completed (kernels/pdl.py): these reads cannot be early. Measured on
+    # the H200 (int4 Llama-3.1-8B shapes, bs1): 2.098 -> 2.067 ms per token against waiting first.
     seq_len = tl.load(seq_lens_ptr + seq)
 
     # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles
@@ -175,6 +192,12 @@ def _decode_kernel(
         token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
         kv_begin = first_tile + split * tiles_per_split * BLOCK_N
         kv_end = tl.minimum(kv_begin + tiles_per_split * BLOCK_N, seq_len)
+        # The cache blocks of the next tile are read one tile ahead: the first before the wait, the others
+        # while the tile before them is in use, so no K/V read waits on a block-table read.
+        next_positions = kv_begin + tl.arange(0, BLOCK_N)
+        physical = _physical_blocks(block_tables_ptr, seq, next_positions, next_positions < kv_end, stride_table,
+                                    BLOCK_SIZE)
+        wait_and_release(PDL)  # q, K and V come from this step's kernels
 
         group_rows = tl.arange(0, GROUP_PAD)
         row_mask = group_rows < GROUP
@@ -193,12 +216,16 @@ def _decode_kernel(
         for tile_start in range(kv_begin, kv_end, BLOCK_N):
             kv_positions = tile_start + tl.arange(0, BLOCK_N)
             kv_mask = (kv_positions >= window_start) & (kv_positions < kv_end)
-            k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
-                              stride_table, stride_k_block, stride_k_slot, stride_k_head, BLOCK_SIZE)
+            # K and V are both asked for before the scores need K.
+            k = _gather_kv(k_cache_ptr, physical, kv_head, kv_positions, kv_mask, dims, dim_mask, stride_k_block,
+                           stride_k_slot, stride_k_head, BLOCK_SIZE)
+            v = _gather_kv(v_cache_ptr, physical, kv_head, kv_positions, kv_mask, dims, dim_mask, stride_v_block,
+                           stride_v_slot, stride_v_head, BLOCK_SIZE)
+            next_positions = kv_positions + BLOCK_N
+            physical = _physical_blocks(block_tables_ptr, seq, next_positions, next_positions < kv_end,
+                                        stride_table, BLOCK_SIZE)
             scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
             scores = tl.where(kv_mask[None, :], scores, float("-inf"))
-            v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
-                              stride_table, stride_v_block, stride_v_slot, stride_v_head, BLOCK_SIZE)
             m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, q.dtype, DOT_PRECISION)
 
         if KV_QUANTIZED:
