@@ -9,17 +9,24 @@ Triton chooses between compiling and interpreting (TRITON_INTERPRET=1, kernels o
 triton and the kernel modules are imported: its own library functions (tl.zeros, tl.max, ...) are
 decorated at that moment too, so the variable cannot be switched later in the same process. Tests that
 use the interpreter therefore run in a fresh process started with TRITON_INTERPRET=1.
+
+Fused multiply-adds: the kernels are written for them (the int4 GEMV's inner loop is one FFMA per weight and
+row; a separate multiply and add would double it). Triton 3.9 warns at every first compile that its default
+for TRITON_DEFAULT_FP_FUSION will turn to off in 3.10, so this module sets it to on before triton is imported,
+unless the user chose a value.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import torch
 
 from llmx.common.errors import LlmxError
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 try:
     import triton
     import triton.language as tl
