@@ -27,7 +27,8 @@ worth 2^-p), gives exactly the float 2^(23 - p) + nibble. One AND-OR (a LOP3) pe
     sum_i (2^(23 - p_i) + 8) x_i are the same for every weight row: computed once per word column, they start
     the row sums. Three shifts per word and no subtract: the K loop compiles to 461 instead of 522 instructions
     per thread at M = 1 (sm_90, triton 3.6, benchmarks/gemv_sass.py), 539 instead of 600 with pre_scale; at M = 4
-    it would be longer (1,143 against 1,096). The price is precision: the products carry a part up to 4,096x
+    it would be longer (1,143 against 1,096). Measured: int4 decode 2.132 -> 2.067 ms per token (H200, Llama-3.1-8B
+    shapes, BENCHMARKS.md, sixth session). The price is precision: the products carry a part up to 4,096x
     the activation that the offset cancels, which costs float32 about 12 of its 24 bits. The error stays near
     2^-14 of the largest output (interpreter, K = 4,096), under a bf16 or fp16 output's own rounding (2^-9,
     2^-11); float32 activations keep the exact loop. `LLMX_GEMV_SUBTRACT_OFFSET=1` compiles the subtract loop
