@@ -22,17 +22,20 @@ worth 2^-p), gives exactly the float 2^(23 - p) + nibble. One AND-OR (a LOP3) pe
   * subtract (M >= 3, and float32 activations): nibble i of the word and of its high half sits at p = 4 (i % 4);
     subtracting 2^(23 - p) + 8 leaves nibble - 8, then a float32 multiply-add per activation row. One shift per
     word, one subtract per weight, shared by the rows.
-  * folded offset (M <= 2, 16-bit activations): three shifted copies of the word (<< 11, >> 1, >> 13) put nibble
-    i at p = 11 + 4 (i % 3), and the loop multiplies 2^(23 - p) + nibble itself into x. The offsets
-    sum_i (2^(23 - p_i) + 8) x_i are the same for every weight row: computed once per word column, they start
-    the row sums. Three shifts per word and no subtract: the K loop compiles to 461 instead of 522 instructions
-    per thread at M = 1 (sm_90, triton 3.6, benchmarks/gemv_sass.py), 539 instead of 600 with pre_scale; at M = 4
-    it would be longer (1,143 against 1,096). Measured: int4 decode 2.132 -> 2.067 ms per token (H200, Llama-3.1-8B
-    shapes, BENCHMARKS.md, sixth session). The price is precision: the products carry a part up to 4,096x
-    the activation that the offset cancels, which costs float32 about 12 of its 24 bits. The error stays near
-    2^-14 of the largest output (interpreter, K = 4,096), under a bf16 or fp16 output's own rounding (2^-9,
-    2^-11); float32 activations keep the exact loop. `LLMX_GEMV_SUBTRACT_OFFSET=1` compiles the subtract loop
-    at every M, for A/B timing.
+  * folded offset (M <= 2, 16-bit activations): the word shifted left by 11, the word itself and the word
+    shifted right by 9 put nibble i at p = 11, 15, 19 (i = 0-2), 12, 16 (i = 3-4) and 11, 15, 19 (i = 5-7), and
+    the loop multiplies 2^(23 - p) + nibble itself into x. The offsets sum_i (2^(23 - p_i) + 8) x_i are the same
+    for every weight row: computed once per word column, they start the row sums. Two shifts per word and no
+    subtract. With three shifted copies (p = 11, 15, 19 for every triple) the K loop compiled to 461 instead of
+    522 instructions per thread at M = 1 (sm_90, triton 3.6, benchmarks/gemv_sass.py), 539 instead of 600 with
+    pre_scale, and int4 decode went from 2.132 to 2.067 ms per token (H200, Llama-3.1-8B shapes, BENCHMARKS.md,
+    sixth session). Taking nibbles 3-4 from the unshifted word saves one more shift per word: 445 and 523
+    instructions, not yet timed on a GPU. At M = 2 the loop is shorter too (675 against 716); at M = 4 it would
+    be longer (1,143 against 1,096 with three copies), since the subtract loop shares each subtract among the
+    rows. The price is precision: the products carry a part up to 4,096x the activation that the offset
+    cancels, which costs float32 about 12 of its 24 bits. The error stays near 2^-14 of the largest output
+    (interpreter, K = 4,096), under a bf16 or fp16 output's own rounding (2^-9, 2^-11); float32 activations
+    keep the exact loop. `LLMX_GEMV_SUBTRACT_OFFSET=1` compiles the subtract loop at every M, for A/B timing.
 
 The nibble masks reach the kernel as a runtime argument (15), not as literals. A LOP3 takes one immediate, so a
 literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead of
@@ -222,12 +225,17 @@ def _accumulate(acc, words_in, masks, s, row_ptr, pre_ptr, words, w_ok, ACT: tl.
     if FOLD_OFFSET:
         # sum_i (2^(23 - p_i) + nibble_i) * x_i - sum_i (2^(23 - p_i) + 8) * x_i: the second sum is the same for
         # every weight row, so it is computed per word column [1, WORDS] and starts the row sums.
+        # Nibble i's lowest bit sits at p in its copy (`_shifted_words`): nibbles 0-2 at 11, 15, 19 of word << 11,
+        # 3-4 at 12, 16 of the word, 5-7 at 11, 15, 19 of word >> 9; `masks` holds 0xF << 11, 15, 19, 12, 16.
         offset = tl.zeros(xs[0].shape, dtype=tl.float32)
         for i in tl.static_range(8):
-            offset += ((1 << (12 - 4 * (i % 3))) + 8.0) * xs[i]
+            p = 11 + 4 * i if i < 3 else (4 * i if i < 5 else 4 * i - 9)
+            offset += ((1 << (23 - p)) + 8.0) * xs[i]
         dots = tl.zeros(acc.shape, dtype=tl.float32) - offset
         for i in tl.static_range(8):
-            bits = (words_in[i // 3] & masks[i % 3]) | ((139 - 4 * (i % 3)) << 23)
+            p = 11 + 4 * i if i < 3 else (4 * i if i < 5 else 4 * i - 9)
+            copy = words_in[0] if i < 3 else (words_in[1] if i < 5 else words_in[2])
+            bits = (copy & masks[i if i < 5 else i - 5]) | ((150 - p) << 23)
             dots += bits.to(tl.float32, bitcast=True) * xs[i]
     else:
         dots = tl.zeros(acc.shape, dtype=tl.float32)
@@ -244,7 +252,7 @@ def _nibble_masks(nibble_mask, shape, FOLD_OFFSET: tl.constexpr):
     `nibble_mask` (15) before the K loop, so they stay in registers (see the module docstring)."""
     nibble = nibble_mask + tl.zeros(shape, dtype=tl.int32)
     if FOLD_OFFSET:
-        masks = (nibble << 11, nibble << 15, nibble << 19)
+        masks = (nibble << 11, nibble << 15, nibble << 19, nibble << 12, nibble << 16)
     else:
         masks = (nibble, nibble << 4, nibble << 8, nibble << 12)
     return masks
@@ -252,12 +260,11 @@ def _nibble_masks(nibble_mask, shape, FOLD_OFFSET: tl.constexpr):
 
 @jit
 def _shifted_words(qw, FOLD_OFFSET: tl.constexpr):
-    """The copies of the weight words the nibble masks apply to: three shifted ones, or the word and its high
-    half (logical shifts: no sign extension)."""
+    """The copies of the weight words the nibble masks apply to: the word shifted left by 11, the word itself and
+    the word shifted right by 9, or the word and its high half (logical shifts: no sign extension)."""
     unsigned = qw.to(tl.uint32, bitcast=True)
     if FOLD_OFFSET:
-        copies = ((unsigned << 11).to(tl.int32, bitcast=True), (unsigned >> 1).to(tl.int32, bitcast=True),
-                  (unsigned >> 13).to(tl.int32, bitcast=True))
+        copies = ((unsigned << 11).to(tl.int32, bitcast=True), qw, (unsigned >> 9).to(tl.int32, bitcast=True))
     else:
         copies = (qw, (unsigned >> 16).to(tl.int32, bitcast=True))
     return copies
