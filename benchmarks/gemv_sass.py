@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -38,8 +39,8 @@ DIVISIBLE_BY_16 = list(ARGS)[:-1]
 def compile_gemv(args: argparse.Namespace):
     constants = dict(M_ROWS=args.rows, GROUP_SIZE=128, ACT=tl.bfloat16, GROUPED_SCALES=True,
                      HAS_PRE_SCALE=args.pre_scale, HAS_BIAS=False, GATED=args.gated, HAS_OUT_SCALE=False,
-                     FOLD_OFFSET=args.rows <= w4a16_gemv.FOLD_MAX_ROWS and not args.subtract_offset, EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k,
-                     SPLIT_K=1, NUM_STAGES=args.stages, PDL=True)
+                     FOLD_OFFSET=w4a16_gemv.folds_offset(args.rows, torch.bfloat16) and not args.subtract_offset,
+                     EVEN_K=True, BLOCK_N=args.block_n, BLOCK_K=args.block_k, SPLIT_K=1, NUM_STAGES=args.stages, PDL=True)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     attrs = {(list(ARGS).index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     source = ASTSource(fn=w4a16_gemv._w4a16_gemv_kernel, signature=signature, constexprs=constants, attrs=attrs)

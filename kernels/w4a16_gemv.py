@@ -88,7 +88,8 @@ from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
-# The A/B switch of the runtime nibble mask (see above); read once, like LLMX_PDL.
+# The A/B switch of the folded-offset loop (see above): 1 compiles the subtract loop at every M. Read once, like
+# LLMX_PDL.
 _SUBTRACT_OFFSET = os.environ.get("LLMX_GEMV_SUBTRACT_OFFSET", "0") == "1"
 # Folding pays at M <= 2 only: at M = 4 the offsets cost 4 multiply-adds per word column where the subtract
 # loop shares one subtract per weight among the rows (gemv_sass.py: 1,096 -> 1,143 instructions at M = 4).
@@ -145,7 +146,8 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *
         n, k, x_words.stride(0), qwords.stride(0), scale_words.stride(0), y.stride(0), 0xF,
         M_ROWS=m, GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], GROUPED_SCALES=grouped,
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        HAS_OUT_SCALE=out_scale is not None, FOLD_OFFSET=folds_offset(m, act), EVEN_K=k % (block_k * cfg.split_k) == 0,
+        HAS_OUT_SCALE=out_scale is not None, FOLD_OFFSET=folds_offset(m, act),
+        EVEN_K=k % (block_k * cfg.split_k) == 0,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, **pdl_launch(x.device),
     )

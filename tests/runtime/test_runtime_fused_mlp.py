@@ -143,8 +143,9 @@ def test_gpu_fused_mlp_equals_unfused_fp32(family, tmp_path, monkeypatch):
 @gpu
 @pytest.mark.gpu
 def test_gpu_fused_mlp_bf16_smollm2_shapes(tmp_path, monkeypatch):
-    """SmolLM2-135M's layer shapes (12 of its 30 layers, a smaller vocabulary) in bf16: down's scale is applied before a rounding instead of after, so logits
-    agree to bf16 noise and greedy decoding picks the same tokens almost everywhere."""
+    """SmolLM2-135M's layer shapes (12 of its 30 layers, a smaller vocabulary) in bf16: down's scale is applied
+    before a rounding instead of after, so logits agree to bf16 noise and greedy decoding picks the same tokens
+    almost everywhere."""
     engine = int4_engine("llama", tmp_path, "cuda", "bfloat16", tie=True, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=12, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          vocab_size=8192, initializer_range=0.02)
