@@ -27,6 +27,7 @@ def hbm_tbps() -> float:
 SCENARIOS = {
     "bs1_128_128": BenchOptions(isl=128, osl=128, num_requests=3, concurrency=1, warmup=1),
     "bs1_2048_128": BenchOptions(isl=2048, osl=128, num_requests=3, concurrency=1, warmup=1),
+    "bs8_128_128": BenchOptions(isl=128, osl=128, num_requests=24, concurrency=8, warmup=8),
     "tput_128_128": BenchOptions(isl=128, osl=128, num_requests=1024, warmup=8),
     "tput_128_128_2k": BenchOptions(isl=128, osl=128, num_requests=2048, warmup=8),
     "tput_128_128_4k": BenchOptions(isl=128, osl=128, num_requests=4096, warmup=8),

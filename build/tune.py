@@ -6,8 +6,8 @@ the GPU, the kernel, the weight shape (N, K) and the row count M. `llmx build` t
 llmx.kernels.tuning for every (N, K) one rank launches, at each M bucket up to the one covering
 max_num_tokens (no step has more rows), and stores the winners with the GPU's name in engine.json
 `build.kernels["gemm_tiles"]`; the runtime installs them (tuning.load_engine_tiles) instead of re-tuning.
-Where a GEMM hands decode rows to a GEMV (w4a16 -> w4a16_gemv), tuning.bucket_kernels says which kernel, at
-which M, each bucket's entries are timed for.
+Where a GEMM hands decode rows to a decode kernel (w4a16 -> w4a16_mma_decode on Hopper with 16-bit activations,
+else w4a16_gemv), tuning.bucket_kernels says which kernel, at which M, each bucket's entries are timed for.
 bf16 and fp8 Linears run cuBLAS (F.linear, torch._scaled_mm): nothing to tune.
 
 Timing takes tens of seconds, so winners are also kept per user in one JSON file per GPU model, triton
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 # Formats not listed (unquantized, fp8, fp8_pc_pt) multiply through cuBLAS and have nothing to tune.
 KERNEL_OF_METHOD = {"int4": "w4a16", "w4a8_awq": "w4a8", "nvfp4": "nvfp4", "int8_sq": "int8", "int8_wo": "int8_wo"}
 # Kernels reading int4 weights in groups: the group size decides their K tile, so it is part of the case.
-GROUPED_KERNELS = ("w4a16", "w4a16_gemv", "w4a8")
+GROUPED_KERNELS = ("w4a16", "w4a16_gemv", "w4a16_mma_decode", "w4a8")
 
 CACHE_FORMAT = "llmx-gemm-tile-cache"
 CACHE_VERSION = 1
@@ -299,9 +299,11 @@ def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens
             raise LlmxError(f"Unknown GEMM kernel {kernel!r} to tune; expected one of {sorted(tuning.TUNING_CASES)}.")
     info = device_info if device_info is not None else gpu_description(device)
     cache = cache if cache is not None else TileCache.for_device(info)
+    # Which decode kernel the runtime will launch here (the tests' stand-in cases time none of them).
+    mma_decode = make_case is None and _mma_decode_available(act_dtype, device)
     work = [(timed_kernel, n, k, m) for kernel in shapes for n, k in shapes[kernel]
             for bucket in m_buckets_for(max_num_tokens)
-            for timed_kernel, m in tuning.bucket_kernels(kernel, bucket, k, group_size)]
+            for timed_kernel, m in tuning.bucket_kernels(kernel, bucket, k, group_size, mma_decode=mma_decode)]
     misses = sum(cache.get(case_key(kern, act_dtype, group_size), tuning.shape_key(m, n, k)) is None
                  for kern, n, k, m in work)
     timing = {} if timer is None else {"timer": timer}
@@ -322,6 +324,14 @@ def tune_engine_kernels(shapes: dict[str, list[tuple[int, int]]], max_num_tokens
     table["device"] = dict(info)
     return TuneReport(table, timed=timed, cached=len(work) - timed, seconds=time.perf_counter() - start,
                       warnings=tuple(cache.warnings))
+
+
+def _mma_decode_available(act_dtype: str, device: Any) -> bool:
+    import torch
+
+    from llmx.kernels.w4a16_mma_decode import mma_decode_available
+
+    return mma_decode_available(getattr(torch, act_dtype), device)
 
 
 def tune_for_engine(model: ModelConfig, quant: QuantConfig | None, act_dtype: str, mapping: Mapping,

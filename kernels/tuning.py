@@ -34,6 +34,7 @@ M_BUCKETS = (1, 16, 64, 256, 2048, 8192)
 TUNING_CASES = {
     "w4a16": ("llmx.kernels.w4a16_gemm", "w4a16_tuning_case"),
     "w4a16_gemv": ("llmx.kernels.w4a16_gemv", "w4a16_gemv_tuning_case"),
+    "w4a16_mma_decode": ("llmx.kernels.w4a16_mma_decode", "w4a16_mma_decode_tuning_case"),
     "nvfp4": ("llmx.kernels.nvfp4_gemm", "nvfp4_tuning_case"),
     "int8": ("llmx.kernels.int8_gemm", "int8_tuning_case"),
     "int8_wo": ("llmx.kernels.int8_gemm", "int8_wo_tuning_case"),
@@ -41,13 +42,17 @@ TUNING_CASES = {
 }
 
 # Weight bits per element of each kernel: decides how wide a K tile the decode defaults stream.
-_WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
+_WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "w4a16_mma_decode": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
 
 # w4a16_gemm runs the CUDA-core GEMV (w4a16_gemv.py) for M <= GEMV_MAX_M rows when K and the group size are
 # whole int32 words of 8 nibbles. The GEMV's tiles have their own table entries, under "w4a16_gemv": in the
 # M = 1 bucket, and in the M = 16 bucket (timed at M = GEMV_MAX_M) beside the tensor-core kernel's entry,
 # which then serves M = GEMV_MAX_M + 1..16.
 GEMV_MAX_M = 4
+# ... except that on Hopper the tensor-core decode kernel (w4a16_mma_decode.py) takes M = 2..16 rows of 16-bit
+# activations where K and the group size are multiples of 128 (at M = 1 the GEMV was faster on the H200): its
+# entries, under "w4a16_mma_decode", serve the M = 16 bucket.
+MMA_DECODE_MIN_M, MMA_DECODE_MAX_M = 2, 16
 
 _H100_SM_COUNT = 132
 
@@ -114,10 +119,17 @@ def w4a16_uses_gemv(m: int, k: int, group_size: int) -> bool:
     return m <= GEMV_MAX_M and k % 8 == 0 and group_size % 8 == 0
 
 
-def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = None) -> list[tuple[str, int]]:
+def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = None, *,
+                   mma_decode: bool = False) -> list[tuple[str, int]]:
     """(kernel name, M to time) of each table entry serving `kernel`'s calls with M in bucket `bucket`: the
-    kernel itself at M = bucket, except where w4a16 runs the GEMV (see GEMV_MAX_M)."""
-    if kernel != "w4a16" or group_size is None or not w4a16_uses_gemv(1, k, group_size):
+    kernel itself at M = bucket, except where w4a16 runs a decode kernel: the tensor-core decode kernel for
+    M = 2..16 where `mma_decode` (w4a16_mma_decode.mma_decode_available for the engine's dtype on this GPU) and
+    K and the group size are multiples of 128, else the GEMV (see GEMV_MAX_M)."""
+    if kernel != "w4a16" or group_size is None:
+        return [(kernel, bucket)]
+    if mma_decode and MMA_DECODE_MIN_M <= bucket <= MMA_DECODE_MAX_M and k % 128 == 0 and group_size % 128 == 0:
+        return [("w4a16_mma_decode", bucket)]
+    if not w4a16_uses_gemv(1, k, group_size):
         return [(kernel, bucket)]
     if bucket <= GEMV_MAX_M:
         return [("w4a16_gemv", bucket)]
@@ -150,6 +162,8 @@ def default_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
         raise LlmxError(f"Unknown GEMM kernel {kernel!r}; expected one of {sorted(_WEIGHT_BITS)}.")
     if kernel == "w4a16_gemv":
         return _gemv_default(n, k)
+    if kernel == "w4a16_mma_decode":
+        return _mma_decode_default(n, k)
     bits = _WEIGHT_BITS[kernel]
     if m <= 16:
         sms = sm_count()
@@ -189,8 +203,23 @@ def _gemv_default(n: int, k: int) -> TileConfig:
     return cfg
 
 
+def _mma_decode_default(n: int, k: int) -> TileConfig:
+    """w4a16_mma_decode.py: 64-row tiles (128 when even those fill every SM twice); split-K until there are
+    about 2 programs per SM, keeping at least 4 K tiles of 128 per program so the copy pipeline streams."""
+    sms = sm_count()
+    block_n = 128 if n >= 2 * 128 * sms else 64
+    tiles = -(-n // block_n)
+    split = 1
+    while split < 8 and tiles * split < 2 * sms and (k // 128) % (2 * split) == 0 and k // (128 * 2 * split) >= 4:
+        split *= 2
+    return TileConfig(16, block_n, 128, split_k=split, num_warps=4, num_stages=4)
+
+
 def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """The configurations `autotune` times for one kernel at one M bucket (the default first)."""
+    if kernel == "w4a16_mma_decode":
+        return [TileConfig(16, bn, 128, split_k=split, num_warps=4, num_stages=stages)
+                for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
     if kernel == "w4a16_gemv":
         # Each activation row adds a float32 accumulator per held word: 8 rows of 4 words spill at M > 2.
         tiles = [(bn, bk, warps) for bn, bk, warps in _GEMV_TILES if bn * bk // (1024 * warps) * min(m, 4) <= 16]

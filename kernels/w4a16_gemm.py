@@ -131,9 +131,20 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm")
     check_launch_device("w4a16_gemm", _w4a16_kernel, x, qweight, scales, bias, pre_scale)
     m, k = x.shape
-    if tuning.w4a16_uses_gemv(m, k, group_size):  # decode rows: the CUDA-core GEMV (whose module imports this one)
+    # Decode rows: the tensor-core decode kernel on Hopper, else the CUDA-core GEMV (their modules import this one).
+    from llmx.kernels.w4a16_mma_decode import launch_w4a16_mma_decode, uses_mma_decode
+    if uses_mma_decode(x, k, group_size):
+        return launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config)
+    if tuning.w4a16_uses_gemv(m, k, group_size):
         from llmx.kernels.w4a16_gemv import launch_w4a16_gemv
         return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
+    return launch_w4a16_tensor_core(x, qweight, scales, group_size, bias, pre_scale, config)
+
+
+def launch_w4a16_tensor_core(x, qweight, scales, group_size, bias, pre_scale, config) -> torch.Tensor:
+    """The tensor-core GEMM's launch for inputs already checked, at any M (w4a16_gemm sends it M > 16, or M > 4
+    where the decode kernel does not run)."""
+    m, k = x.shape
     n = qweight.shape[0]
     cfg = tuning.gemm_config("w4a16", m, n, k, config)
     block_k = _block_k_for_group(cfg.block_k, group_size)
@@ -167,15 +178,18 @@ def _block_k_for_group(block_k: int, group_size: int) -> int:
 
 
 def w4a16_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
-                      dtype: torch.dtype = torch.bfloat16):
-    """Random inputs for `tuning.autotune`: (run(config) -> output, check(output) -> bool)."""
+                      dtype: torch.dtype = torch.bfloat16, launch=None):
+    """Random inputs for `tuning.autotune`: (run(config) -> output, check(output) -> bool). `launch(x, qweight,
+    scales, group_size, bias, pre_scale, config)` is the kernel timed: the tensor-core GEMM unless given, never
+    w4a16_gemm's dispatch, which could hand the config to another kernel."""
     x = torch.randn(m, k, device=device, dtype=dtype)
     qweight = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8)
     scales = (torch.rand(n, k // group_size, device=device) * 0.02 + 0.001).to(dtype)
     expected = w4a16_gemm_ref(x, qweight, scales, group_size).float()
     tol = 2e-2 * expected.abs().max().item() + 1e-2
 
-    return tuning_case(lambda cfg: w4a16_gemm(x, qweight, scales, group_size, config=cfg), expected, tol)
+    launch = launch or launch_w4a16_tensor_core
+    return tuning_case(lambda cfg: launch(x, qweight, scales, group_size, None, None, cfg), expected, tol)
 
 
 @jit

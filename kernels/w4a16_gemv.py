@@ -2,8 +2,9 @@
 
 `w4a16_gemv(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype computes
 what `w4a16_gemm` computes (same storage format and input checks, see w4a16_gemm.py) for M <= GEMV_MAX_M (4),
-K % 8 == 0 and group_size % 8 == 0. `w4a16_gemm` hands exactly those calls here (`tuning.w4a16_uses_gemv`), so
-every caller (the runtime's Linears, build-time tuning) gets it.
+K % 8 == 0 and group_size % 8 == 0. `w4a16_gemm` hands those calls here (`tuning.w4a16_uses_gemv`), so every
+caller (the runtime's Linears) gets it, except the M = 2..16 calls that the tensor-core decode kernel takes on
+Hopper (w4a16_mma_decode.py; at M = 1 this GEMV is faster there).
 
 Why a GEMV: at M = 1..4 a GEMM is a stream of weight bytes, half a byte per weight and M multiply-adds each.
 The tensor-core kernel pads the batch to 16 and reshapes every weight into a dot operand; here each weight is
@@ -162,11 +163,10 @@ def folds_offset(m: int, dtype: torch.dtype) -> bool:
 
 def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
                            dtype: torch.dtype = torch.bfloat16):
-    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, whose launches at these sizes go
-    through the dispatch every caller takes, to the GEMV."""
+    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching the GEMV."""
     if not w4a16_uses_gemv(m, k, group_size):
         raise LlmxError(f"w4a16_gemv does not run M={m}, K={k}, group_size={group_size}; tune w4a16 there.")
-    return w4a16_tuning_case(m, n, k, device, group_size, dtype)
+    return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_gemv)
 
 
 def _as_int32(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 `w4a16_gemv_gated(x [M, K], qweight [2I, K / 2], scales, group_size, bias=None, pre_scale=None, out_scale=None)`
 returns silu(x W_gate^T) * (x W_up^T) [M, I] for a fused [gate | up] int4 weight (w4a16_gemv.py's storage format and
 limits: M <= GEMV_MAX_M, K and the group size multiples of 8). Unfused this is the GEMV into a [M, 2I] buffer,
-then silu_and_mul: a second kernel per layer.
+then silu_and_mul: a second kernel per layer. Where w4a16_gemm would send the rows to the tensor-core decode
+kernel (w4a16_mma_decode.py: Hopper, 16-bit activations, M <= 16), its gated variant runs instead, with the same
+epilogue.
 
 Each program takes BLOCK_N / 2 gate rows and the matching up rows (gathered: the GEMV streams every row
 separately anyway), so both halves of each output are in one program and every activation is computed
@@ -27,11 +29,14 @@ from llmx.kernels.activation import silu_and_mul_ref
 from llmx.kernels.tuning import TileConfig
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_gemm_ref
 from llmx.kernels.w4a16_gemv import _w4a16_gemv_kernel, check_gemv_shape, launch_w4a16_gemv
+from llmx.kernels.w4a16_mma_decode import launch_w4a16_mma_decode, uses_mma_decode
 
 
-def _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, what) -> None:
+def _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, what, *, kernel: bool = True) -> None:
+    """The inputs' shapes; for the kernel (not the reference) also the rows and sizes one of its kernels runs."""
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what)
-    check_gemv_shape(x, group_size, what, "run w4a16_gemm and silu_and_mul instead")
+    if kernel and not uses_mma_decode(x, x.shape[1], group_size):
+        check_gemv_shape(x, group_size, what, "run w4a16_gemm and silu_and_mul instead")
     n = qweight.shape[0]
     if n % 2:
         raise LlmxError(f"{what}: the weight must be [gate | up] with an even number of rows, got N={n}.")
@@ -46,6 +51,9 @@ def w4a16_gemv_gated(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     kernel. `config` overrides the GEMV tiles (split-K is never used here)."""
     _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated")
     check_launch_device("w4a16_gemv_gated", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale, out_scale)
+    if uses_mma_decode(x, x.shape[1], group_size):
+        return launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config, gated=True,
+                                       out_scale=out_scale)
     return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, gated=True,
                              out_scale=out_scale)
 
@@ -54,6 +62,6 @@ def w4a16_gemv_gated_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                          bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None,
                          out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Pure torch: w4a16_gemm_ref, silu_and_mul_ref, then out_scale. Same contract as `w4a16_gemv_gated`."""
-    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated_ref")
+    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated_ref", kernel=False)
     y = silu_and_mul_ref(w4a16_gemm_ref(x, qweight, scales, group_size, bias, pre_scale))
     return y if out_scale is None else y * out_scale.to(y.dtype)

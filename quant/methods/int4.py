@@ -153,7 +153,12 @@ class Int4Method(QuantMethod):
 
         weight, scale = tensors["weight"], tensors["weight_scale"]
         group_size = group_size_of(weight, scale)
-        if x.dim() != 2 or not use_kernels(x) or not w4a16_uses_gemv(x.shape[0], x.shape[1], group_size):
+        if x.dim() != 2 or not use_kernels(x):
+            return None
+        from llmx.kernels.w4a16_mma_decode import uses_mma_decode
+
+        m, k = x.shape
+        if not (uses_mma_decode(x, k, group_size) or w4a16_uses_gemv(m, k, group_size)):
             return None
         from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated
 

@@ -228,7 +228,8 @@ def test_formats_without_triton_gemms_have_nothing_to_tune(checkpoints):
     assert names == set(build_tune.KERNEL_OF_METHOD) | {"unquantized", "fp8", "fp8_pc_pt"}
     # Every tunable kernel is one a format launches, or one such a kernel hands some row counts to.
     launched = {name for kernel in build_tune.KERNEL_OF_METHOD.values() for bucket in tuning.M_BUCKETS
-                for name, _ in tuning.bucket_kernels(kernel, bucket, 4096, 128)}
+                for mma_decode in (False, True)
+                for name, _ in tuning.bucket_kernels(kernel, bucket, 4096, 128, mma_decode=mma_decode)}
     assert launched == set(tuning.TUNING_CASES)
 
 
@@ -244,10 +245,12 @@ def test_real_tuning_cases_take_the_engine_dtype_and_group_size():
     """The cases a real build times are the kernel modules' own, built with the engine's activation dtype
     (and int4 group size); their inputs are made here on the CPU, nothing is launched."""
     for kernel, (module, fn) in tuning.TUNING_CASES.items():
-        case = build_tune._default_case(kernel, "float32", 32)
-        assert case.func.__name__ == fn and case.keywords["dtype"] is torch.float32
-        assert case.keywords.get("group_size") == (32 if kernel in build_tune.GROUPED_KERNELS else None)
-        run, check = case(3, 64, 64, "cpu")
+        # The tensor-core decode kernel runs 16-bit activations and groups of 128 only.
+        dtype, group, k = ("float16", 128, 256) if kernel == "w4a16_mma_decode" else ("float32", 32, 64)
+        case = build_tune._default_case(kernel, dtype, group)
+        assert case.func.__name__ == fn and case.keywords["dtype"] is getattr(torch, dtype)
+        assert case.keywords.get("group_size") == (group if kernel in build_tune.GROUPED_KERNELS else None)
+        run, check = case(3, 64, k, "cpu")
         assert callable(run) and callable(check)
     with pytest.raises(LlmxError, match="group size"):
         build_tune._default_case("w4a16", "bfloat16", None)

@@ -36,3 +36,12 @@ def run_interpreted_tests(test_file: str) -> None:
     report = child.stdout[-8000:] + child.stderr[-2000:]
     assert child.returncode == 0, report
     assert " passed" in child.stdout and "skipped" not in child.stdout, report
+
+
+@pytest.fixture
+def without_mma_decode(monkeypatch):
+    """Keep w4a16_gemm's decode rows on the CUDA-core GEMV: on Hopper the dispatch sends 16-bit ones to the
+    tensor-core decode kernel (kernels/w4a16_mma_decode.py), which has its own tests."""
+    from llmx.kernels import w4a16_mma_decode
+
+    monkeypatch.setattr(w4a16_mma_decode, "_ENABLED", False)

@@ -33,6 +33,15 @@ SEED = int(os.environ.get("LLMX_TEST_SEED", random.SystemRandom().randrange(2**3
 E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
+
+@pytest.fixture(autouse=True)
+def _gemv_not_mma_decode(monkeypatch):
+    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel (which has its
+    own tests): on Hopper the dispatch would send 16-bit decode rows there."""
+    from llmx.kernels import w4a16_mma_decode
+
+    monkeypatch.setattr(w4a16_mma_decode, "_ENABLED", False)
+
 def _gen(salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1000 + salt)
 

@@ -17,11 +17,17 @@ import json
 import pytest
 import torch
 
-from helpers.triton_interpreter import IN_INTERPRETER, interpreted, needs_cuda, run_interpreted_tests, runs_children
+from helpers.triton_interpreter import (IN_INTERPRETER, interpreted, needs_cuda, run_interpreted_tests, runs_children,
+                                       without_mma_decode)
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning, w4a16_gemm, w4a16_gemv
 from llmx.kernels.tuning import TileConfig
 
+
+
+@pytest.fixture(autouse=True)
+def _gemv_not_mma_decode(without_mma_decode):
+    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel."""
 
 @runs_children
 def test_kernels_in_triton_interpreter():

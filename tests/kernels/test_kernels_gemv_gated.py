@@ -11,12 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children
+from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children, without_mma_decode
 from llmx.common.errors import LlmxError
 from llmx.kernels import activation, w4a16_gemv
 from llmx.kernels.tuning import TileConfig
 from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
 
+
+
+@pytest.fixture(autouse=True)
+def _gemv_not_mma_decode(without_mma_decode):
+    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel."""
 
 @runs_children
 def test_kernels_in_triton_interpreter():
@@ -81,7 +86,8 @@ def test_gated_gemv_refuses_what_it_does_not_run():
     with pytest.raises(LlmxError, match=r"out_scale must have shape \[N / 2\] = \[16\]"):
         w4a16_gemv_gated_ref(x, qweight, scales, 32, out_scale=out_scale[:8])
     with pytest.raises(LlmxError, match="run w4a16_gemm and silu_and_mul instead"):
-        w4a16_gemv_gated_ref(torch.randn(5, 64), qweight, scales, 32)
+        w4a16_gemv_gated(torch.randn(5, 64), qweight, scales, 32)
+    assert w4a16_gemv_gated_ref(torch.randn(5, 64), qweight, scales, 32).shape == (5, 16)  # any M
 
 
 def test_gated_reference_is_gemm_then_activation_then_scale():

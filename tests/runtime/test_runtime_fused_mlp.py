@@ -1,10 +1,12 @@
-"""The MLP's fused path (decoder.MLP with kernels/w4a16_gemv_gated.py): silu(gate) * up in the int4 gate_up GEMV,
-which also applies down_proj's AWQ input scale so that the down GEMV skips it.
+"""The int4 decode paths in whole engines. The MLP's fused path (decoder.MLP with kernels/w4a16_gemv_gated.py):
+silu(gate) * up in the int4 gate_up GEMV, which also applies down_proj's AWQ input scale so that the down GEMV
+skips it; and on Hopper the tensor-core decode kernel (kernels/w4a16_mma_decode.py) for 2..16 rows.
 
 On CPU: which Linears offer the pieces, and (test_interpreted_*, in a child process under Triton's interpreter)
 that an int4_awq engine's MLP gives the same output fused and unfused. On a GPU (skipped elsewhere): whole
 engines through CUDA graphs with the fused MLP on and off, in float32 (same tokens) and, at SmolLM2's shapes,
-in bf16 (rounding-level differences).
+in bf16 (rounding-level differences); on Hopper, a bf16 engine decoding 4 sequences with the tensor-core decode
+kernel on and off.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def test_runtime_in_triton_interpreter():
     run_interpreted_tests(__file__)
 
 
-def int4_engine(family: str, tmp, device: str, dtype: str = "float32", **hf_overrides):
+def int4_engine(family: str, tmp, device: str, dtype: str = "float32", group_size: int = 32, **hf_overrides):
     """A tiny `family` model quantized with int4_awq (group 32: AWQ leaves pre_quant_scale on o/down), built
     without tuning: on the lent GPU the SmolLM2-shaped bf16 test ran past its time limit three times, and the
     third run's traceback showed the build compiling tile candidates (tests use the default tiles)."""
@@ -40,7 +42,7 @@ def int4_engine(family: str, tmp, device: str, dtype: str = "float32", **hf_over
     calib = tmp / "calib.txt"
     calib.write_text((CORPUS / "austen_emma.txt").read_text()[:20_000])
     quantize(convert(hf_dir, tmp / "ckpt", dtype=dtype), tmp / "q", algo="int4_awq", calib_data=str(calib),
-             calib_size=8, calib_seq_len=64, group_size=32, device=device)
+             calib_size=8, calib_seq_len=64, group_size=group_size, device=device)
     build = BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=16, device=device)
     return build_engine(tmp / "q", tmp / f"engine-{device}", build, tune=False).path
 
@@ -153,5 +155,47 @@ def test_gpu_fused_mlp_bf16_smollm2_shapes(tmp_path, monkeypatch):
     (off_tokens, off_logits), (on_tokens, on_logits) = _generate_both_ways(engine, prompts, monkeypatch)
     relative = ((on_logits - off_logits).norm() / off_logits.norm()).item()
     assert relative <= 0.05, relative
+    agree = sum(a == b for on, off in zip(on_tokens, off_tokens) for a, b in zip(on, off))
+    assert agree >= 0.9 * sum(len(t) for t in off_tokens)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU (the tensor-core decode kernel)")
+def test_gpu_tensor_core_decode_matches_the_gemv_path_bf16(tmp_path, monkeypatch):
+    """An int4_awq engine with groups of 128 in bf16, 4 sequences at once: with the tensor-core decode kernel on,
+    every decode step's Linears and fused MLP run it (M = 4, through CUDA graphs); off, the GEMV does. Greedy
+    tokens agree almost everywhere and 4-token prefill logits (M = 4 as well) agree to bf16 noise."""
+    from llmx.kernels import w4a16_gemv_gated, w4a16_mma_decode
+    from llmx.runtime.engine import LLM
+    from llmx.runtime.sequence import SamplingParams
+
+    engine = int4_engine("llama", tmp_path, "cuda", "bfloat16", group_size=128, tie=True, hidden_size=256,
+                         intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, vocab_size=4096, initializer_range=0.02)
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(4)]
+    launches = []
+    launch = w4a16_mma_decode.launch_w4a16_mma_decode
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs.get("gated", False))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(w4a16_mma_decode, "launch_w4a16_mma_decode", counted)
+    monkeypatch.setattr(w4a16_gemv_gated, "launch_w4a16_mma_decode", counted)
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(w4a16_mma_decode, "_ENABLED", enabled)
+        launches.clear()
+        llm = LLM(engine, kv_cache_fraction=0.2)
+        assert llm.runner.graphs is not None
+        tokens = [o.output_token_ids for o in llm.generate(prompts, SamplingParams(**GREEDY))]
+        logits = torch.stack([llm.runner.prompt_logits(p[:4])[-1] for p in prompts])
+        results.append((tokens, logits))
+        assert (set(launches) == {False, True}) if enabled else not launches
+    (off_tokens, off_logits), (on_tokens, on_logits) = results
+    relative = ((on_logits - off_logits).norm() / off_logits.norm()).item()
+    assert relative <= 0.03, relative
     agree = sum(a == b for on, off in zip(on_tokens, off_tokens) for a, b in zip(on, off))
     assert agree >= 0.9 * sum(len(t) for t in off_tokens)

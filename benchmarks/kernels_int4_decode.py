@@ -1,0 +1,118 @@
+"""The int4 decode kernels against each other on the GPU: the tensor-core decode kernel (w4a16_mma_decode.py,
+launched directly) and what w4a16_gemm runs without it (the CUDA-core GEMV at M <= 4, the tensor-core GEMM above).
+
+    python benchmarks/kernels_int4_decode.py [--m 1,2,4,8,16] [--sweep] [--json out.json]
+
+Llama-3.1-8B shapes, bf16, int4 group 128, graph-timed (kernels/gpu_timing.py), us per call and the share of
+the H200's 4.8 TB/s that the weight and scale bytes would take at that time: qkv, o (with AWQ's pre_scale),
+gate_up (gated: silu(gate) * up and down's scale in the same kernel), down, and the int4 LM head. Every output
+is checked against the pure-torch reference first. `--sweep` also times every tile config of the decode kernel
+at M = 1 and prints the fastest per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from llmx.kernels import w4a16_mma_decode as mma
+from llmx.kernels.gpu_timing import graph_time_ms
+from llmx.kernels.tuning import TileConfig
+from llmx.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
+from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
+
+GROUP = 128
+HBM_TB_S = 4.8
+# name: (N, K, variant)
+SHAPES = {"qkv": (6144, 4096, "plain"), "o": (4096, 4096, "pre_scale"), "gate_up": (28672, 4096, "gated"),
+          "down": (4096, 14336, "plain"), "lm_head": (128256, 4096, "plain")}
+SWEEP = [TileConfig(16, bn, 128, split_k=split, num_warps=4, num_stages=stages)
+         for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
+
+
+def _case(n: int, k: int, m: int, variant: str, g: torch.Generator):
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
+    scales = (torch.rand(n, k // GROUP, generator=g) * 0.02 + 0.002).to(**bf16)
+    x = torch.randn(m, k, generator=g).to(**bf16)
+    pre = (torch.rand(k, generator=g) + 0.5).to(**bf16) if variant == "pre_scale" else None
+    out_scale = (torch.rand(n // 2, generator=g) + 0.5).to(**bf16) if variant == "gated" else None
+    gated = variant == "gated"
+    if gated:
+        def before():  # the gated GEMV, M <= 4
+            return w4a16_gemv_gated(x, qweight, scales, GROUP, None, pre, out_scale)
+        ref = w4a16_gemv_gated_ref(x.float(), qweight, scales.float(), GROUP, None, None, out_scale.float())
+    else:
+        def before():  # w4a16_gemm's dispatch without the decode kernel: the GEMV at M <= 4, else the GEMM
+            return w4a16_gemm(x, qweight, scales, GROUP, None, pre)
+        ref = w4a16_gemm_ref(x.float(), qweight, scales.float(), GROUP, None, None if pre is None else pre.float())
+
+    def run(config=None):
+        return mma.launch_w4a16_mma_decode(x, qweight, scales, GROUP, None, pre, config, gated=gated,
+                                           out_scale=out_scale)
+    return before, run, ref
+
+
+def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _us(run) -> float:
+    return graph_time_ms(run)[0] * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", default="1,2,4,8,16", help="decode rows, comma-separated (1..16)")
+    ap.add_argument("--sweep", action="store_true", help="time every decode tile config at M = 1")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for m in [int(v) for v in args.m.split(",")]:
+        for name, (n, k, variant) in SHAPES.items():
+            run_before, run, ref = _case(n, k, m, variant, g)
+            mma._ENABLED = False
+            before = None  # the gated GEMV stops at M = 4: above, gate_up ran unfused before this kernel
+            if not (variant == "gated" and m > 4):
+                y = run_before()
+                before = (_us(run_before), _error(y, ref))
+            mma._ENABLED = True
+            y = run()
+            after = (_us(run), _error(y, ref))
+            weight_bytes = n * k // 2 + 2 * n * k // GROUP
+            row = {"m": m, "shape": name, "n": n, "k": k, "variant": variant,
+                   "before_us": before and round(before[0], 2), "before_err": before and before[1],
+                   "mma_us": round(after[0], 2), "mma_err": after[1],
+                   "mma_hbm": round(weight_bytes / (after[0] * 1e-6) / (HBM_TB_S * 1e12), 3),
+                   "default": mma.mma_decode_config(m, n, k).to_dict()}
+            rows.append(row)
+            print(f"M={m:2d} {name:8s} before {row['before_us'] or float('nan'):7.1f} us  mma {row['mma_us']:7.1f} us "
+                  f"({100 * row['mma_hbm']:4.0f}% of HBM)  err before {row['before_err'] or 0:.1e} mma "
+                  f"{row['mma_err']:.1e}  tiles {row['default']}", flush=True)
+    sweep = {}
+    if args.sweep:
+        for name, (n, k, variant) in SHAPES.items():
+            _, run, ref = _case(n, k, 1, variant, g)
+            timed = []
+            for cfg in SWEEP:
+                try:
+                    y = run(cfg)
+                except Exception as exc:  # noqa: BLE001  (a config that does not fit is reported, not fatal)
+                    print(f"sweep {name} {cfg.to_dict()}: {type(exc).__name__}: {exc}"[:200], flush=True)
+                    continue
+                err = _error(y, ref)
+                timed.append((_us(lambda cfg=cfg: run(cfg)), cfg.to_dict(), err))
+            timed.sort(key=lambda t: t[0])
+            sweep[name] = timed
+            for us, cfg, err in timed[:4]:
+                print(f"sweep M=1 {name:8s} {us:7.1f} us  err {err:.1e}  {cfg}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweep}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""W4A16 decode GEMM on Hopper's tensor cores: int4 group-wise weights times 2..16 activation rows.
+
+`w4a16_mma_decode(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` computes what
+`w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 16 rows of fp16/bf16 activations, K % 128 == 0
+and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_gemm` hands it the calls with
+M = 2..16 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it; `LLMX_INT4_DECODE=gemv` turns
+that off (A/B switch, read once).
+
+Why: the CUDA-core GEMV (w4a16_gemv.py) does a multiply-add per weight and activation row, so its time grows
+with M (H200, Llama-3.1-8B gate_up: 23.6 us at M = 1, 41.1 at M = 2, 60.4 at M = 4), and past M = 4 the tensor-core
+GEMM it hands over to padded every weight tile through a slow conversion (down: 54.5 us at M = 8). Here the
+multiply-adds go to the tensor cores, where padding the batch to 16 rows is free: 29-31 us for gate_up at every
+M from 1 to 16, 16-19 us for down (benchmarks/kernels_int4_decode.py, BENCHMARKS.md, seventh session). At
+M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there.
+
+The tile: program (pid_n, pid_k) takes BLOCK_N weight rows and the pid_k-th of SPLIT_K slices of the K loop,
+and computes out^T [BLOCK_N, 16] = W [BLOCK_N, 128] @ x^T [128, 16] per 128-input K tile with one wgmma whose
+A operand (the weights) comes from registers and whose B operand (x) Triton copies into shared memory.
+The tile lies in one quantization group, so the group scale multiplies the [BLOCK_N, 16] partial product.
+(Scaling the weights instead, so that the wgmmas can run ahead without a wait per tile, was 15-20% slower:
+its extra packed multiply per two weights costs more than the waits.)
+
+Conversion: a word of 8 nibbles (inputs 8w + 2j + e, j < 4, e < 2) becomes 4 registers of two 16-bit
+values, (nibble 2j, nibble 2j + 1), each a PRMT (byte j of the word and of the word >> 4), a LOP3 (mask the
+two nibbles, OR in the exponent of 2^7 for bf16 or 2^10 for fp16: 128 + nibble, 1024 + nibble exactly) and a
+packed subtract of 136 or 1032: 13 instructions per 8 weights (inline PTX; Triton's interpreter runs the same
+arithmetic in plain Triton instead). The K loop is 210 instructions per thread for 64 weights (sm_90, triton
+3.6), against 320 for the tensor-core GEMM's conversion of the same tile.
+
+Operand order: a wgmma A register holds the weights of two adjacent dot positions (2a + 8i + {0, 1} for the
+thread's lane a = lane % 4), and a thread's positions stride by 8. So the dot does not take the inputs in
+memory order: the tile's word w = a * 4 + ib (a < 4, ib < 4) feeds dot positions d = 8 (4 ib + j) + 2 a + e.
+Every thread then converts the 4 consecutive words of a 16-byte read into exactly its own A registers, with
+no data moved between threads, and x is read in the same permuted order (`_dot_order_inputs`: pairs of
+adjacent inputs, 4-byte asynchronous copies). The permutation is a relabelling the compiler resolves; the
+result is x W^T as usual.
+
+Split-K: wgmma tiles are 64 weight rows at least, so N = 4096 makes only 64 tiles for 132 SMs. With
+SPLIT_K > 1 each program writes its float32 partial tile to a workspace and takes a ticket from a per-tile
+counter; the last of a tile's programs adds the partials and writes the output (bias, gate, rounding). It
+then resets the counter, so the counters (one buffer per GPU, zeroed once) are ready for the next launch, and
+no zero-fill or cast kernel is needed. With programmatic dependent launch a kernel touches the workspace only
+after its wait, when the previous launch has completed.
+
+Gated variant (GATED): the weight is a fused [gate | up]; a tile gathers BLOCK_N / 2 gate rows and the
+matching up rows and writes silu(gate) * up (times out_scale) rounded as w4a16_gemv_gated.py rounds it.
+`pre_scale` (AWQ) multiplies x in registers before it goes to shared memory.
+
+Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_mma_decode" (block_m 16, block_k 128;
+block_n 64 or 128, split_k, num_stages, num_warps 4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmx.common.errors import LlmxError
+from llmx.kernels import tuning
+from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
+from llmx.kernels.pdl import pdl_launch, release, wait_only
+from llmx.kernels.tuning import MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, TileConfig
+
+MMA_BLOCK_K = 128
+MMA_DTYPES = (torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else {}
+# The decode kernel's A/B switch: "gemv" sends decode rows to the CUDA-core GEMV (M <= 4) and the older
+# tensor-core GEMM instead. Read once, like LLMX_PDL.
+_ENABLED = os.environ.get("LLMX_INT4_DECODE", "mma") != "gemv"
+
+# Per-GPU split-K tile counters (int32, zero between launches) and the number of tiles they cover.
+_COUNTERS: dict[str, torch.Tensor] = {}
+_MIN_COUNTERS = 4096
+
+
+def mma_decode_available(dtype: torch.dtype, device: torch.device | str = "cuda") -> bool:
+    """Whether decode rows of `dtype` activations on `device` go to this kernel (given K and group size)."""
+    device = torch.device(device)
+    if not _ENABLED or dtype not in MMA_DTYPES or device.type != "cuda" or interpreter_active():
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether w4a16_gemm hands an x [M, K] call with this group size to the tensor-core decode kernel: on Hopper
+    (wgmma, packed bf16 arithmetic), never in Triton's interpreter (whose tests call the kernel directly)."""
+    if not MMA_DECODE_MIN_M <= x.shape[0] <= MMA_DECODE_MAX_M or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+        return False
+    return mma_decode_available(x.dtype, x.device)
+
+
+def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None, *,
+                     config: TileConfig | dict | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype, for M <= 16 decode rows.
+
+    `config` overrides the tile configuration (else the tuned table, else the default)."""
+    from llmx.kernels.w4a16_gemm import check_int4_inputs
+
+    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_mma_decode")
+    check_mma_decode_shape(x, group_size, "w4a16_mma_decode")
+    check_launch_device("w4a16_mma_decode", _w4a16_mma_decode_kernel, x, qweight, scales, bias, pre_scale)
+    return launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config)
+
+
+def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
+    """Refuse an x [M, K] and group size the kernel does not run, saying what to call instead."""
+    m, k = x.shape
+    if m > MMA_DECODE_MAX_M or x.dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+        raise LlmxError(f"{what} takes M <= {MMA_DECODE_MAX_M} rows of float16/bfloat16, K and group_size "
+                        f"multiples of {MMA_BLOCK_K}, got M={m}, {x.dtype}, K={k}, group_size={group_size}; "
+                        f"call w4a16_gemm, which picks the kernel.")
+
+
+def mma_decode_config(m: int, n: int, k: int, override: TileConfig | dict | None = None) -> TileConfig:
+    """The launch's tiles: `override`, else the tuned entry, else the default (tuning.py); split_k is cut to a
+    power of two that divides the K tiles."""
+    cfg = tuning.gemm_config("w4a16_mma_decode", m, n, k, override)
+    split = cfg.split_k
+    while split > 1 and (k // MMA_BLOCK_K) % split:
+        split //= 2
+    return cfg if split == cfg.split_k else cfg.replace(split_k=split)
+
+
+def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config, *, gated: bool = False,
+                            out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The launch for inputs already checked; `gated`: silu(gate) * up [M, N / 2] (times out_scale [N / 2])."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    cfg = mma_decode_config(m, n, k, config)
+    act = x.dtype
+    x = x if x.stride(1) == 1 else x.contiguous()
+    width = n // 2 if gated else n
+    y = torch.empty((m, width), device=x.device, dtype=act)
+    tiles = triton.cdiv(width, cfg.block_n // 2) if gated else triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k
+    workspace = torch.empty((split, m, tiles * cfg.block_n) if split > 1 else (1,), device=x.device,
+                            dtype=torch.float32)
+    counters = _tile_counters(x.device, tiles) if split > 1 else workspace
+    _w4a16_mma_decode_kernel[(tiles, split)](
+        x, qweight.view(torch.int32), scales.to(act).contiguous(),
+        x if pre_scale is None else pre_scale.to(act).contiguous(),
+        x if bias is None else bias.to(act).contiguous(),
+        x if out_scale is None else out_scale.to(act).contiguous(), y, workspace, counters,
+        m, n, k, x.stride(0), qweight.stride(0) // 4, scales.stride(0), y.stride(0),
+        GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], USE_ASM=not interpreter_active(),
+        HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
+        HAS_OUT_SCALE=out_scale is not None, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K, SPLIT_K=split,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x.device),
+    )
+    return y
+
+
+def w4a16_mma_decode_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
+                                 dtype: torch.dtype = torch.bfloat16):
+    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching this kernel."""
+    from llmx.kernels.w4a16_gemm import w4a16_tuning_case
+
+    if m > MMA_DECODE_MAX_M or dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+        raise LlmxError(f"w4a16_mma_decode does not run M={m}, {dtype}, K={k}, group_size={group_size}; tune "
+                        f"w4a16 there.")
+    return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_mma_decode)
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The zeroed int32 counters of `device` for `tiles` split-K tiles (allocated once, grown if needed; never
+    while a CUDA graph is captured, since the runtime warms every shape up first)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counters = _COUNTERS.get(str(device))
+    if counters is None or counters.numel() < tiles:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise LlmxError("w4a16_mma_decode: its split-K counters must exist before CUDA-graph capture; run "
+                            "the shape once eagerly first (the runtime's warm-up does).")
+        counters = torch.zeros(max(tiles, _MIN_COUNTERS), device=device, dtype=torch.int32)
+        _COUNTERS[str(device)] = counters
+    return counters
+
+
+def _conversion_ptx(magic: str, sub: str) -> str:
+    """The PTX of `_unpack_pairs`: $4 (= $5) is the word, $0..$3 get (nibble 2j, nibble 2j + 1) - 8. `magic` is
+    the 16-bit float 2^7 (bf16) or 2^10 (fp16), twice; m holds that plus 8."""
+    offset = f"0x{int(magic, 16) + 0x00080008:08X}"
+    lines = [".reg .b32 v, m;", f"mov.b32 m, {offset};", "shr.b32 v, $4, 4;"]
+    lines += [f"prmt.b32 ${j}, $4, v, 0x0{4 + j}0{j};" for j in range(4)]
+    lines += [f"lop3.b32 ${j}, ${j}, 0x000F000F, {magic}, 0xEA;" for j in range(4)]
+    lines += [f"{sub} ${j}, ${j}, m;" for j in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# Triton's JIT takes strings only as literals or constexpr globals.
+_PTX_BF16 = tl.constexpr(_conversion_ptx("0x43004300", "sub.rn.bf16x2")) if tl else None
+_PTX_FP16 = tl.constexpr(_conversion_ptx("0x64006400", "sub.f16x2")) if tl else None
+
+
+@jit
+def _unpack_pairs(pairs, ACT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [..., 2] (each word twice along the last axis) -> 4 tensors of ACT [..., 2]: o_j[..., e] =
+    nibble 2j + e of the word - 8, exactly. With USE_ASM the two values of o_j share one register: a PRMT, a LOP3
+    and a packed subtract per register (_conversion_ptx)."""
+    if USE_ASM:
+        if ACT == tl.bfloat16:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                _PTX_BF16, "=r,=r,=r,=r,r,r", [pairs],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        else:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                _PTX_FP16, "=r,=r,=r,=r,r,r", [pairs],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        e = tl.arange(0, 2)
+        o0 = (((pairs >> (4 * e)) & 15) - 8).to(ACT)
+        o1 = (((pairs >> (8 + 4 * e)) & 15) - 8).to(ACT)
+        o2 = (((pairs >> (16 + 4 * e)) & 15) - 8).to(ACT)
+        o3 = (((pairs >> (24 + 4 * e)) & 15) - 8).to(ACT)
+    return o0, o1, o2, o3
+
+
+@jit
+def _dequantize_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
+                     USE_ASM: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K / 8] in memory order -> nibble - 8 [BLOCK_N, BLOCK_K] in ACT, in dot order:
+    word w = a * IB + ib, input 8 w + 2 j + e goes to dot position 8 (4 ib + j) + 2 a + e (module docstring)."""
+    IB: tl.constexpr = BLOCK_K // 32
+    words = tl.permute(tl.reshape(words, (BLOCK_N, 4, IB)), (0, 2, 1))  # [n, ib, a]
+    o0, o1, o2, o3 = _unpack_pairs(tl.join(words, words), ACT, USE_ASM)  # [n, ib, a, e] each
+    w = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [n, ib, a, e, j0, j1] with j = j0 + 2 j1
+    return tl.reshape(tl.permute(w, (0, 1, 5, 4, 2, 3)), (BLOCK_N, BLOCK_K))
+
+
+@jit
+def _dot_order_inputs(BLOCK_K: tl.constexpr):
+    """The tile input k that dot position d takes (the inverse of `_dequantize_tile`'s relabelling): [BLOCK_K]
+    int32, adjacent pairs contiguous."""
+    IB: tl.constexpr = BLOCK_K // 32
+    d = tl.arange(0, BLOCK_K)
+    k = 8 * (((d // 2) % 4) * IB + d // 32) + 2 * ((d // 8) % 4) + d % 2
+    return tl.max_contiguous(tl.multiple_of(k, 2), 2)
+
+
+@jit
+def _finish(total, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT: tl.constexpr,
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a tile's whole float32 sums out^T [BLOCK_N, 16] (rows m < M): plus the bias, or for GATED the
+    BLOCK_N / 2 values silu(gate) * up (times out_scale), rounded as silu_and_mul after a 16-bit gate_up output."""
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rows).to(tl.float32)[:, None]
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(total.to(ACT).to(tl.float32), (2, HALF, 16)), (1, 2, 0)))
+        out = (gate / (1.0 + tl.exp(-gate))).to(ACT).to(tl.float32) * up
+        cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        ok = cols < N // 2
+        if HAS_OUT_SCALE:
+            out *= tl.load(out_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m[None, :] * stride_om + cols[:, None], out.to(ACT),
+                 mask=ok[:, None] & (offs_m < M)[None, :])
+    else:
+        tl.store(out_ptr + offs_m[None, :] * stride_om + slots[:, None], total.to(ACT),
+                 mask=(slots < N)[:, None] & (offs_m < M)[None, :])
+
+
+@jit
+def _w4a16_mma_decode_kernel(
+    x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_scale_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, USE_ASM: tl.constexpr, HAS_PRE_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's rows (gated: its slots of gathered rows)
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        idx = tl.arange(0, BLOCK_N)
+        rows = tl.minimum(pid_n * HALF + idx % HALF, N // 2 - 1) + (idx // HALF) * (N // 2)
+    else:
+        # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
+        rows = tl.minimum(slots, N - 1)
+    offs_m = tl.arange(0, 16)
+    dot_k = _dot_order_inputs(BLOCK_K)
+    # Batch rows past M read row M - 1: no masks in the copy; their outputs are never stored.
+    x_tile = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + dot_k[None, :]
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    wait_only(PDL)
+    if not GATED:
+        release(PDL)
+    iters = K // (BLOCK_K * SPLIT_K)
+    for it in tl.range(0, iters, num_stages=NUM_STAGES):
+        k0 = (pid_k * iters + it) * BLOCK_K
+        words = tl.load(qw_ptr + rows[:, None] * stride_qn + (k0 // 8 + offs_w)[None, :])
+        x = tl.load(x_tile + k0)
+        if HAS_PRE_SCALE:
+            x = (x * tl.load(pre_ptr + k0 + dot_k)[None, :]).to(ACT)
+        s = tl.load(scales_ptr + rows * stride_sn + k0 // GROUP_SIZE).to(tl.float32)
+        w = _dequantize_tile(words, BLOCK_N, BLOCK_K, ACT, USE_ASM)
+        acc += tl.dot(w, tl.trans(x)) * s[:, None]
+    if GATED:
+        release(PDL)  # late, as the gated GEMV does: its dependent is the down projection (w4a16_gemv.py)
+
+    if SPLIT_K == 1:
+        _finish(acc, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT, HAS_BIAS,
+                GATED, HAS_OUT_SCALE, BLOCK_N)
+    else:
+        width = tl.num_programs(0) * BLOCK_N
+        ws_tile = ws_ptr + offs_m[None, :] * width + slots[:, None]
+        m_ok = (offs_m < M)[None, :]
+        tl.store(ws_tile + pid_k * M * width, acc, mask=m_ok)
+        tl.debug_barrier()  # every thread's partial sums are written before the ticket is taken
+        ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            for part in tl.static_range(SPLIT_K):
+                total += tl.load(ws_tile + part * M * width, mask=m_ok, other=0.0, cache_modifier=".cg")
+            _finish(total, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT,
+                    HAS_BIAS, GATED, HAS_OUT_SCALE, BLOCK_N)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")

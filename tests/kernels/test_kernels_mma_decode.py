@@ -1,0 +1,186 @@
+"""The tensor-core int4 decode kernel (kernels/w4a16_mma_decode.py) against the pure-torch reference.
+
+Interpreted tests (test_interpreted_*) run in a child process with TRITON_INTERPRET=1 in float16 (the interpreter
+computes bfloat16 wrongly), where the weights are converted in plain Triton instead of inline PTX: they check the
+operand relabelling, split-K's ticketed reduction, the gated epilogue, bias and pre_scale. The GPU tests run the
+same cases and Llama-3.1-8B shapes in bfloat16 and float16 through the PTX conversion and w4a16_gemm's dispatch,
+repeat split-K launches (also from a CUDA graph) and check that the tile counters are left at zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.triton_interpreter import interpreted, run_interpreted_tests, runs_children
+from llmx.common.errors import LlmxError
+from llmx.kernels import w4a16_gemm, w4a16_mma_decode
+from llmx.kernels.tuning import TileConfig
+from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
+
+hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs a Hopper GPU (wgmma and packed bf16 arithmetic; run on the device)")
+
+
+@runs_children
+def test_kernels_in_triton_interpreter():
+    """Runs this file's test_interpreted_* tests in a fresh process with TRITON_INTERPRET=1."""
+    run_interpreted_tests(__file__)
+
+
+C = TileConfig
+CASES = {  # name: (M, N (gated: 2I), K, group size, options, tile config)
+    "m1_one_tile": (1, 64, 256, 128, {}, C(16, 64, 128, num_stages=2)),
+    "m3_rows_past_n_bias_pre_scale_split2": (3, 100, 512, 128, {"bias": True, "pre_scale": True},
+                                             C(16, 64, 128, split_k=2)),
+    "m16_block128_split4_group256": (16, 300, 1024, 256, {}, C(16, 128, 128, split_k=4)),
+    "m5_split_cut_to_divide_k_tiles": (5, 64, 384, 128, {"bias": True}, C(16, 64, 128, split_k=4)),
+    "gated_m2_pre_scale_out_scale": (2, 256, 256, 128, {"gated": True, "pre_scale": True, "out_scale": True},
+                                     C(16, 64, 128)),
+    "gated_m7_split2_bias_odd_halves": (7, 2 * 97, 512, 128, {"gated": True, "bias": True, "out_scale": True},
+                                        C(16, 64, 128, split_k=2)),
+}
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def _inputs(m, n, k, group, options, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) * 0.05 + 0.005).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if options.get("bias") else None
+    pre = (torch.rand(k, generator=g) + 0.5).to(dtype) if options.get("pre_scale") else None
+    out_scale = (torch.rand(n // 2, generator=g) + 0.5).to(dtype) if options.get("out_scale") else None
+    return tuple(None if t is None else t.to(device) for t in (x, qweight, scales, bias, pre, out_scale))
+
+
+def _run_case(name, dtype, device, config="case"):
+    """(kernel output, float32 reference) of a CASES entry through launch_w4a16_mma_decode."""
+    m, n, k, group, options, cfg = CASES[name]
+    x, qweight, scales, bias, pre, out_scale = _inputs(m, n, k, group, options, dtype, device)
+    cfg = cfg if config == "case" else config
+    f32 = [None if t is None else t.float() for t in (x, scales, bias, pre, out_scale)]
+    if options.get("gated"):
+        out = w4a16_mma_decode.launch_w4a16_mma_decode(x, qweight, scales, group, bias, pre, cfg, gated=True,
+                                                       out_scale=out_scale)
+        ref = w4a16_gemv_gated_ref(f32[0], qweight, f32[1], group, *f32[2:])
+    else:
+        out = w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, group, bias, pre, config=cfg)
+        ref = w4a16_gemm.w4a16_gemm_ref(f32[0], qweight, f32[1], group, f32[2], f32[3])
+    assert out.dtype == dtype and out.shape == ref.shape
+    return out, ref
+
+
+def _assert_close(out, ref, dtype, name):
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TOLERANCE[dtype] * ref.abs().max().item(), f"{name}: max error {err:.3g} of {ref.abs().max():.3g}"
+
+
+@interpreted
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_interpreted_cases_float16(name):
+    out, ref = _run_case(name, torch.float16, "cpu")
+    _assert_close(out, ref, torch.float16, name)
+
+
+@interpreted
+def test_interpreted_split_k_leaves_its_counters_at_zero():
+    for _ in range(3):
+        _run_case("m3_rows_past_n_bias_pre_scale_split2", torch.float16, "cpu")
+    assert int(w4a16_mma_decode._COUNTERS["cpu"].abs().sum()) == 0
+
+
+@interpreted
+def test_interpreted_split_k_sums_equal_one_program_per_tile():
+    """Split or not, the same products: the split sums differ from the unsplit ones by float32 reordering only."""
+    split, ref = _run_case("m16_block128_split4_group256", torch.float16, "cpu")
+    whole, _ = _run_case("m16_block128_split4_group256", torch.float16, "cpu", C(16, 128, 128))
+    assert (split.float() - whole.float()).abs().max().item() <= 2e-3 * ref.abs().max().item()
+
+
+def test_shapes_it_does_not_run_are_refused_with_what_to_call():
+    x = torch.randn(17, 256, dtype=torch.float16)
+    qweight = torch.zeros(64, 128, dtype=torch.uint8)
+    with pytest.raises(LlmxError, match="M <= 16 .* call w4a16_gemm"):
+        w4a16_mma_decode.w4a16_mma_decode(x, qweight, torch.ones(64, 2, dtype=torch.float16), 128)
+    with pytest.raises(LlmxError, match="multiples of 128"):
+        w4a16_mma_decode.w4a16_mma_decode(x[:2], qweight, torch.ones(64, 4, dtype=torch.float16), 64)
+    with pytest.raises(LlmxError, match="float16/bfloat16"):
+        w4a16_mma_decode.w4a16_mma_decode(x[:2].float(), qweight, torch.ones(64, 2), 128)
+
+
+def test_dispatch_never_picks_it_off_hopper_or_in_the_interpreter():
+    """CPU tensors (the interpreter's) stay on the GEMV; float32 and group 64 never qualify."""
+    for dtype, group in ((torch.float16, 128), (torch.float32, 128), (torch.float16, 64)):
+        assert not w4a16_mma_decode.uses_mma_decode(torch.zeros(1, 256, dtype=dtype), 256, group)
+    assert not w4a16_mma_decode.mma_decode_available(torch.float16, "cpu")
+
+
+def test_tuned_buckets_time_it_where_the_runtime_launches_it():
+    from llmx.kernels import tuning
+
+    assert tuning.bucket_kernels("w4a16", 1, 4096, 128, mma_decode=True) == [("w4a16_gemv", 1)]  # M = 1: GEMV
+    assert tuning.bucket_kernels("w4a16", 16, 4096, 128, mma_decode=True) == [("w4a16_mma_decode", 16)]
+    assert tuning.bucket_kernels("w4a16", 64, 4096, 128, mma_decode=True) == [("w4a16", 64)]
+    assert tuning.bucket_kernels("w4a16", 1, 4096, 64, mma_decode=True) == [("w4a16_gemv", 1)]  # group 64
+    assert all(c.block_n >= 64 and c.block_k == 128 for c in tuning.candidate_configs("w4a16_mma_decode", 1))
+
+
+def test_split_k_is_cut_to_divide_the_k_tiles():
+    assert w4a16_mma_decode.mma_decode_config(5, 64, 384, C(16, 64, 128, split_k=4)).split_k == 1
+    assert w4a16_mma_decode.mma_decode_config(5, 64, 512, C(16, 64, 128, split_k=8)).split_k == 4
+
+
+# on the GPU
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu_cases(name, dtype):
+    out, ref = _run_case(name, dtype, "cuda")
+    _assert_close(out, ref, dtype, name)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336), (128256, 4096)], ids=str)
+@pytest.mark.parametrize("m", [2, 4, 16])
+def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
+    n, k = shape
+    x, qweight, scales, _, pre, _ = _inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
+    assert w4a16_mma_decode.uses_mma_decode(x, k, 128)
+    out = w4a16_gemm.w4a16_gemm(x, qweight, scales, 128, None, pre)
+    ref = w4a16_gemm.w4a16_gemm_ref(x.float(), qweight, scales.float(), 128, None, pre.float())
+    _assert_close(out, ref, torch.bfloat16, f"{shape} M={m}")
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 8])
+def test_gpu_gated_dispatch_llama_gate_up_bf16(m):
+    x, qweight, scales, _, _, out_scale = _inputs(m, 28672, 4096, 128, {"out_scale": True}, torch.bfloat16, "cuda")
+    out = w4a16_gemv_gated(x, qweight, scales, 128, None, None, out_scale)
+    ref = w4a16_gemv_gated_ref(x.float(), qweight, scales.float(), 128, None, None, out_scale.float())
+    _assert_close(out, ref, torch.bfloat16, f"gate_up M={m}")
+
+
+@hopper
+@pytest.mark.gpu
+def test_gpu_split_k_is_race_free_and_graph_safe():
+    """200 back-to-back split-K launches (eager, then replayed from a CUDA graph, with PDL as the runtime
+    launches) give the first launch's output bit for bit, and leave every counter at zero."""
+    n, k = 4096, 4096
+    x, qweight, scales, _, _, _ = _inputs(1, n, k, 128, {}, torch.bfloat16, "cuda", seed=3)
+    cfg = C(16, 64, 128, split_k=8)
+    first = w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg)
+    outs = [w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg) for _ in range(100)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = [w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg) for _ in range(20)]
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, first) for o in outs + graph_out)
+    assert int(w4a16_mma_decode._COUNTERS[str(x.device)].abs().sum()) == 0
