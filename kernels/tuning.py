@@ -53,6 +53,8 @@ GEMV_MAX_M = 4
 # activations where K and the group size are multiples of 128 (at M = 1 the GEMV was faster on the H200): its
 # entries, under "w4a16_mma_decode", serve the M = 16 bucket.
 MMA_DECODE_MIN_M, MMA_DECODE_MAX_M = 2, 16
+# The kernel itself runs up to 64 rows (the batch padded to 16, 32 or 64).
+MMA_KERNEL_MAX_M = 64
 
 _H100_SM_COUNT = 132
 
@@ -163,7 +165,7 @@ def default_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
     if kernel == "w4a16_gemv":
         return _gemv_default(n, k)
     if kernel == "w4a16_mma_decode":
-        return _mma_decode_default(n, k)
+        return _mma_decode_default(m, n, k)
     bits = _WEIGHT_BITS[kernel]
     if m <= 16:
         sms = sm_count()
@@ -203,22 +205,27 @@ def _gemv_default(n: int, k: int) -> TileConfig:
     return cfg
 
 
-def _mma_decode_default(n: int, k: int) -> TileConfig:
-    """w4a16_mma_decode.py: 64-row tiles (128 when even those fill every SM twice); split-K until there are
-    about 2 programs per SM, keeping at least 4 K tiles of 128 per program so the copy pipeline streams."""
+def _mma_decode_default(m: int, n: int, k: int) -> TileConfig:
+    """w4a16_mma_decode.py: the batch padded to 16, 32 or 64 rows; 64-row weight tiles (128 when even those fill
+    every SM twice); split-K until there are about 2 programs per SM, keeping at least 4 K tiles of 128 per
+    program so the copy pipeline streams."""
     sms = sm_count()
     block_n = 128 if n >= 2 * 128 * sms else 64
     tiles = -(-n // block_n)
     split = 1
     while split < 8 and tiles * split < 2 * sms and (k // 128) % (2 * split) == 0 and k // (128 * 2 * split) >= 4:
         split *= 2
-    return TileConfig(16, block_n, 128, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(_mma_block_m(m), block_n, 128, split_k=split, num_warps=4, num_stages=4)
+
+
+def _mma_block_m(m: int) -> int:
+    return min(MMA_KERNEL_MAX_M, max(16, _pow2_at_least(m)))
 
 
 def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """The configurations `autotune` times for one kernel at one M bucket (the default first)."""
     if kernel == "w4a16_mma_decode":
-        return [TileConfig(16, bn, 128, split_k=split, num_warps=4, num_stages=stages)
+        return [TileConfig(_mma_block_m(m), bn, 128, split_k=split, num_warps=4, num_stages=stages)
                 for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
     if kernel == "w4a16_gemv":
         # Each activation row adds a float32 accumulator per held word: 8 rows of 4 words spill at M > 2.

@@ -1,10 +1,12 @@
-"""W4A16 decode GEMM on Hopper's tensor cores: int4 group-wise weights times 2..16 activation rows.
+"""W4A16 decode GEMM on Hopper's tensor cores: int4 group-wise weights times a few activation rows.
 
 `w4a16_mma_decode(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` computes what
-`w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 16 rows of fp16/bf16 activations, K % 128 == 0
+`w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 64 rows of fp16/bf16 activations, K % 128 == 0
 and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_gemm` hands it the calls with
-M = 2..16 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it; `LLMX_INT4_DECODE=gemv` turns
-that off (A/B switch, read once).
+M = 2..16 (`uses_mma_decode`: the range timed on a GPU so far), so the runtime's Linears and the gated MLP get it;
+`LLMX_INT4_DECODE=gemv` turns that off (A/B switch, read once). 17..64 rows (the batch padded to 32 or 64) are
+tested in Triton's interpreter and wait for a GPU timing against the tensor-core GEMM before the dispatch
+takes them.
 
 Why: the CUDA-core GEMV (w4a16_gemv.py) does a multiply-add per weight and activation row, so its time grows
 with M (H200, Llama-3.1-8B gate_up: 23.6 us at M = 1, 41.1 at M = 2, 60.4 at M = 4), and past M = 4 the tensor-core
@@ -13,10 +15,11 @@ multiply-adds go to the tensor cores, where padding the batch to 16 rows is free
 M from 1 to 16, 16-19 us for down (benchmarks/kernels_int4_decode.py, BENCHMARKS.md, seventh session). At
 M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there.
 
-The tile: program (pid_n, pid_k) takes BLOCK_N weight rows and the pid_k-th of SPLIT_K slices of the K loop,
-and computes out^T [BLOCK_N, 16] = W [BLOCK_N, 128] @ x^T [128, 16] per 128-input K tile with one wgmma whose
-A operand (the weights) comes from registers and whose B operand (x) Triton copies into shared memory.
-The tile lies in one quantization group, so the group scale multiplies the [BLOCK_N, 16] partial product.
+The tile: program (pid_n, pid_k, pid_m) takes BLOCK_N weight rows, the pid_k-th of SPLIT_K slices of the K loop
+and BLOCK_M (16, 32 or 64) activation rows, and computes out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, 128] @
+x^T [128, BLOCK_M] per 128-input K tile with one wgmma whose A operand (the weights) comes from registers and
+whose B operand (x) Triton copies into shared memory. The tile lies in one quantization group, so the group
+scale multiplies the [BLOCK_N, BLOCK_M] partial product.
 (Scaling the weights instead, so that the wgmmas can run ahead without a wait per tile, was 15-20% slower:
 its extra packed multiply per two weights costs more than the waits.)
 
@@ -46,8 +49,8 @@ Gated variant (GATED): the weight is a fused [gate | up]; a tile gathers BLOCK_N
 matching up rows and writes silu(gate) * up (times out_scale) rounded as w4a16_gemv_gated.py rounds it.
 `pre_scale` (AWQ) multiplies x in registers before it goes to shared memory.
 
-Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_mma_decode" (block_m 16, block_k 128;
-block_n 64 or 128, split_k, num_stages, num_warps 4).
+Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_mma_decode" (block_m 16, 32 or 64, block_k
+128; block_n 64 or 128, split_k, num_stages, num_warps 4).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
-from llmx.kernels.tuning import MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, TileConfig
+from llmx.kernels.tuning import MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig
 
 MMA_BLOCK_K = 128
 MMA_DTYPES = (torch.float16, torch.bfloat16)
@@ -93,7 +96,7 @@ def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
 def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                      bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None, *,
                      config: TileConfig | dict | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype, for M <= 16 decode rows.
+    """x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype, for M <= 64 rows.
 
     `config` overrides the tile configuration (else the tuned table, else the default)."""
     from llmx.kernels.w4a16_gemm import check_int4_inputs
@@ -107,8 +110,8 @@ def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
     """Refuse an x [M, K] and group size the kernel does not run, saying what to call instead."""
     m, k = x.shape
-    if m > MMA_DECODE_MAX_M or x.dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
-        raise LlmxError(f"{what} takes M <= {MMA_DECODE_MAX_M} rows of float16/bfloat16, K and group_size "
+    if m > MMA_KERNEL_MAX_M or x.dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+        raise LlmxError(f"{what} takes M <= {MMA_KERNEL_MAX_M} rows of float16/bfloat16, K and group_size "
                         f"multiples of {MMA_BLOCK_K}, got M={m}, {x.dtype}, K={k}, group_size={group_size}; "
                         f"call w4a16_gemm, which picks the kernel.")
 
@@ -134,11 +137,12 @@ def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, con
     width = n // 2 if gated else n
     y = torch.empty((m, width), device=x.device, dtype=act)
     tiles = triton.cdiv(width, cfg.block_n // 2) if gated else triton.cdiv(n, cfg.block_n)
+    m_tiles = triton.cdiv(m, cfg.block_m)
     split = cfg.split_k
     workspace = torch.empty((split, m, tiles * cfg.block_n) if split > 1 else (1,), device=x.device,
                             dtype=torch.float32)
-    counters = _tile_counters(x.device, tiles) if split > 1 else workspace
-    _w4a16_mma_decode_kernel[(tiles, split)](
+    counters = _tile_counters(x.device, tiles * m_tiles) if split > 1 else workspace
+    _w4a16_mma_decode_kernel[(tiles, split, m_tiles)](
         x, qweight.view(torch.int32), scales.to(act).contiguous(),
         x if pre_scale is None else pre_scale.to(act).contiguous(),
         x if bias is None else bias.to(act).contiguous(),
@@ -146,7 +150,7 @@ def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, con
         m, n, k, x.stride(0), qweight.stride(0) // 4, scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], USE_ASM=not interpreter_active(),
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        HAS_OUT_SCALE=out_scale is not None, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K, SPLIT_K=split,
+        HAS_OUT_SCALE=out_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K, SPLIT_K=split,
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x.device),
     )
     return y
@@ -157,7 +161,7 @@ def w4a16_mma_decode_tuning_case(m: int, n: int, k: int, device: str = "cuda", g
     """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching this kernel."""
     from llmx.kernels.w4a16_gemm import w4a16_tuning_case
 
-    if m > MMA_DECODE_MAX_M or dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+    if m > MMA_KERNEL_MAX_M or dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
         raise LlmxError(f"w4a16_mma_decode does not run M={m}, {dtype}, K={k}, group_size={group_size}; tune "
                         f"w4a16 there.")
     return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_mma_decode)
@@ -241,14 +245,15 @@ def _dot_order_inputs(BLOCK_K: tl.constexpr):
 
 @jit
 def _finish(total, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT: tl.constexpr,
-            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Write a tile's whole float32 sums out^T [BLOCK_N, 16] (rows m < M): plus the bias, or for GATED the
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Write a tile's whole float32 sums out^T [BLOCK_N, BLOCK_M] (rows m < M): plus the bias, or for GATED the
     BLOCK_N / 2 values silu(gate) * up (times out_scale), rounded as silu_and_mul after a 16-bit gate_up output."""
     if HAS_BIAS:
         total += tl.load(bias_ptr + rows).to(tl.float32)[:, None]
     if GATED:
         HALF: tl.constexpr = BLOCK_N // 2
-        gate, up = tl.split(tl.permute(tl.reshape(total.to(ACT).to(tl.float32), (2, HALF, 16)), (1, 2, 0)))
+        gate, up = tl.split(tl.permute(tl.reshape(total.to(ACT).to(tl.float32), (2, HALF, BLOCK_M)), (1, 2, 0)))
         out = (gate / (1.0 + tl.exp(-gate))).to(ACT).to(tl.float32) * up
         cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         ok = cols < N // 2
@@ -266,8 +271,8 @@ def _w4a16_mma_decode_kernel(
     x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_scale_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, ACT: tl.constexpr, USE_ASM: tl.constexpr, HAS_PRE_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -279,12 +284,12 @@ def _w4a16_mma_decode_kernel(
     else:
         # Rows past N read row N - 1 (in bounds: no mask on the weight stream); their sums are never stored.
         rows = tl.minimum(slots, N - 1)
-    offs_m = tl.arange(0, 16)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     dot_k = _dot_order_inputs(BLOCK_K)
     # Batch rows past M read row M - 1: no masks in the copy; their outputs are never stored.
     x_tile = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + dot_k[None, :]
     offs_w = tl.arange(0, BLOCK_K // 8)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     wait_only(PDL)
     if not GATED:
         release(PDL)
@@ -303,18 +308,19 @@ def _w4a16_mma_decode_kernel(
 
     if SPLIT_K == 1:
         _finish(acc, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT, HAS_BIAS,
-                GATED, HAS_OUT_SCALE, BLOCK_N)
+                GATED, HAS_OUT_SCALE, BLOCK_M, BLOCK_N)
     else:
         width = tl.num_programs(0) * BLOCK_N
         ws_tile = ws_ptr + offs_m[None, :] * width + slots[:, None]
         m_ok = (offs_m < M)[None, :]
         tl.store(ws_tile + pid_k * M * width, acc, mask=m_ok)
         tl.debug_barrier()  # every thread's partial sums are written before the ticket is taken
-        ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        counter = counter_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for part in tl.static_range(SPLIT_K):
                 total += tl.load(ws_tile + part * M * width, mask=m_ok, other=0.0, cache_modifier=".cg")
             _finish(total, offs_m, slots, out_ptr, bias_ptr, out_scale_ptr, rows, M, N, stride_om, ACT,
-                    HAS_BIAS, GATED, HAS_OUT_SCALE, BLOCK_N)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+                    HAS_BIAS, GATED, HAS_OUT_SCALE, BLOCK_M, BLOCK_N)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")

@@ -2,7 +2,8 @@
 
 Interpreted tests (test_interpreted_*) run in a child process with TRITON_INTERPRET=1 in float16 (the interpreter
 computes bfloat16 wrongly), where the weights are converted in plain Triton instead of inline PTX: they check the
-operand relabelling, split-K's ticketed reduction, the gated epilogue, bias and pre_scale. The GPU tests run the
+operand relabelling, split-K's ticketed reduction, the gated epilogue, bias, pre_scale and batches padded to 16, 32
+and 64 rows. The GPU tests run the
 same cases and Llama-3.1-8B shapes in bfloat16 and float16 through the PTX conversion and w4a16_gemm's dispatch,
 repeat split-K launches (also from a CUDA graph) and check that the tile counters are left at zero.
 """
@@ -35,11 +36,15 @@ CASES = {  # name: (M, N (gated: 2I), K, group size, options, tile config)
     "m3_rows_past_n_bias_pre_scale_split2": (3, 100, 512, 128, {"bias": True, "pre_scale": True},
                                              C(16, 64, 128, split_k=2)),
     "m16_block128_split4_group256": (16, 300, 1024, 256, {}, C(16, 128, 128, split_k=4)),
+    "m19_default_tiles": (19, 192, 512, 128, {}, None),
     "m5_split_cut_to_divide_k_tiles": (5, 64, 384, 128, {"bias": True}, C(16, 64, 128, split_k=4)),
     "gated_m2_pre_scale_out_scale": (2, 256, 256, 128, {"gated": True, "pre_scale": True, "out_scale": True},
                                      C(16, 64, 128)),
     "gated_m7_split2_bias_odd_halves": (7, 2 * 97, 512, 128, {"gated": True, "bias": True, "out_scale": True},
                                         C(16, 64, 128, split_k=2)),
+    "m40_rows_of_32_two_m_tiles_split2": (40, 100, 512, 128, {"bias": True, "pre_scale": True},
+                                          C(32, 64, 128, split_k=2)),
+    "gated_m64_rows_of_64_split2": (64, 256, 256, 128, {"gated": True, "out_scale": True}, C(64, 64, 128, split_k=2)),
 }
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
@@ -100,9 +105,9 @@ def test_interpreted_split_k_sums_equal_one_program_per_tile():
 
 
 def test_shapes_it_does_not_run_are_refused_with_what_to_call():
-    x = torch.randn(17, 256, dtype=torch.float16)
+    x = torch.randn(65, 256, dtype=torch.float16)
     qweight = torch.zeros(64, 128, dtype=torch.uint8)
-    with pytest.raises(LlmxError, match="M <= 16 .* call w4a16_gemm"):
+    with pytest.raises(LlmxError, match="M <= 64 .* call w4a16_gemm"):
         w4a16_mma_decode.w4a16_mma_decode(x, qweight, torch.ones(64, 2, dtype=torch.float16), 128)
     with pytest.raises(LlmxError, match="multiples of 128"):
         w4a16_mma_decode.w4a16_mma_decode(x[:2], qweight, torch.ones(64, 4, dtype=torch.float16), 64)
@@ -130,6 +135,11 @@ def test_tuned_buckets_time_it_where_the_runtime_launches_it():
 def test_split_k_is_cut_to_divide_the_k_tiles():
     assert w4a16_mma_decode.mma_decode_config(5, 64, 384, C(16, 64, 128, split_k=4)).split_k == 1
     assert w4a16_mma_decode.mma_decode_config(5, 64, 512, C(16, 64, 128, split_k=8)).split_k == 4
+
+
+def test_default_tiles_pad_the_batch_to_16_32_or_64_rows():
+    assert [w4a16_mma_decode.mma_decode_config(m, 4096, 4096).block_m for m in (2, 16, 17, 32, 33, 64)] == \
+        [16, 16, 32, 32, 64, 64]
 
 
 # on the GPU
