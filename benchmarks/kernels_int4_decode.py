@@ -65,7 +65,8 @@ def _us(run) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--m", default="1,2,4,8,16", help="decode rows, comma-separated (1..64; above 16 the kernel pads the batch to 32 or 64)")
+    ap.add_argument("--m", default="1,2,4,8,16",
+                    help="decode rows, comma-separated (1..64; above 16 the kernel pads the batch to 32 or 64)")
     ap.add_argument("--sweep", action="store_true", help="time every decode tile config at M = 1")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
