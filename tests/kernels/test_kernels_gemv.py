@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 
+from helpers.int4_inputs import int4_inputs
 from helpers.triton_interpreter import (IN_INTERPRETER, interpreted, needs_cuda, run_interpreted_tests, runs_children,
                                        without_mma_decode)
 from llmx.common.errors import LlmxError
@@ -51,12 +52,7 @@ LLAMA_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096)
 
 def _inputs(m, n, k, group, options, dtype, device="cpu", seed=0):
     """(x, qweight, scales, bias, pre_scale): every nibble value, -8 included; positive group scales."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=g) * 0.05 + 0.005).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype) if options.get("bias") else None
-    pre = (torch.rand(k, generator=g) + 0.5).to(dtype) if options.get("pre_scale") else None
+    x, qweight, scales, bias, pre, _ = int4_inputs(m, n, k, group, options, dtype, seed=seed)
     if options.get("unaligned"):
         # Views the kernel cannot read as int32 words directly: odd byte offsets and a column stride.
         qweight = torch.cat([torch.zeros(n, 1, dtype=torch.uint8), qweight], dim=1)[:, 1:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.int4_inputs import int4_inputs
 from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children, without_mma_decode
 from llmx.common.errors import LlmxError
 from llmx.kernels import activation, w4a16_gemv
@@ -41,15 +42,7 @@ DTYPES = {"float32": (torch.float32, 2e-5), "float16": (torch.float16, 4e-3), "b
 
 def _inputs(m, inter, k, group, options, dtype, device="cpu", seed=0):
     """(x, qweight, scales, bias, pre_scale, out_scale) for a [gate | up] weight of 2 * inter rows."""
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * inter
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=g) * 0.05 + 0.005).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype) if options.get("bias") else None
-    pre = (torch.rand(k, generator=g) + 0.5).to(dtype) if options.get("pre_scale") else None
-    out_scale = (torch.rand(inter, generator=g) + 0.5).to(dtype) if options.get("out_scale") else None
-    return tuple(None if t is None else t.to(device) for t in (x, qweight, scales, bias, pre, out_scale))
+    return int4_inputs(m, 2 * inter, k, group, options, dtype, device, seed)
 
 
 def _check_case(name: str, dtype: torch.dtype, rel: float, device: str) -> None:

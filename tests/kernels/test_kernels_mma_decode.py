@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.int4_inputs import int4_inputs
 from helpers.triton_interpreter import interpreted, run_interpreted_tests, runs_children
 from llmx.common.errors import LlmxError
 from llmx.kernels import w4a16_gemm, w4a16_mma_decode
@@ -49,21 +50,10 @@ CASES = {  # name: (M, N (gated: 2I), K, group size, options, tile config)
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 
-def _inputs(m, n, k, group, options, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=g) * 0.05 + 0.005).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype) if options.get("bias") else None
-    pre = (torch.rand(k, generator=g) + 0.5).to(dtype) if options.get("pre_scale") else None
-    out_scale = (torch.rand(n // 2, generator=g) + 0.5).to(dtype) if options.get("out_scale") else None
-    return tuple(None if t is None else t.to(device) for t in (x, qweight, scales, bias, pre, out_scale))
-
-
 def _run_case(name, dtype, device, config="case"):
     """(kernel output, float32 reference) of a CASES entry through launch_w4a16_mma_decode."""
     m, n, k, group, options, cfg = CASES[name]
-    x, qweight, scales, bias, pre, out_scale = _inputs(m, n, k, group, options, dtype, device)
+    x, qweight, scales, bias, pre, out_scale = int4_inputs(m, n, k, group, options, dtype, device)
     cfg = cfg if config == "case" else config
     f32 = [None if t is None else t.float() for t in (x, scales, bias, pre, out_scale)]
     if options.get("gated"):
@@ -159,7 +149,7 @@ def test_gpu_cases(name, dtype):
 @pytest.mark.parametrize("m", [2, 4, 16])
 def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
     n, k = shape
-    x, qweight, scales, _, pre, _ = _inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
+    x, qweight, scales, _, pre, _ = int4_inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
     assert w4a16_mma_decode.uses_mma_decode(x, k, 128)
     out = w4a16_gemm.w4a16_gemm(x, qweight, scales, 128, None, pre)
     ref = w4a16_gemm.w4a16_gemm_ref(x.float(), qweight, scales.float(), 128, None, pre.float())
@@ -170,7 +160,7 @@ def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 8])
 def test_gpu_gated_dispatch_llama_gate_up_bf16(m):
-    x, qweight, scales, _, _, out_scale = _inputs(m, 28672, 4096, 128, {"out_scale": True}, torch.bfloat16, "cuda")
+    x, qweight, scales, _, _, out_scale = int4_inputs(m, 28672, 4096, 128, {"out_scale": True}, torch.bfloat16, "cuda")
     out = w4a16_gemv_gated(x, qweight, scales, 128, None, None, out_scale)
     ref = w4a16_gemv_gated_ref(x.float(), qweight, scales.float(), 128, None, None, out_scale.float())
     _assert_close(out, ref, torch.bfloat16, f"gate_up M={m}")
@@ -182,7 +172,7 @@ def test_gpu_split_k_is_race_free_and_graph_safe():
     """200 back-to-back split-K launches (eager, then replayed from a CUDA graph, with PDL as the runtime
     launches) give the first launch's output bit for bit, and leave every counter at zero."""
     n, k = 4096, 4096
-    x, qweight, scales, _, _, _ = _inputs(1, n, k, 128, {}, torch.bfloat16, "cuda", seed=3)
+    x, qweight, scales, _, _, _ = int4_inputs(1, n, k, 128, {}, torch.bfloat16, "cuda", seed=3)
     cfg = C(16, 64, 128, split_k=8)
     first = w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg)
     outs = [w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg) for _ in range(100)]
