@@ -97,6 +97,14 @@ def tuning_case(launch: Callable[[TileConfig], torch.Tensor], expected: torch.Te
     return launch, check
 
 
+def as_int32_words(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor whose rows are whole int32 words, as int32: uint8 [R, 4C] or 16-bit [R, 2C] -> [R, C], the
+    lower-addressed element in the low bits. A view when every row starts 4-byte aligned, else a copy."""
+    size = t.element_size()
+    aligned = t.stride(1) == 1 and (t.storage_offset() * size) % 4 == 0 and (t.stride(0) * size) % 4 == 0
+    return (t if aligned else t.clone(memory_format=torch.contiguous_format)).view(torch.int32)
+
+
 def new_output(m: int, n: int, dtype: torch.dtype, device: torch.device, cfg: TileConfig) -> torch.Tensor:
     """The buffer a launch writes: `dtype` directly, or zeroed float32 for split-K's atomic adds."""
     if cfg.split_k > 1:

@@ -82,7 +82,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.kernels._gemm_common import finish_output, new_output
+from llmx.kernels._gemm_common import as_int32_words, finish_output, new_output
 from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
 from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
@@ -133,13 +133,13 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *
     scales = scales.to(act)
     # 16-bit activations, pre_scale and grouped scales are read as int32 pairs of elements (see above).
     grouped = block_k % group_size == 0 if wide else block_k % (2 * group_size) == 0 and (k // group_size) % 2 == 0
-    x_words = x.contiguous() if wide else _as_int32(x)
+    x_words = x.contiguous() if wide else as_int32_words(x)
     pre_words = x_words  # a placeholder pointer unless HAS_PRE_SCALE
     if pre_scale is not None:
         pre = pre_scale.to(act).reshape(1, k)
-        pre_words = pre.contiguous() if wide else _as_int32(pre)
-    scale_words = _as_int32(scales) if grouped and not wide else scales.contiguous()
-    qwords = _as_int32(qweight)  # [N, K / 8]
+        pre_words = pre.contiguous() if wide else as_int32_words(pre)
+    scale_words = as_int32_words(scales) if grouped and not wide else scales.contiguous()
+    qwords = as_int32_words(qweight)  # [N, K / 8]
     y = torch.empty((m, n // 2), device=x.device, dtype=act) if gated else new_output(m, n, act, x.device, cfg)
     _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
         x_words, qwords, scale_words, pre_words, x if bias is None else bias.to(act).contiguous(),
@@ -167,14 +167,6 @@ def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_s
     if not w4a16_uses_gemv(m, k, group_size):
         raise LlmxError(f"w4a16_gemv does not run M={m}, K={k}, group_size={group_size}; tune w4a16 there.")
     return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_gemv)
-
-
-def _as_int32(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D tensor whose rows are whole int32 words, as int32: uint8 [R, 4C] or 16-bit [R, 2C] -> [R, C], the
-    lower-addressed element in the low bits. A view when every row starts 4-byte aligned, else a copy."""
-    size = t.element_size()
-    aligned = t.stride(1) == 1 and (t.storage_offset() * size) % 4 == 0 and (t.stride(0) * size) % 4 == 0
-    return (t if aligned else t.clone(memory_format=torch.contiguous_format)).view(torch.int32)
 
 
 @jit

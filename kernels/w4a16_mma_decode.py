@@ -61,6 +61,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
+from llmx.kernels._gemm_common import as_int32_words
 from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
 from llmx.kernels.tuning import MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig
@@ -142,12 +143,13 @@ def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, con
     workspace = torch.empty((split, m, tiles * cfg.block_n) if split > 1 else (1,), device=x.device,
                             dtype=torch.float32)
     counters = _tile_counters(x.device, tiles * m_tiles) if split > 1 else workspace
+    qwords = as_int32_words(qweight)  # [N, K / 8]: a view unless the rows are not 4-byte aligned
     _w4a16_mma_decode_kernel[(tiles, split, m_tiles)](
-        x, qweight.view(torch.int32), scales.to(act).contiguous(),
+        x, qwords, scales.to(act).contiguous(),
         x if pre_scale is None else pre_scale.to(act).contiguous(),
         x if bias is None else bias.to(act).contiguous(),
         x if out_scale is None else out_scale.to(act).contiguous(), y, workspace, counters,
-        m, n, k, x.stride(0), qweight.stride(0) // 4, scales.stride(0), y.stride(0),
+        m, n, k, x.stride(0), qwords.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], USE_ASM=not interpreter_active(),
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
         HAS_OUT_SCALE=out_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K, SPLIT_K=split,

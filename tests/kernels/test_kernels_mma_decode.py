@@ -94,6 +94,17 @@ def test_interpreted_split_k_sums_equal_one_program_per_tile():
     assert (split.float() - whole.float()).abs().max().item() <= 2e-3 * ref.abs().max().item()
 
 
+@interpreted
+def test_interpreted_unaligned_weight_views_give_the_same_output():
+    """A qweight view whose rows do not start on 4-byte boundaries is read through a copy, bit for bit."""
+    x, qweight, scales, _, _, _ = int4_inputs(2, 64, 256, 128, {}, torch.float16)
+    shifted = torch.cat([torch.zeros(64, 1, dtype=torch.uint8), qweight], dim=1)[:, 1:]
+    assert shifted.storage_offset() == 1
+    cfg = C(16, 64, 128)
+    assert torch.equal(w4a16_mma_decode.w4a16_mma_decode(x, shifted, scales, 128, config=cfg),
+                       w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, 128, config=cfg))
+
+
 def test_shapes_it_does_not_run_are_refused_with_what_to_call():
     x = torch.randn(65, 256, dtype=torch.float16)
     qweight = torch.zeros(64, 128, dtype=torch.uint8)
