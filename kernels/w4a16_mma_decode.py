@@ -73,7 +73,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else
 # tensor-core GEMM instead. Read once, like LLMX_PDL.
 _ENABLED = os.environ.get("LLMX_INT4_DECODE", "mma") != "gemv"
 
-# Per-GPU split-K tile counters (int32, zero between launches) and the number of tiles they cover.
+# Per-GPU split-K tile counters (int32, zero between launches). Launches on one GPU must run one after another
+# (one stream, as the runtime's do): two at once would share counters.
 _COUNTERS: dict[str, torch.Tensor] = {}
 _MIN_COUNTERS = 4096
 
@@ -152,8 +153,8 @@ def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, con
         m, n, k, x.stride(0), qwords.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, ACT=_TL_DTYPES[act], USE_ASM=not interpreter_active(),
         HAS_PRE_SCALE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        HAS_OUT_SCALE=out_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K, SPLIT_K=split,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x.device),
+        HAS_OUT_SCALE=out_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=MMA_BLOCK_K,
+        SPLIT_K=split, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x.device),
     )
     return y
 
