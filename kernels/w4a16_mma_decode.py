@@ -55,6 +55,7 @@ Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_mma_decode" (
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -82,9 +83,16 @@ _MIN_COUNTERS = 4096
 def mma_decode_available(dtype: torch.dtype, device: torch.device | str = "cuda") -> bool:
     """Whether decode rows of `dtype` activations on `device` go to this kernel (given K and group size)."""
     device = torch.device(device)
-    if not _ENABLED or dtype not in MMA_DTYPES or device.type != "cuda" or interpreter_active():
+    if not _ENABLED or dtype not in MMA_DTYPES or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+    return _hopper(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(index: int) -> bool:
+    """GPU `index` has wgmma and packed bf16 arithmetic (compute capability 9.x), and kernels compile for it (not
+    Triton's interpreter). Cached: w4a16_gemm asks on every call."""
+    return not interpreter_active() and torch.cuda.get_device_capability(index)[0] == 9
 
 
 def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
