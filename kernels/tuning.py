@@ -53,8 +53,10 @@ GEMV_MAX_M = 4
 # activations where K and the group size are multiples of 128 (at M = 1 the GEMV was faster on the H200): its
 # entries, under "w4a16_mma_decode", serve the M = 16 bucket.
 MMA_DECODE_MIN_M, MMA_DECODE_MAX_M = 2, 16
-# The kernel itself runs up to 64 rows (the batch padded to 16, 32 or 64).
+# The kernel itself runs up to 64 rows (the batch padded to 16, 32 or 64), in K tiles of MMA_BLOCK_K inputs that
+# each lie in one quantization group.
 MMA_KERNEL_MAX_M = 64
+MMA_BLOCK_K = 128
 
 _H100_SM_COUNT = 132
 
@@ -121,6 +123,11 @@ def w4a16_uses_gemv(m: int, k: int, group_size: int) -> bool:
     return m <= GEMV_MAX_M and k % 8 == 0 and group_size % 8 == 0
 
 
+def w4a16_mma_decode_fits(m: int, k: int, group_size: int) -> bool:
+    """Whether the tensor-core decode kernel runs an [M, K] call with this group size (any dtype and GPU)."""
+    return m <= MMA_KERNEL_MAX_M and k % MMA_BLOCK_K == 0 and group_size % MMA_BLOCK_K == 0
+
+
 def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = None, *,
                    mma_decode: bool = False) -> list[tuple[str, int]]:
     """(kernel name, M to time) of each table entry serving `kernel`'s calls with M in bucket `bucket`: the
@@ -129,7 +136,7 @@ def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = No
     K and the group size are multiples of 128, else the GEMV (see GEMV_MAX_M)."""
     if kernel != "w4a16" or group_size is None:
         return [(kernel, bucket)]
-    if mma_decode and MMA_DECODE_MIN_M <= bucket <= MMA_DECODE_MAX_M and k % 128 == 0 and group_size % 128 == 0:
+    if mma_decode and MMA_DECODE_MIN_M <= bucket <= MMA_DECODE_MAX_M and w4a16_mma_decode_fits(bucket, k, group_size):
         return [("w4a16_mma_decode", bucket)]
     if not w4a16_uses_gemv(1, k, group_size):
         return [(kernel, bucket)]
@@ -213,9 +220,10 @@ def _mma_decode_default(m: int, n: int, k: int) -> TileConfig:
     block_n = 128 if n >= 2 * 128 * sms else 64
     tiles = -(-n // block_n)
     split = 1
-    while split < 8 and tiles * split < 2 * sms and (k // 128) % (2 * split) == 0 and k // (128 * 2 * split) >= 4:
+    k_tiles = k // MMA_BLOCK_K
+    while split < 8 and tiles * split < 2 * sms and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 4:
         split *= 2
-    return TileConfig(_mma_block_m(m), block_n, 128, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(_mma_block_m(m), block_n, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=4)
 
 
 def _mma_block_m(m: int) -> int:
@@ -225,7 +233,7 @@ def _mma_block_m(m: int) -> int:
 def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """The configurations `autotune` times for one kernel at one M bucket (the default first)."""
     if kernel == "w4a16_mma_decode":
-        return [TileConfig(_mma_block_m(m), bn, 128, split_k=split, num_warps=4, num_stages=stages)
+        return [TileConfig(_mma_block_m(m), bn, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=stages)
                 for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
     if kernel == "w4a16_gemv":
         # Each activation row adds a float32 accumulator per held word: 8 rows of 4 words spill at M > 2.

@@ -65,9 +65,9 @@ from llmx.kernels import tuning
 from llmx.kernels._gemm_common import as_int32_words
 from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
-from llmx.kernels.tuning import MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig
+from llmx.kernels.tuning import (MMA_BLOCK_K, MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig,
+                                 w4a16_mma_decode_fits)
 
-MMA_BLOCK_K = 128
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else {}
 # The decode kernel's A/B switch: "gemv" sends decode rows to the CUDA-core GEMV (M <= 4) and the older
@@ -98,7 +98,8 @@ def _hopper(index: int) -> bool:
 def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
     """Whether w4a16_gemm hands an x [M, K] call with this group size to the tensor-core decode kernel: on Hopper
     (wgmma, packed bf16 arithmetic), never in Triton's interpreter (whose tests call the kernel directly)."""
-    if not MMA_DECODE_MIN_M <= x.shape[0] <= MMA_DECODE_MAX_M or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+    m = x.shape[0]
+    if not (MMA_DECODE_MIN_M <= m <= MMA_DECODE_MAX_M and w4a16_mma_decode_fits(m, k, group_size)):
         return False
     return mma_decode_available(x.dtype, x.device)
 
@@ -120,7 +121,7 @@ def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
     """Refuse an x [M, K] and group size the kernel does not run, saying what to call instead."""
     m, k = x.shape
-    if m > MMA_KERNEL_MAX_M or x.dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+    if not w4a16_mma_decode_fits(m, k, group_size) or x.dtype not in MMA_DTYPES:
         raise LlmxError(f"{what} takes M <= {MMA_KERNEL_MAX_M} rows of float16/bfloat16, K and group_size "
                         f"multiples of {MMA_BLOCK_K}, got M={m}, {x.dtype}, K={k}, group_size={group_size}; "
                         f"call w4a16_gemm, which picks the kernel.")
@@ -172,7 +173,7 @@ def w4a16_mma_decode_tuning_case(m: int, n: int, k: int, device: str = "cuda", g
     """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching this kernel."""
     from llmx.kernels.w4a16_gemm import w4a16_tuning_case
 
-    if m > MMA_KERNEL_MAX_M or dtype not in MMA_DTYPES or k % MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+    if not w4a16_mma_decode_fits(m, k, group_size) or dtype not in MMA_DTYPES:
         raise LlmxError(f"w4a16_mma_decode does not run M={m}, {dtype}, K={k}, group_size={group_size}; tune "
                         f"w4a16 there.")
     return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_mma_decode)
