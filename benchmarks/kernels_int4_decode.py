@@ -70,9 +70,15 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every decode tile config at M = 1")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    try:
+        ms = [int(v) for v in args.m.split(",")]
+    except ValueError:
+        ap.error(f"--m {args.m!r}: give whole row counts separated by commas, e.g. 1,4,16")
+    if not all(1 <= m <= mma.MMA_KERNEL_MAX_M for m in ms):
+        ap.error(f"--m {args.m!r}: every row count must lie in 1..{mma.MMA_KERNEL_MAX_M}")
     g = torch.Generator().manual_seed(0)
     rows = []
-    for m in [int(v) for v in args.m.split(",")]:
+    for m in ms:
         for name, (n, k, variant) in SHAPES.items():
             run_before, run, ref = _case(n, k, m, variant, g)
             mma._ENABLED = False
