@@ -32,10 +32,10 @@ from llmx.kernels.w4a16_gemv import _w4a16_gemv_kernel, check_gemv_shape, launch
 from llmx.kernels.w4a16_mma_decode import launch_w4a16_mma_decode, uses_mma_decode
 
 
-def _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, what, *, kernel: bool = True) -> None:
-    """The inputs' shapes; for the kernel (not the reference) also the rows and sizes one of its kernels runs."""
+def _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, what, *, gemv: bool = False) -> None:
+    """The inputs' shapes; with `gemv` (the kernel that runs is the GEMV) also the rows and sizes it runs."""
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what)
-    if kernel and not uses_mma_decode(x, x.shape[1], group_size):
+    if gemv:
         check_gemv_shape(x, group_size, what, "run w4a16_gemm and silu_and_mul instead")
     n = qweight.shape[0]
     if n % 2:
@@ -49,9 +49,10 @@ def w4a16_gemv_gated(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      out_scale: torch.Tensor | None = None, *, config: TileConfig | dict | None = None) -> torch.Tensor:
     """Triton: silu(gate) * up (* out_scale) [M, N / 2] of x (* pre_scale) [M, K] and the [gate | up] weight, one
     kernel. `config` overrides the GEMV tiles (split-K is never used here)."""
-    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated")
+    mma_decode = uses_mma_decode(x, x.shape[1], group_size)
+    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated", gemv=not mma_decode)
     check_launch_device("w4a16_gemv_gated", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale, out_scale)
-    if uses_mma_decode(x, x.shape[1], group_size):
+    if mma_decode:
         return launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config, gated=True,
                                        out_scale=out_scale)
     return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, gated=True,
@@ -62,6 +63,6 @@ def w4a16_gemv_gated_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                          bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None,
                          out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Pure torch: w4a16_gemm_ref, silu_and_mul_ref, then out_scale. Same contract as `w4a16_gemv_gated`."""
-    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated_ref", kernel=False)
+    _check(x, qweight, scales, group_size, bias, pre_scale, out_scale, "w4a16_gemv_gated_ref")
     y = silu_and_mul_ref(w4a16_gemm_ref(x, qweight, scales, group_size, bias, pre_scale))
     return y if out_scale is None else y * out_scale.to(y.dtype)
