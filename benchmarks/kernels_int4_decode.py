@@ -1,13 +1,13 @@
 """The int4 decode kernels against each other on the GPU: the tensor-core decode kernel (w4a16_mma_decode.py,
 launched directly) and what w4a16_gemm runs without it (the CUDA-core GEMV at M <= 4, the tensor-core GEMM above).
 
-    python benchmarks/kernels_int4_decode.py [--m 1,2,4,8,16] [--sweep] [--json out.json]
+    python benchmarks/kernels_int4_decode.py [--m 1,2,4,8,16] [--sweep [--sweep-m 1,32]] [--json out.json]
 
 Llama-3.1-8B shapes, bf16, int4 group 128, graph-timed (kernels/gpu_timing.py), us per call and the share of
 the H200's 4.8 TB/s that the weight and scale bytes would take at that time: qkv, o (with AWQ's pre_scale),
 gate_up (gated: silu(gate) * up and down's scale in the same kernel), down, and the int4 LM head. Every output
 is checked against the pure-torch reference first. `--sweep` also times every tile config of the decode kernel
-at M = 1 and prints the fastest per shape.
+at each of `--sweep-m`'s row counts (default 1) and prints the fastest per shape.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from llmx.kernels import w4a16_mma_decode as mma
 from llmx.kernels.gpu_timing import graph_time_ms
-from llmx.kernels.tuning import TileConfig
+from llmx.kernels.tuning import candidate_configs
 from llmx.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
 from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
 
@@ -28,8 +28,6 @@ HBM_TB_S = 4.8
 # name: (N, K, variant)
 SHAPES = {"qkv": (6144, 4096, "plain"), "o": (4096, 4096, "pre_scale"), "gate_up": (28672, 4096, "gated"),
           "down": (4096, 14336, "plain"), "lm_head": (128256, 4096, "plain")}
-SWEEP = [TileConfig(16, bn, 128, split_k=split, num_warps=4, num_stages=stages)
-         for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
 
 
 def _case(n: int, k: int, m: int, variant: str, g: torch.Generator):
@@ -55,6 +53,17 @@ def _case(n: int, k: int, m: int, variant: str, g: torch.Generator):
     return before, run, ref
 
 
+def _row_counts(ap: argparse.ArgumentParser, flag: str, value: str) -> list[int]:
+    """A comma-separated list of decode row counts the kernel runs (1..MMA_KERNEL_MAX_M), or exit 2 saying why."""
+    try:
+        ms = [int(v) for v in value.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {value!r}: give whole row counts separated by commas, e.g. 1,4,16")
+    if not all(1 <= m <= mma.MMA_KERNEL_MAX_M for m in ms):
+        ap.error(f"{flag} {value!r}: every row count must lie in 1..{mma.MMA_KERNEL_MAX_M}")
+    return ms
+
+
 def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -67,15 +76,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="1,2,4,8,16",
                     help="decode rows, comma-separated (1..64; above 16 the kernel pads the batch to 32 or 64)")
-    ap.add_argument("--sweep", action="store_true", help="time every decode tile config at M = 1")
+    ap.add_argument("--sweep", action="store_true", help="time every decode tile config (the tuner's candidates)")
+    ap.add_argument("--sweep-m", default="1", help="the row counts of --sweep, comma-separated (default 1)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    try:
-        ms = [int(v) for v in args.m.split(",")]
-    except ValueError:
-        ap.error(f"--m {args.m!r}: give whole row counts separated by commas, e.g. 1,4,16")
-    if not all(1 <= m <= mma.MMA_KERNEL_MAX_M for m in ms):
-        ap.error(f"--m {args.m!r}: every row count must lie in 1..{mma.MMA_KERNEL_MAX_M}")
+    ms = _row_counts(ap, "--m", args.m)
+    sweep_ms = _row_counts(ap, "--sweep-m", args.sweep_m)
     g = torch.Generator().manual_seed(0)
     rows = []
     for m in ms:
@@ -100,11 +106,11 @@ def main() -> None:
                   f"({100 * row['mma_hbm']:4.0f}% of HBM)  err before {row['before_err'] or 0:.1e} mma "
                   f"{row['mma_err']:.1e}  tiles {row['default']}", flush=True)
     sweep = {}
-    if args.sweep:
+    for m in sweep_ms if args.sweep else ():
         for name, (n, k, variant) in SHAPES.items():
-            _, run, ref = _case(n, k, 1, variant, g)
+            _, run, ref = _case(n, k, m, variant, g)
             timed = []
-            for cfg in SWEEP:
+            for cfg in candidate_configs("w4a16_mma_decode", m):
                 try:
                     y = run(cfg)
                 except Exception as exc:  # noqa: BLE001  (a config that does not fit is reported, not fatal)
@@ -113,9 +119,9 @@ def main() -> None:
                 err = _error(y, ref)
                 timed.append((_us(lambda cfg=cfg: run(cfg)), cfg.to_dict(), err))
             timed.sort(key=lambda t: t[0])
-            sweep[name] = timed
+            sweep[f"m{m}_{name}"] = timed
             for us, cfg, err in timed[:4]:
-                print(f"sweep M=1 {name:8s} {us:7.1f} us  err {err:.1e}  {cfg}", flush=True)
+                print(f"sweep M={m} {name:8s} {us:7.1f} us  err {err:.1e}  {cfg}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweep}, f, indent=1)

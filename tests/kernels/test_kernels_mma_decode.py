@@ -123,14 +123,15 @@ def test_dispatch_never_picks_it_off_hopper_or_in_the_interpreter():
     assert not w4a16_mma_decode.mma_decode_available(torch.float16, "cpu")
 
 
-@pytest.mark.parametrize("rows, message", [("1,100", "must lie in 1..64"), ("x", "whole row counts")])
-def test_benchmark_refuses_bad_row_counts(rows, message):
+@pytest.mark.parametrize("flag, rows, message", [("--m", "1,100", "must lie in 1..64"), ("--m", "x", "whole row counts"),
+                                                 ("--sweep-m", "0", "--sweep-m '0': every row count")])
+def test_benchmark_refuses_bad_row_counts(flag, rows, message):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_int4_decode.py"
-    done = subprocess.run([sys.executable, str(script), "--m", rows], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script), flag, rows], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
 
 
