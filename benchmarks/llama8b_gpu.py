@@ -28,6 +28,8 @@ SCENARIOS = {
     "bs1_128_128": BenchOptions(isl=128, osl=128, num_requests=3, concurrency=1, warmup=1),
     "bs1_2048_128": BenchOptions(isl=2048, osl=128, num_requests=3, concurrency=1, warmup=1),
     "bs8_128_128": BenchOptions(isl=128, osl=128, num_requests=24, concurrency=8, warmup=8),
+    "bs32_128_128": BenchOptions(isl=128, osl=128, num_requests=96, concurrency=32, warmup=32),
+    "bs64_128_128": BenchOptions(isl=128, osl=128, num_requests=192, concurrency=64, warmup=64),
     "tput_128_128": BenchOptions(isl=128, osl=128, num_requests=1024, warmup=8),
     "tput_128_128_2k": BenchOptions(isl=128, osl=128, num_requests=2048, warmup=8),
     "tput_128_128_4k": BenchOptions(isl=128, osl=128, num_requests=4096, warmup=8),

@@ -49,12 +49,11 @@ _WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "w4a16_mma_decode": 4, "nvfp4": 4, 
 # M = 1 bucket, and in the M = 16 bucket (timed at M = GEMV_MAX_M) beside the tensor-core kernel's entry,
 # which then serves M = GEMV_MAX_M + 1..16.
 GEMV_MAX_M = 4
-# ... except that on Hopper the tensor-core decode kernel (w4a16_mma_decode.py) takes M = 2..16 rows of 16-bit
-# activations where K and the group size are multiples of 128 (at M = 1 the GEMV was faster on the H200): its
-# entries, under "w4a16_mma_decode", serve the M = 16 bucket.
-MMA_DECODE_MIN_M, MMA_DECODE_MAX_M = 2, 16
-# The kernel itself runs up to 64 rows (the batch padded to 16, 32 or 64), in K tiles of MMA_BLOCK_K inputs that
-# each lie in one quantization group.
+# ... except that on Hopper the tensor-core decode kernel (w4a16_mma_decode.py) takes M = 2..64 rows of 16-bit
+# activations where K and the group size are multiples of 128 (at M = 1 the GEMV was faster on the H100 and the
+# H200): its entries, under "w4a16_mma_decode", serve the M = 16 and M = 64 buckets. It pads the batch to 16, 32
+# or 64 rows and walks K tiles of MMA_BLOCK_K inputs that each lie in one quantization group.
+MMA_DECODE_MIN_M = 2
 MMA_KERNEL_MAX_M = 64
 MMA_BLOCK_K = 128
 
@@ -132,11 +131,11 @@ def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = No
                    mma_decode: bool = False) -> list[tuple[str, int]]:
     """(kernel name, M to time) of each table entry serving `kernel`'s calls with M in bucket `bucket`: the
     kernel itself at M = bucket, except where w4a16 runs a decode kernel: the tensor-core decode kernel for
-    M = 2..16 where `mma_decode` (w4a16_mma_decode.mma_decode_available for the engine's dtype on this GPU) and
+    M = 2..64 where `mma_decode` (w4a16_mma_decode.mma_decode_available for the engine's dtype on this GPU) and
     K and the group size are multiples of 128, else the GEMV (see GEMV_MAX_M)."""
     if kernel != "w4a16" or group_size is None:
         return [(kernel, bucket)]
-    if mma_decode and MMA_DECODE_MIN_M <= bucket <= MMA_DECODE_MAX_M and w4a16_mma_decode_fits(bucket, k, group_size):
+    if mma_decode and bucket >= MMA_DECODE_MIN_M and w4a16_mma_decode_fits(bucket, k, group_size):
         return [("w4a16_mma_decode", bucket)]
     if not w4a16_uses_gemv(1, k, group_size):
         return [(kernel, bucket)]
@@ -223,17 +222,18 @@ def _mma_decode_default(m: int, n: int, k: int) -> TileConfig:
     k_tiles = k // MMA_BLOCK_K
     while split < 8 and tiles * split < 2 * sms and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 4:
         split *= 2
-    return TileConfig(_mma_block_m(m), block_n, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(mma_block_m(m), block_n, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=4)
 
 
-def _mma_block_m(m: int) -> int:
+def mma_block_m(m: int) -> int:
+    """The tensor-core decode kernel's M tile for m rows: m padded to 16, 32 or 64."""
     return min(MMA_KERNEL_MAX_M, max(16, _pow2_at_least(m)))
 
 
 def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """The configurations `autotune` times for one kernel at one M bucket (the default first)."""
     if kernel == "w4a16_mma_decode":
-        return [TileConfig(_mma_block_m(m), bn, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=stages)
+        return [TileConfig(mma_block_m(m), bn, MMA_BLOCK_K, split_k=split, num_warps=4, num_stages=stages)
                 for bn in (64, 128) for split in (1, 2, 4, 8) for stages in (3, 4)]
     if kernel == "w4a16_gemv":
         # Each activation row adds a float32 accumulator per held word: 8 rows of 4 words spill at M > 2.

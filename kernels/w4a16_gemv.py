@@ -3,7 +3,7 @@
 `w4a16_gemv(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype computes
 what `w4a16_gemm` computes (same storage format and input checks, see w4a16_gemm.py) for M <= GEMV_MAX_M (4),
 K % 8 == 0 and group_size % 8 == 0. `w4a16_gemm` hands those calls here (`tuning.w4a16_uses_gemv`), so every
-caller (the runtime's Linears) gets it, except the M = 2..16 calls that the tensor-core decode kernel takes on
+caller (the runtime's Linears) gets it, except the M = 2..4 calls that the tensor-core decode kernel takes on
 Hopper (w4a16_mma_decode.py; at M = 1 this GEMV is faster there).
 
 Why a GEMV: at M = 1..4 a GEMM is a stream of weight bytes, half a byte per weight and M multiply-adds each.

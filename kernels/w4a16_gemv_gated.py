@@ -4,7 +4,7 @@
 returns silu(x W_gate^T) * (x W_up^T) [M, I] for a fused [gate | up] int4 weight (w4a16_gemv.py's storage format and
 limits: M <= GEMV_MAX_M, K and the group size multiples of 8). Unfused this is the GEMV into a [M, 2I] buffer,
 then silu_and_mul: a second kernel per layer. Where w4a16_gemm would send the rows to the tensor-core decode
-kernel (w4a16_mma_decode.py: Hopper, 16-bit activations, M <= 16), its gated variant runs instead, with the same
+kernel (w4a16_mma_decode.py: Hopper, 16-bit activations, M <= 64), its gated variant runs instead, with the same
 epilogue.
 
 Each program takes BLOCK_N / 2 gate rows and the matching up rows (gathered: the GEMV streams every row

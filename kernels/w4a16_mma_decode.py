@@ -3,17 +3,18 @@
 `w4a16_mma_decode(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` computes what
 `w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 64 rows of fp16/bf16 activations, K % 128 == 0
 and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_gemm` hands it the calls with
-M = 2..16 (`uses_mma_decode`: the range timed on a GPU so far), so the runtime's Linears and the gated MLP get it;
-`LLMX_INT4_DECODE=gemv` turns that off (A/B switch, read once). 17..64 rows (the batch padded to 32 or 64) are
-tested in Triton's interpreter and wait for a GPU timing against the tensor-core GEMM before the dispatch
-takes them.
+M = 2..64 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it; `LLMX_INT4_DECODE=gemv` turns
+that off (A/B switch, read once).
 
 Why: the CUDA-core GEMV (w4a16_gemv.py) does a multiply-add per weight and activation row, so its time grows
 with M (H200, Llama-3.1-8B gate_up: 23.6 us at M = 1, 41.1 at M = 2, 60.4 at M = 4), and past M = 4 the tensor-core
 GEMM it hands over to padded every weight tile through a slow conversion (down: 54.5 us at M = 8). Here the
 multiply-adds go to the tensor cores, where padding the batch to 16 rows is free: 29-31 us for gate_up at every
 M from 1 to 16, 16-19 us for down (benchmarks/kernels_int4_decode.py, BENCHMARKS.md, seventh session). At
-M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there.
+M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there. At M = 17..64 (the batch padded to
+32 or 64) it took 40-63% less time than the tensor-core GEMM for Llama-3.1-8B's layers on the H100, and int4
+decode at batch 32 / 64 went from 4,016 / 5,232 to 5,457 / 7,283 output tok/s (BENCHMARKS.md, ninth session). Only
+the LM head (N = 128,256) at M = 48..64 was slower here (5-20%), which the dispatch, by M and K alone, accepts.
 
 The tile: program (pid_n, pid_k, pid_m) takes BLOCK_N weight rows, the pid_k-th of SPLIT_K slices of the K loop
 and BLOCK_M (16, 32 or 64) activation rows, and computes out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, 128] @
@@ -65,8 +66,8 @@ from llmx.kernels import tuning
 from llmx.kernels._gemm_common import as_int32_words
 from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
-from llmx.kernels.tuning import (MMA_BLOCK_K, MMA_DECODE_MAX_M, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig,
-                                 w4a16_mma_decode_fits)
+from llmx.kernels.tuning import (MMA_BLOCK_K, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig,
+                                 mma_block_m, w4a16_mma_decode_fits)
 
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else {}
@@ -99,7 +100,7 @@ def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
     """Whether w4a16_gemm hands an x [M, K] call with this group size to the tensor-core decode kernel: on Hopper
     (wgmma, packed bf16 arithmetic), never in Triton's interpreter (whose tests call the kernel directly)."""
     m = x.shape[0]
-    if not (MMA_DECODE_MIN_M <= m <= MMA_DECODE_MAX_M and w4a16_mma_decode_fits(m, k, group_size)):
+    if not (m >= MMA_DECODE_MIN_M and w4a16_mma_decode_fits(m, k, group_size)):
         return False
     return mma_decode_available(x.dtype, x.device)
 
@@ -128,13 +129,16 @@ def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
 
 
 def mma_decode_config(m: int, n: int, k: int, override: TileConfig | dict | None = None) -> TileConfig:
-    """The launch's tiles: `override`, else the tuned entry, else the default (tuning.py); split_k is cut to a
-    power of two that divides the K tiles."""
+    """The launch's tiles: `override`, else the tuned entry, else the default (tuning.py); block_m is cut to the
+    batch padded to 16, 32 or 64 rows (the M = 64 bucket's entry, timed at M = 64, also serves M = 17..32, where
+    64-row tiles would be half padding: qkv took 24.8 us with them at M = 48 against 13.7 us at M = 32, H100), and
+    split_k to a power of two that divides the K tiles."""
     cfg = tuning.gemm_config("w4a16_mma_decode", m, n, k, override)
     split = cfg.split_k
     while split > 1 and (k // MMA_BLOCK_K) % split:
         split //= 2
-    return cfg if split == cfg.split_k else cfg.replace(split_k=split)
+    block_m = min(cfg.block_m, mma_block_m(m))
+    return cfg if (split, block_m) == (cfg.split_k, cfg.block_m) else cfg.replace(split_k=split, block_m=block_m)
 
 
 def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config, *, gated: bool = False,

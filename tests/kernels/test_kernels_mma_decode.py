@@ -140,7 +140,8 @@ def test_tuned_buckets_time_it_where_the_runtime_launches_it():
 
     assert tuning.bucket_kernels("w4a16", 1, 4096, 128, mma_decode=True) == [("w4a16_gemv", 1)]  # M = 1: GEMV
     assert tuning.bucket_kernels("w4a16", 16, 4096, 128, mma_decode=True) == [("w4a16_mma_decode", 16)]
-    assert tuning.bucket_kernels("w4a16", 64, 4096, 128, mma_decode=True) == [("w4a16", 64)]
+    assert tuning.bucket_kernels("w4a16", 64, 4096, 128, mma_decode=True) == [("w4a16_mma_decode", 64)]
+    assert tuning.bucket_kernels("w4a16", 256, 4096, 128, mma_decode=True) == [("w4a16", 256)]
     assert tuning.bucket_kernels("w4a16", 1, 4096, 64, mma_decode=True) == [("w4a16_gemv", 1)]  # group 64
     assert all(c.block_n >= 64 and c.block_k == 128 for c in tuning.candidate_configs("w4a16_mma_decode", 1))
 
@@ -153,6 +154,18 @@ def test_split_k_is_cut_to_divide_the_k_tiles():
 def test_default_tiles_pad_the_batch_to_16_32_or_64_rows():
     assert [w4a16_mma_decode.mma_decode_config(m, 4096, 4096).block_m for m in (2, 16, 17, 32, 33, 64)] == \
         [16, 16, 32, 32, 64, 64]
+
+
+def test_a_bucket_entry_timed_at_64_rows_pads_fewer_rows_less(monkeypatch):
+    """The M = 64 bucket's tuned entry (64-row tiles) also serves M = 17..32: those launch 32-row tiles, with the
+    entry's other fields; an override keeps a smaller block_m (two M tiles of 32 for 40 rows)."""
+    from llmx.kernels import tuning
+
+    tuned = C(64, 128, 128, split_k=2, num_stages=3)
+    monkeypatch.setattr(tuning, "_TUNED", {"w4a16_mma_decode": {tuning.shape_key(64, 4096, 4096): tuned}})
+    assert [w4a16_mma_decode.mma_decode_config(m, 4096, 4096) for m in (20, 32, 33, 64)] == \
+        [tuned.replace(block_m=32)] * 2 + [tuned] * 2
+    assert w4a16_mma_decode.mma_decode_config(40, 4096, 4096, C(32, 64, 128)).block_m == 32
 
 
 # on the GPU
@@ -169,7 +182,7 @@ def test_gpu_cases(name, dtype):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336), (128256, 4096)], ids=str)
-@pytest.mark.parametrize("m", [2, 4, 16])
+@pytest.mark.parametrize("m", [2, 4, 16, 24, 64])
 def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
     n, k = shape
     x, qweight, scales, _, pre, _ = int4_inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
@@ -181,7 +194,7 @@ def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [2, 8])
+@pytest.mark.parametrize("m", [2, 8, 48])
 def test_gpu_gated_dispatch_llama_gate_up_bf16(m):
     x, qweight, scales, _, _, out_scale = int4_inputs(m, 28672, 4096, 128, {"out_scale": True}, torch.bfloat16, "cuda")
     out = w4a16_gemv_gated(x, qweight, scales, 128, None, None, out_scale)

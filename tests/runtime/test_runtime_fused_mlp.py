@@ -1,6 +1,6 @@
 """The int4 decode paths in whole engines. The MLP's fused path (decoder.MLP with kernels/w4a16_gemv_gated.py):
 silu(gate) * up in the int4 gate_up GEMV, which also applies down_proj's AWQ input scale so that the down GEMV
-skips it; and on Hopper the tensor-core decode kernel (kernels/w4a16_mma_decode.py) for 2..16 rows.
+skips it; and on Hopper the tensor-core decode kernel (kernels/w4a16_mma_decode.py) for 2..64 rows.
 
 On CPU: which Linears offer the pieces, and (test_interpreted_*, in a child process under Triton's interpreter)
 that an int4_awq engine's MLP gives the same output fused and unfused. On a GPU (skipped elsewhere): whole
