@@ -135,6 +135,22 @@ def test_benchmark_refuses_bad_row_counts(flag, rows, message):
     assert done.returncode == 2 and message in done.stderr
 
 
+def test_profiler_launch_script_refuses_bad_rounds_and_launches_on_a_gpu_only():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "int4_m1_launches.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "give at least 1" in done.stderr
+    done = subprocess.run([sys.executable, str(script), "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        kernels = 3 if torch.cuda.get_device_capability()[0] == 9 else 2
+        assert done.returncode == 0 and f"launched {kernels} kernels x 1 rounds" in done.stdout, done.stderr[-2000:]
+    else:
+        assert done.returncode == 1 and "run it on a machine with a CUDA GPU" in done.stderr
+
+
 def test_tuned_buckets_time_it_where_the_runtime_launches_it():
     from llmx.kernels import tuning
 
