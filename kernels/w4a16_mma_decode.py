@@ -12,9 +12,10 @@ GEMM it hands over to padded every weight tile through a slow conversion (down: 
 multiply-adds go to the tensor cores, where padding the batch to 16 rows is free: 29-31 us for gate_up at every
 M from 1 to 16, 16-19 us for down (benchmarks/kernels_int4_decode.py, BENCHMARKS.md, seventh session). At
 M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there. At M = 17..64 (the batch padded to
-32 or 64) it took 40-63% less time than the tensor-core GEMM for Llama-3.1-8B's layers on the H100, and int4
-decode at batch 32 / 64 went from 4,016 / 5,232 to 5,457 / 7,283 output tok/s (BENCHMARKS.md, ninth session). Only
-the LM head (N = 128,256) at M = 48..64 was slower here (5-20%), which the dispatch, by M and K alone, accepts.
+32 or 64) it took less time than the tensor-core GEMM for Llama-3.1-8B's layers on the H100 (down 56-63% less,
+o 40-51%, qkv 8-38%), and int4 decode at batch 32 / 64 went from 4,016 / 5,232 to 5,457 / 7,283 output tok/s
+(BENCHMARKS.md, ninth session). Only the LM head (N = 128,256) at M = 48..64 was slower (5-20%), which the
+dispatch, by M and K alone, accepts.
 
 The tile: program (pid_n, pid_k, pid_m) takes BLOCK_N weight rows, the pid_k-th of SPLIT_K slices of the K loop
 and BLOCK_M (16, 32 or 64) activation rows, and computes out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, 128] @
