@@ -7,7 +7,8 @@
 
 Launches, --rounds times (default 3; the first round compiles): the gated gate_up GEMV (silu(gate) * up with
 down's input scale, [28672, 4096] weights), the down GEMV through w4a16_gemm ([4096, 14336]) and the gated
-tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Random int4 weights, group size 128, bf16.
+tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Random int4 weights, group
+size 128, bf16.
 BENCHMARKS.md (ninth session) has what ncu said of them on the H100.
 """
 

@@ -123,7 +123,8 @@ def test_dispatch_never_picks_it_off_hopper_or_in_the_interpreter():
     assert not w4a16_mma_decode.mma_decode_available(torch.float16, "cpu")
 
 
-@pytest.mark.parametrize("flag, rows, message", [("--m", "1,100", "must lie in 1..64"), ("--m", "x", "whole row counts"),
+@pytest.mark.parametrize("flag, rows, message", [("--m", "1,100", "must lie in 1..64"),
+                                                 ("--m", "x", "whole row counts"),
                                                  ("--sweep-m", "0", "--sweep-m '0': every row count")])
 def test_benchmark_refuses_bad_row_counts(flag, rows, message):
     import subprocess
