@@ -7,8 +7,8 @@
 
 Launches, --rounds times (default 3; the first round compiles): the gated gate_up GEMV (silu(gate) * up with
 down's input scale, [28672, 4096] weights), the down GEMV through w4a16_gemm ([4096, 14336]) and the gated
-tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Random int4 weights, group
-size 128, bf16.
+tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Inputs as in
+kernels_int4_decode.py: random int4 weights, group size 128, bf16.
 BENCHMARKS.md (ninth session) has what ncu said of them on the H100.
 """
 
@@ -18,18 +18,8 @@ import argparse
 
 import torch
 
+from kernels_int4_decode import SHAPES, decode_case  # this folder's per-kernel benchmark: same inputs
 from llmx.kernels import w4a16_mma_decode as mma
-from llmx.kernels.w4a16_gemm import w4a16_gemm
-from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated
-
-GROUP = 128
-
-
-def _weights(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight uint8 [n, k / 2], bf16 group scales [n, k / GROUP]) on the GPU."""
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    scales = torch.rand(n, k // GROUP, generator=g) * 0.02
-    return qweight.cuda(), scales.to(device="cuda", dtype=torch.bfloat16)
 
 
 def main() -> None:
@@ -41,18 +31,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("int4_m1_launches.py launches GPU kernels: run it on a machine with a CUDA GPU.")
     g = torch.Generator().manual_seed(0)
-    gate_up, gate_up_scales = _weights(28672, 4096, g)
-    down, down_scales = _weights(4096, 14336, g)
-    x = torch.randn(1, 4096, generator=g).to(device="cuda", dtype=torch.bfloat16)
-    x_down = torch.randn(1, 14336, generator=g).to(device="cuda", dtype=torch.bfloat16)
-    down_input_scale = (torch.rand(14336, generator=g) + 0.5).to(device="cuda", dtype=torch.bfloat16)
+    # M = 1: `before` is the gated GEMV for gate_up and w4a16_gemm's GEMV for down; `run` the decode kernel.
+    gated_gemv, gated_mma, _ = decode_case(*SHAPES["gate_up"][:2], 1, SHAPES["gate_up"][2], g)
+    down_gemv, _, _ = decode_case(*SHAPES["down"][:2], 1, SHAPES["down"][2], g)
     hopper = mma.mma_decode_available(torch.bfloat16)  # the tensor-core decode kernel needs wgmma
     for _ in range(args.rounds):
-        w4a16_gemv_gated(x, gate_up, gate_up_scales, GROUP, None, None, down_input_scale)
-        w4a16_gemm(x_down, down, down_scales, GROUP)
+        gated_gemv()
+        down_gemv()
         if hopper:
-            mma.launch_w4a16_mma_decode(x, gate_up, gate_up_scales, GROUP, None, None, None, gated=True,
-                                        out_scale=down_input_scale)
+            gated_mma()
     torch.cuda.synchronize()
     print(f"launched {3 if hopper else 2} kernels x {args.rounds} rounds on {torch.cuda.get_device_name()}")
 

@@ -30,7 +30,10 @@ SHAPES = {"qkv": (6144, 4096, "plain"), "o": (4096, 4096, "pre_scale"), "gate_up
           "down": (4096, 14336, "plain"), "lm_head": (128256, 4096, "plain")}
 
 
-def _case(n: int, k: int, m: int, variant: str, g: torch.Generator):
+def decode_case(n: int, k: int, m: int, variant: str, g: torch.Generator):
+    """(before(), run(config=None), float32 reference) for one SHAPES entry at m rows: random int4 weights and bf16
+    inputs on the GPU; `before` is what w4a16_gemm (or the gated GEMV) runs without the decode kernel, `run` the
+    decode kernel launched directly (int4_m1_launches.py launches them for a profiler)."""
     bf16 = dict(dtype=torch.bfloat16, device="cuda")
     qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
     scales = (torch.rand(n, k // GROUP, generator=g) * 0.02 + 0.002).to(**bf16)
@@ -86,7 +89,7 @@ def main() -> None:
     rows = []
     for m in ms:
         for name, (n, k, variant) in SHAPES.items():
-            run_before, run, ref = _case(n, k, m, variant, g)
+            run_before, run, ref = decode_case(n, k, m, variant, g)
             mma._ENABLED = False
             before = None  # the gated GEMV stops at M = 4: above, gate_up ran unfused before this kernel
             if not (variant == "gated" and m > 4):
@@ -108,7 +111,7 @@ def main() -> None:
     sweep = {}
     for m in sweep_ms if args.sweep else ():
         for name, (n, k, variant) in SHAPES.items():
-            _, run, ref = _case(n, k, m, variant, g)
+            _, run, ref = decode_case(n, k, m, variant, g)
             timed = []
             for cfg in candidate_configs("w4a16_mma_decode", m):
                 try:
