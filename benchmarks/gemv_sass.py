@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from llmx.kernels import w4a16_gemv
+from llmx.kernels._triton_util import pin_fp_fusion
 
 # The kernel's runtime arguments in order, and those the launches specialise as multiples of 16.
 ARGS = {"x_ptr": "*i32", "qw_ptr": "*i32", "scales_ptr": "*i32", "pre_ptr": "*i32", "bias_ptr": "*bf16",
@@ -37,6 +38,7 @@ DIVISIBLE_BY_16 = list(ARGS)[:-1]
 
 
 def compile_gemv(args: argparse.Namespace):
+    pin_fp_fusion()  # as a launch would, before Triton compiles
     constants = dict(M_ROWS=args.rows, GROUP_SIZE=128, ACT=tl.bfloat16, GROUPED_SCALES=True,
                      HAS_PRE_SCALE=args.pre_scale, HAS_BIAS=False, GATED=args.gated, HAS_OUT_SCALE=False,
                      FOLD_OFFSET=w4a16_gemv.folds_offset(args.rows, torch.bfloat16) and not args.subtract_offset,

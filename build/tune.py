@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmx.build.checkpoint import llmx_version
 from llmx.build.shard import local_features
+from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.common.progress import Progress
 from llmx.kernels import tuning
@@ -48,7 +49,6 @@ GROUPED_KERNELS = ("w4a16", "w4a16_gemv", "w4a16_mma_decode", "w4a8")
 
 CACHE_FORMAT = "llmx-gemm-tile-cache"
 CACHE_VERSION = 1
-CACHE_DIR_ENV = "LLMX_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,7 @@ def tuning_unavailable_reason() -> str | None:
 
 def cache_dir() -> Path:
     """$LLMX_CACHE_DIR/gemm-tiles, else ~/.cache/llmx/gemm-tiles."""
-    root = os.environ.get(CACHE_DIR_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "llmx"
-    return base / "gemm-tiles"
+    return env.LLMX_CACHE_DIR.read() / "gemm-tiles"
 
 
 def _slug(text: str) -> str:

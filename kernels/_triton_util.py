@@ -11,22 +11,23 @@ decorated at that moment too, so the variable cannot be switched later in the sa
 use the interpreter therefore run in a fresh process started with TRITON_INTERPRET=1.
 
 Fused multiply-adds: the kernels are written for them (the int4 GEMV's inner loop is one FFMA per weight and
-row; a separate multiply and add would double it). Triton 3.9 warns at every first compile that its default
-for TRITON_DEFAULT_FP_FUSION will turn to off in 3.10, so this module sets it to on before triton is imported,
-unless the user chose a value.
+row; a separate multiply and add would double it). Triton reads TRITON_DEFAULT_FP_FUSION when it compiles a
+kernel, and 3.9 warns at every first compile that the default will turn to off in 3.10. `pin_fp_fusion` sets it
+to on, unless the user chose a value, right before a kernel can first compile: every wrapper's
+`check_launch_device` and every tuning case (`_gemm_common.tuning_case`) call it, so importing llmx leaves the
+environment alone.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import torch
 
+from llmx.common import env
 from llmx.common.errors import LlmxError
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 try:
     import triton
     import triton.language as tl
@@ -83,8 +84,15 @@ def is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def pin_fp_fusion() -> None:
+    """TRITON_DEFAULT_FP_FUSION=1 unless the user chose a value (see above); call before a kernel compiles."""
+    env.set_default(env.TRITON_DEFAULT_FP_FUSION)
+
+
 def check_launch_device(op: str, kernel: Any, *tensors: torch.Tensor | None) -> torch.device:
-    """All tensors on one device, and one `kernel` runs on: CUDA when compiled, CPU when interpreted."""
+    """All tensors on one device, and one `kernel` runs on: CUDA when compiled, CPU when interpreted.
+    Every kernel wrapper calls it before its launch, which may compile the kernel: it pins FP fusion first."""
+    pin_fp_fusion()
     present = [t for t in tensors if t is not None]
     device = present[0].device
     if any(t.device != device for t in present):

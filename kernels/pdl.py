@@ -15,20 +15,20 @@ N+1 waits on N, which has already passed its own wait.
 Kernels launched without PDL (cuBLAS, torch's own) simply keep the ordinary ordering around them.
 
 On: CUDA devices of compute capability 9.0 and above, with a Triton that has the griddepcontrol ops.
-`LLMX_PDL=0` (environment) or `set_pdl(False)` turns it off, e.g. for an A/B measurement. The choice is a
-launch argument and a compile-time constant of each kernel, so engines need no rebuild either way.
+`LLMX_PDL=0` (environment, read at the first launch) or `set_pdl(False)` turns it off. The choice is a launch
+argument and a compile-time constant of each kernel, so engines need no rebuild either way.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from llmx.common import env
 from llmx.kernels._triton_util import interpreter_active, jit, tl
 
-_ENABLED = os.environ.get("LLMX_PDL", "1") != "0"
+_ENABLED: bool | None = None  # set_pdl's choice; None until the first launch reads LLMX_PDL
 
 
 def set_pdl(enabled: bool) -> None:
@@ -40,10 +40,17 @@ def set_pdl(enabled: bool) -> None:
 def pdl_launch(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch on `device`: the kernel's PDL constant, and Triton's
     `launch_pdl` option when PDL is on (left out otherwise, so the interpreter never sees it)."""
-    if _ENABLED and device.type == "cuda" and _supported(device.index if device.index is not None
+    if _enabled() and device.type == "cuda" and _supported(device.index if device.index is not None
                                                           else torch.cuda.current_device()):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
+
+
+def _enabled() -> bool:
+    global _ENABLED
+    if _ENABLED is None:
+        _ENABLED = env.LLMX_PDL.read()
+    return _ENABLED
 
 
 @functools.lru_cache(maxsize=None)

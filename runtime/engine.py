@@ -10,13 +10,13 @@ prefilled in chunks, and sequences preempted when KV blocks run out are recomput
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
 
+from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.runtime.detokenizer import OutputText, decoder_for
 from llmx.runtime.config import BuildConfig
@@ -48,6 +48,9 @@ class _Ready(NamedTuple):
 
     def result(self) -> dict[int, int]:
         return self.tokens
+
+    def logprobs(self) -> dict:
+        return {}  # runners without `launch` (several ranks) return tokens only
 
 
 class _Request:
@@ -84,7 +87,7 @@ class LLM:
         # Under torchrun the launcher fixed the world size; otherwise llmx starts exactly the engine's ranks.
         from llmx.runtime.workers import launched_by_torchrun
 
-        launched = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else world
+        launched = env.WORLD_SIZE.read() if launched_by_torchrun() else world
         check_engine_runnable(engine, device=self.device.type, world_size=launched)
         tokenizer = _load_tokenizer(engine.path)
         if world > 1:
@@ -131,7 +134,8 @@ class LLM:
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._peak_blocks_used = 0
-        self._can_launch = async_steps and getattr(runner, "can_launch", False)
+        self._launchable = getattr(runner, "can_launch", False)
+        self._can_launch = async_steps and self._launchable
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not applied yet
 
     # ---- requests ---------------------------------------------------------------------------------------
@@ -142,26 +146,72 @@ class LLM:
             raise LlmxError(f"{self._name} has no tokenizer (built from a bare config.json); "
                             "pass prompts as token ids, or build from a model folder with tokenizer files.")
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise LlmxError(f"{self._name}: the tokenizer has no chat template; drop --chat or use an "
-                                "instruct model whose tokenizer_config.json defines one.")
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False))
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ({"role", "content"} turns) through the tokenizer's chat template, ending
+        with the prompt for the assistant's next turn."""
+        if self.tokenizer is None:
+            raise LlmxError(f"{self._name} has no tokenizer (built from a bare config.json); "
+                            "chat needs one: build from a model folder with tokenizer files.")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LlmxError(f"{self._name}: the tokenizer has no chat template; drop --chat or use an "
+                            "instruct model whose tokenizer_config.json defines one.")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *, chat: bool = False) -> int:
+        """Queue a request; its outputs come from `step`. Prompt log-probabilities (params.prompt_logprobs) are
+        computed here, before the request joins the batch."""
         params = params or SamplingParams()
+        if (params.logprobs is not None or params.prompt_logprobs is not None) and not self._launchable:
+            raise LlmxError(f"{self._name}: log-probabilities need an engine that runs in one process (one rank); "
+                            "drop logprobs, or rebuild the engine with --tp 1 --pp 1.")
         request_id = next(self._ids)
         now = time.perf_counter()
         seq = Sequence(seq_id=request_id, prompt_token_ids=self.encode(prompt, chat), params=params,
                        arrival_time=now)
+        if params.logprobs is not None:
+            seq.output_logprobs = []
+        if params.prompt_logprobs is not None and seq.num_prompt_tokens <= self.max_seq_len:
+            seq.prompt_logprobs = self._score_prompt(seq.prompt_token_ids, params.prompt_logprobs)
         self._requests[request_id] = _Request(seq, RequestMetrics(arrival_time=now), self._decode)
         self.scheduler.add(seq)
         return request_id
 
+    def _score_prompt(self, token_ids: list[int], k: int) -> list:
+        """Prompt log-probabilities from a pass of the prompt through KV blocks borrowed from the free pool (and
+        given back), so the cache of running requests is untouched; the step queued ahead, if any, holds its
+        blocks already."""
+        scratch = Sequence(seq_id=-1, prompt_token_ids=token_ids, params=SamplingParams())
+        if not self.block_manager.allocate_for(scratch, len(token_ids)):
+            raise LlmxError(f"the KV cache has no room now for the {len(token_ids)} tokens whose log-probabilities "
+                            "were asked for; retry when fewer requests run.")
+        try:
+            return self.runner.prompt_logprobs(token_ids, scratch.block_table, k)
+        finally:
+            self.block_manager.free(scratch)
+
+    def abort(self, request_id: int) -> bool:
+        """Give up a request (e.g. its client went away): it leaves the batch and its KV blocks are freed at
+        once. A step already queued on the device may still write into them; that write lands before any later
+        step that reuses them. Returns False if the request had already finished."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, FinishReason.ABORT)
+        self.runner.release(request_id)
+        return True
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether `step` has work: requests waiting or running, or a step still in flight."""
+        return self._inflight is not None or self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        """Requests added and not yet finished or aborted."""
+        return len(self._requests)
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -193,7 +243,7 @@ class LLM:
         work = [WorkItem.from_sequence(seq, n) if after is None else
                 WorkItem(seq.seq_id, [0], start, seq.block_table, True, seq.params)
                 for seq, n, start, _ in scheduled]
-        if self._can_launch:
+        if self._launchable:
             return _InFlight(scheduled, self.runner.launch(work, None if after is None else after.pending))
         return _InFlight(scheduled, _Ready(self.runner.execute(work)))
 
@@ -209,6 +259,9 @@ class LLM:
         live = {item[0].seq_id: item[0] for item in step.scheduled if not item[0].is_finished}
         # A sequence that finished while this step ran ahead (EOS or a stop in the step before) gets nothing.
         sampled = {live[i]: token for i, token in sampled_ids.items() if i in live}
+        for seq_id, logprobs in step.pending.logprobs().items():
+            if seq_id in live:
+                live[seq_id].output_logprobs.append(logprobs)
         self.scheduler.postprocess(step.scheduled, sampled)
         self._peak_blocks_used = max(self._peak_blocks_used, self.block_manager.num_used_blocks)
         now = time.perf_counter()
@@ -310,7 +363,7 @@ def _start_ranks(engine, device: str, kv_cache_tokens, kv_cache_fraction, enforc
     from llmx.runtime.workers import DistributedRunner, RankOptions, free_port, launched_by_torchrun
 
     if launched_by_torchrun():
-        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1
+        addr, port = env.MASTER_ADDR.read(), env.MASTER_PORT.read() + 1
     else:
         addr, port = "127.0.0.1", free_port()
     opts = RankOptions(engine_dir=str(engine.path), device=device, kv_cache_tokens=kv_cache_tokens,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import Mapping
 from llmx.runtime.distributed import ParallelContext, set_parallel_context
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: keep it off in every process we start.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLMX_COLLECTIVE_TIMEOUT", "120"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class RankOptions:
     enforce_eager: bool
     master_addr: str
     master_port: int
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float = field(default_factory=env.LLMX_COLLECTIVE_TIMEOUT.read)  # read when the options are made
 
 
 def free_port() -> int:
@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    return env.RANK.is_set() and env.WORLD_SIZE.is_set() and env.MASTER_ADDR.is_set()
 
 
 def init_rank(rank: int, mapping: Mapping, opts: RankOptions) -> dist.ProcessGroup:
@@ -65,7 +65,8 @@ def init_rank(rank: int, mapping: Mapping, opts: RankOptions) -> dist.ProcessGro
     world = mapping.world_size
     backend = "nccl" if opts.device == "cuda" else "gloo"
     if opts.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        local_rank = env.LOCAL_RANK.read()
+        torch.cuda.set_device((rank if local_rank is None else local_rank) % torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=opts.timeout_s)
     dist.init_process_group(backend, init_method=f"tcp://{opts.master_addr}:{opts.master_port}",
                             rank=rank, world_size=world, timeout=timeout)

@@ -3,18 +3,20 @@
 Each kernel module in llmx.kernels exposes a launching wrapper and a `*_ref` with the same signature;
 this is the single place that chooses between them, so model code never branches on the device.
 `set_use_triton(False)` forces the references on GPU too (for A/B checks and debugging).
-`set_fused_mlp(False)` (or LLMX_FUSED_MLP=0) keeps the MLP's activation out of its gate_up GEMV (decoder.MLP).
+`set_fused_mlp(False)` (or LLMX_FUSED_MLP=0, read at the first use) keeps the MLP's activation out of its gate_up
+GEMV (decoder.MLP).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from llmx.common import env
+
 _USE_TRITON = True
-_FUSED_MLP = os.environ.get("LLMX_FUSED_MLP", "1") != "0"
+_FUSED_MLP: bool | None = None  # set_fused_mlp's choice; None until the first use reads LLMX_FUSED_MLP
 
 
 def set_use_triton(enabled: bool) -> None:
@@ -39,6 +41,9 @@ def set_fused_mlp(enabled: bool) -> None:
 
 
 def fused_mlp_enabled() -> bool:
+    global _FUSED_MLP
+    if _FUSED_MLP is None:
+        _FUSED_MLP = env.LLMX_FUSED_MLP.read()
     return _FUSED_MLP
 
 

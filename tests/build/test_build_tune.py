@@ -90,7 +90,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "user-cache"
-    monkeypatch.setenv(build_tune.CACHE_DIR_ENV, str(path))
+    monkeypatch.setenv("LLMX_CACHE_DIR", str(path))
     return path
 
 
