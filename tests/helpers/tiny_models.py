@@ -22,20 +22,9 @@ from typing import Any
 
 import torch
 
+from helpers.corpus import CORPUS
+
 TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
-# The shared corpus sits next to the repository (../shared/data, see DESIGN.md); the opening of the same
-# novel is the fallback where that folder is absent, so the tokenizer can always be trained.
-_CORPUS_CANDIDATES = (Path(__file__).resolve().parents[2].parent / "shared/data/corpus/austen_emma.txt",
-                      Path("/work/shared/data/corpus/austen_emma.txt"))
-_FALLBACK_TEXT = """Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition,
-seemed to unite some of the best blessings of existence; and had lived nearly twenty-one years in the
-world with very little to distress or vex her.
-She was the youngest of the two daughters of a most affectionate, indulgent father; and had, in
-consequence of her sister's marriage, been mistress of his house from a very early period. Her mother
-had died too long ago for her to have more than an indistinct remembrance of her caresses; and her
-place had been supplied by an excellent woman as governess, who had fallen little short of a mother
-in affection.
-"""
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -119,8 +108,7 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> None:
 def _trained_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    corpus = next((p for p in _CORPUS_CANDIDATES if p.is_file()), None)
-    text = corpus.read_text()[:40_000] if corpus is not None else _FALLBACK_TEXT
+    text = (CORPUS / "austen_emma.txt").read_text(encoding="utf-8")[:40_000]
     lines = [line for line in text.splitlines() if line.strip()]
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

@@ -1,4 +1,4 @@
-"""Shared pieces of the pipeline tests: one tiny random Llama, real text from the shared corpus, recipe files,
+"""Shared pieces of the pipeline tests: one tiny random Llama, real text from the test corpus (tests/data/corpus), recipe files,
 and an in-process `llmx pipeline` runner."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"
+from helpers.corpus import CORPUS
+
 
 # The smallest recipe that exercises every stage: int8 SmoothQuant (it calibrates, so the calibration text
 # is an input), an engine of 64 tokens, two perplexity windows, four 16/4 benchmark requests.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.smollm2 import CORPUS
+from helpers.corpus import CORPUS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from llmx.common.errors import LlmxError
 from llmx.quant.api import quantize
 from llmx.quant.methods import method_for
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"
+from helpers.corpus import CORPUS
+
 NORMS = {"attn": "attn_norm", "mlp": "mlp_norm"}
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 # Relative Frobenius error of the effective weights, per format (int4 groups of 32 on Gaussian weights ~0.1).

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from llmx.common.errors import LlmxError
 from llmx.quant.calibrate import build_calibration_set, load_texts
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"
+from helpers.corpus import CORPUS
 
 
 @pytest.fixture(scope="module")

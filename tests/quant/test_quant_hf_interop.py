@@ -16,7 +16,8 @@ from llmx.quant.api import quantize
 from llmx.quant.hf_import import import_checkpoint, is_modelopt_checkpoint
 from llmx.quant.methods import method_for
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"
+from helpers.corpus import CORPUS
+
 CALIB = dict(calib_size=8, calib_seq_len=64, batch_size=8, group_size=32)
 
 

@@ -22,7 +22,8 @@ from llmx.quant.api import quantize
 from llmx.quant.methods import method_for
 from llmx.runtime.config import ModelConfig
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"
+from helpers.corpus import CORPUS
+
 CALIB = dict(calib_size=16, calib_seq_len=64, batch_size=8, group_size=32)
 VOCAB, HIDDEN = 256, 64  # the tiny models' head: [256, 64]
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=VOCAB, hidden_size=HIDDEN,

@@ -1,5 +1,5 @@
-"""llmx's own regression job (ci/smollm2-cpu.yaml): the recipe plans, and its committed baselines still describe
-the workload it runs, so a change to one without the other fails here in seconds instead of in the job."""
+"""llmx's own regression job (ci/smollm2-cpu.yaml): the recipe plans, its committed baseline still describes the
+workload it runs, so a change to one without the other fails here in seconds instead of in the job."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "ci" / "smollm2-cpu.yaml"
-CORPUS = REPO.parent / "shared" / "data" / "corpus"
-
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"the shared corpus is not at {CORPUS}")
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +21,12 @@ def plan(tmp_path_factory):
     return make_plan(str(RECIPE), defaults=stage_defaults(), model=model)
 
 
-def test_the_ci_recipe_calibrates_and_gates_every_stage(plan):
+def test_the_ci_recipe_calibrates_and_gates_accuracy(plan):
     assert plan.quantize["algo"] == "int8_sq" and Path(plan.quantize["calib_data"]).is_file()
     assert {d.name for d in plan.datasets} == {"persuasion", "emma"}
     assert all(d.max_increase is not None for d in plan.datasets)
     assert any(d.baseline is not None for d in plan.datasets) and any(d.needs_reference for d in plan.datasets)
-    assert [s.name for s in plan.scenarios] == ["short"] and plan.scenarios[0].baseline is not None
+    assert [s.name for s in plan.scenarios] == ["short"]
 
 
 def test_eval_baselines_match_the_text_and_windows(plan):
@@ -45,16 +42,11 @@ def test_eval_baselines_match_the_text_and_windows(plan):
         assert baseline["num_tokens"] == dataset.windows * (dataset.seq_len - 1)
 
 
-def test_bench_baselines_match_the_workload(plan):
-    from llmx.bench.regression import WORKLOAD_KEYS
-
+def test_the_cpu_job_gates_no_absolute_speed(plan):
+    """A shared CPU runner's speed varies several-fold with its load: the job runs its benchmark but gates
+    accuracy only."""
+    assert plan.scenarios, "the job still benchmarks the quantized engine"
     for scenario in plan.scenarios:
-        baseline = json.loads(scenario.baseline.read_text())
-        assert baseline["schema"] == "llmx-bench/1"
-        expected = {"isl": scenario.isl, "osl": scenario.osl, "num_requests": scenario.num_requests,
-                    "concurrency": scenario.concurrency, "request_rate": scenario.request_rate,
-                    "dataset_hash": None, "seed": scenario.seed}
-        assert {k: baseline["config"].get(k) for k in WORKLOAD_KEYS} == expected
-        assert baseline["engine"]["quantization"]["algo"] == plan.quantize["algo"]
-        for metric in scenario.baseline_metrics:
-            assert baseline["metrics"][metric] > 0
+        gates = {key: getattr(scenario, key) for key in ("min_output_tok_s", "max_ttft_ms", "max_tpot_ms",
+                                                         "max_e2e_ms", "baseline")}
+        assert all(value is None for value in gates.values()), f"{scenario.name} gates speed: {gates}"

@@ -35,7 +35,7 @@ def tiny_engine(tmp_path_factory):
 
 
 def mixed_prompts(tokenizer, n=16):
-    from helpers.smollm2 import CORPUS
+    from helpers.corpus import CORPUS
 
     words = (CORPUS / "austen_persuasion.txt").read_text(encoding="utf-8").split()[2000:]
     return [" ".join(words[i * 37:i * 37 + 3 + (i * 7) % 41]) for i in range(n)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.smollm2 import CORPUS
+from helpers.corpus import CORPUS
 from helpers.tiny_models import make_tiny_hf_model
 from helpers.triton_interpreter import interpreted, run_interpreted_tests, runs_children
 from llmx.runtime.layers import ops
