@@ -45,30 +45,36 @@ class _Item:
 
 def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dummy_weights: bool = False,
             force: bool = False, trust_remote_code: bool = False, progress: Any = None) -> Path:
-    """Convert an HF model folder into an llmx checkpoint at `out` and return `out`.
+    """Convert an HF model folder, or a hub model ID, into an llmx checkpoint at `out` and return `out`.
 
+    hf_dir: a local folder, or `ORG/NAME[@REVISION]` fetched through huggingface_hub (llmx.build.hub; an
+    existing local path of that spelling wins); the provenance then records the repository and commit.
     dtype: the checkpoint's float dtype (bfloat16, float16, float32). dummy_weights: ignore the weight
     files and write random weights of the right shapes (llmx.build.dummy). force: replace `out` even if
     it holds something other than an llmx checkpoint. trust_remote_code: allow (and copy) a tokenizer
     that needs the folder's custom Python code. progress: None or a `progress(stage, done_bytes,
-    total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) is imported with its
-    quantization by llmx.quant.hf_import.
+    total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) is
+    imported with its quantization by llmx.quant.hf_import.
     """
-    hf_dir, out = Path(hf_dir), Path(out)
+    from llmx.build.hub import resolve_model_source
+
+    out = Path(out)
     check_dtype(dtype)
+    hf_dir, hub = resolve_model_source(hf_dir, trust_remote_code=trust_remote_code, progress=progress)
+    origin = hub.provenance() if hub is not None else {}
     check_model_dir(hf_dir)
     check_not_overlapping(hf_dir, out)
     if dummy_weights:
         from llmx.build.dummy import write_dummy_checkpoint
 
         return write_dummy_checkpoint(hf_dir, out, dtype, force=force, trust_remote_code=trust_remote_code,
-                                      progress=progress)
+                                      progress=progress, provenance_extra=origin)
 
     from llmx.quant.hf_import import import_checkpoint, is_modelopt_checkpoint
 
     if is_modelopt_checkpoint(hf_dir):  # already quantized by ModelOpt: keep its quantized weights
         return import_checkpoint(hf_dir, out, dtype=dtype, force=force, trust_remote_code=trust_remote_code,
-                                 progress=progress)
+                                 progress=progress, provenance_extra=origin)
 
     config_path = hf_dir / "config.json"
     _, model = read_hf_config(config_path)
@@ -87,7 +93,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
                                   ByteProgress(progress, "convert", sum(s.stored.nbytes for s in items)))
             copy_files(tokenizer_files, tmp)
             pin_tokenizer_class(hf_dir, tmp)
-            provenance = make_provenance(hf_dir.resolve(), source_hash)
+            provenance = make_provenance(hf_dir.resolve(), source_hash, **origin)
             write_checkpoint_meta(tmp, model, dtype, None, Mapping(), provenance)
             verify_tensors(rank_file(tmp, 0), checkpoint_tensor_specs(model, dtype, None))
     return out

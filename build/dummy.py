@@ -32,10 +32,11 @@ _NORM_SUFFIXES = ("attn_norm.weight", "mlp_norm.weight", "final_norm.weight", "q
 
 def write_dummy_checkpoint(config_json_path_or_dir: Path | str, out: Path | str, dtype: str = "bfloat16",
                            seed: int = 0, force: bool = False, *, trust_remote_code: bool = False,
-                           progress: Any = None) -> Path:
+                           progress: Any = None, provenance_extra: dict | None = None) -> Path:
     """Write an llmx checkpoint of random weights shaped by a config.json (file, or the folder holding it).
 
-    Tokenizer files next to config.json are copied. Returns `out`.
+    Tokenizer files next to config.json are copied. provenance_extra: fields added to the provenance (a hub
+    source's repository and commit). Returns `out`.
     """
     src, out = Path(config_json_path_or_dir), Path(out)
     if not src.exists():
@@ -56,7 +57,8 @@ def write_dummy_checkpoint(config_json_path_or_dir: Path | str, out: Path | str,
                 writer.write_chunks(entry.name, random_slabs(entry.name, spec, seed), shape=entry.shape)
                 bar.advance(entry.nbytes)
         copy_files(tokenizer_files, tmp)
-        provenance = make_provenance(config_path.resolve(), hash_files([config_path]), dummy_weights=True, seed=seed)
+        provenance = make_provenance(config_path.resolve(), hash_files([config_path]), dummy_weights=True, seed=seed,
+                                     **(provenance_extra or {}))
         write_checkpoint_meta(tmp, model, dtype, None, Mapping(), provenance)
     return out
 

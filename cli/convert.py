@@ -17,9 +17,11 @@ DEFAULTS = {"dtype": "bfloat16"}
 
 
 def convert_command(
-    hf_dir: Annotated[Path, typer.Argument(
-        metavar="HF_DIR", show_default=False,
-        help="Hugging Face model folder: config.json, *.safetensors (or a dummy-weights run), tokenizer files.")],
+    hf_dir: Annotated[str, typer.Argument(
+        metavar="MODEL", show_default=False,
+        help="Hugging Face model folder (config.json, *.safetensors or a dummy-weights run, tokenizer files), or a "
+             "hub model ID ORG/NAME[@REVISION] downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and "
+             "HF_HUB_OFFLINE apply; only safetensors weights are fetched). An existing local path wins.")],
     out_dir: Annotated[Optional[Path], typer.Option(
         "-o", "--out", metavar="CKPT", show_default=False, help="Checkpoint directory to write (required).")] = None,
     dtype: Annotated[Optional[Literal["bfloat16", "float16", "float32"]], typer.Option(
@@ -35,14 +37,19 @@ def convert_command(
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Convert a Hugging Face checkpoint folder into an llmx checkpoint (streamed tensor by tensor).
+    """Convert a Hugging Face checkpoint folder or hub model into an llmx checkpoint (streamed tensor by tensor).
 
     Supported architectures: Llama, Mistral, Qwen2, Qwen3. The output holds llmx.json, rank0.safetensors and
-    the tokenizer files; it is written into a temporary directory and renamed when complete.
+    the tokenizer files; it is written into a temporary directory and renamed when complete. A hub model's
+    repository ID and resolved commit are recorded in llmx.json's provenance.
 
     Examples:
 
       llmx convert ./Llama-3.1-8B-Instruct -o ckpt/llama8b
+
+      llmx convert meta-llama/Llama-3.1-8B-Instruct -o ckpt/llama8b
+
+      llmx convert Qwen/Qwen3-8B@main -o ckpt/qwen3-8b
 
       llmx convert ./Llama-3.1-8B-Instruct -o ckpt/dummy --dummy-weights
     """
@@ -50,7 +57,7 @@ def convert_command(
     if print_config:
         emit_json(settings.to_dict())
         return
-    target = require_out(out_dir, "llmx convert HF_DIR -o ckpt/")
+    target = require_out(out_dir, "llmx convert MODEL -o ckpt/")
     from llmx.build.convert import convert
 
     start = time.perf_counter()

@@ -4,7 +4,8 @@ Each stage's settings come from the same place as its command's: the command's d
 recipe's section (the pipeline has no per-stage flags: the recipe file is where they change). Paths in
 the recipe (model.source, quantize.calib_data, eval data and baselines, bench baselines and dataset) are
 relative to the recipe file's folder, or to the current directory for a shipped recipe (`llama/h100`),
-so a recipe committed next to its data works from any directory.
+so a recipe committed next to its data works from any directory. A model source that is no existing path
+but a hub model ID (ORG/NAME[@REVISION], llmx.build.hub) is fetched into the Hugging Face cache here.
 
 Checks that span sections (a window or a request longer than the engine's max_seq_len, a calibrating
 algorithm without data, a missing baseline file) happen here, before any stage runs, naming the field.
@@ -160,15 +161,21 @@ class _Paths:
 
 def _model_source(recipe: Any, name: str, model: str | Path | None, paths: _Paths) -> tuple[Path, bool]:
     if model is not None:
-        source, origin = Path(model).expanduser().resolve(), "--model"
+        spec, source, origin = str(model), Path(model).expanduser().resolve(), "--model"
     elif recipe.model.source is not None:
-        source, origin = paths.resolve(recipe.model.source), f"`model.source` in {name}"
+        spec, source, origin = recipe.model.source, paths.resolve(recipe.model.source), f"`model.source` in {name}"
     else:
-        raise LlmxError(f"no model to run: pass --model PATH (a Hugging Face folder or an llmx checkpoint) or set "
-                        f"`model.source` in {name}.")
+        raise LlmxError(f"no model to run: pass --model PATH (a Hugging Face folder, a hub model ID ORG/NAME or an "
+                        f"llmx checkpoint) or set `model.source` in {name}.")
+    if not source.exists():
+        from llmx.build.hub import download_model, parse_hub_id
+
+        hub_id = parse_hub_id(spec)
+        if hub_id is not None:  # fetched (or found in the hub cache) now: convert's key hashes its files
+            return download_model(*hub_id).path, False
     if not source.is_dir():
-        raise LlmxError(f"{origin}: {source} is not a directory; pass a Hugging Face model folder or an llmx "
-                        "checkpoint.")
+        raise LlmxError(f"{origin}: {source} is not a directory; pass a Hugging Face model folder, a hub model ID "
+                        "(ORG/NAME[@REVISION]) or an llmx checkpoint.")
     return source, (source / CHECKPOINT_MARKER).is_file()
 
 

@@ -95,12 +95,14 @@ def llmx_pattern(hf_module: str) -> str | None:
 
 
 def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None = None, force: bool = False,
-                      trust_remote_code: bool = False, progress: Any = None) -> Path:
+                      trust_remote_code: bool = False, progress: Any = None,
+                      provenance_extra: dict | None = None) -> Path:
     """Write the llmx checkpoint of a ModelOpt HF folder to `out` and return `out`.
 
     dtype: the checkpoint's activation dtype (embeddings, norms, unquantized Linears, 16-bit scales);
     default: the dtype of the folder's embedding. progress: None or a `progress(stage, done, total)` sink
-    (llmx.common.progress), advanced by the bytes written.
+    (llmx.common.progress), advanced by the bytes written. provenance_extra: fields added to the provenance
+    (a hub source's repository and commit).
     """
     from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
                                        verify_tensors, write_checkpoint_meta)
@@ -150,7 +152,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
             copy_files(tokenizer_files, tmp)
             pin_tokenizer_class(hf_dir, tmp)
             provenance = make_provenance(hf_dir.resolve(), hash_files([p for p in hashed if p.is_file()], hf_dir),
-                                         modelopt_version=_producer_version(hf_dir))
+                                         modelopt_version=_producer_version(hf_dir), **(provenance_extra or {}))
             write_checkpoint_meta(tmp, model, act_dtype, quant, Mapping(), provenance)
             verify_tensors(rank_file(tmp, 0), specs)
     return out

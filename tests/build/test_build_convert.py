@@ -138,4 +138,4 @@ def test_modelopt_quantized_folder_is_handed_to_the_importer(tiny_model_dir, tmp
     out = convert(hf_dir, tmp_path / "ckpt", dtype="float16", force=True)
     assert out == tmp_path / "ckpt"
     assert calls == [((hf_dir, tmp_path / "ckpt"), {"dtype": "float16", "force": True, "trust_remote_code": False,
-                                                    "progress": None})]
+                                                    "progress": None, "provenance_extra": {}})]

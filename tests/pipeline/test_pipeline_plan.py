@@ -65,8 +65,8 @@ def test_missing_model_names_both_ways_to_give_one(project, capsys):
 
     assert run_cli(["pipeline", "--recipe", str(recipe), "--workdir", str(project.workdir)]) == 2
     message = capsys.readouterr().err.strip()
-    assert message == (f"error: no model to run: pass --model PATH (a Hugging Face folder or an llmx checkpoint) "
-                       f"or set `model.source` in {recipe}.")
+    assert message == (f"error: no model to run: pass --model PATH (a Hugging Face folder, a hub model ID ORG/NAME or "
+                       f"an llmx checkpoint) or set `model.source` in {recipe}.")
 
 
 def test_unknown_scenario_key_is_refused_naming_the_field_and_the_allowed_keys(project):
