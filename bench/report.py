@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -72,8 +71,13 @@ def build_report(*, engine: dict, config: dict, metrics: dict, environment: dict
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write the report as JSON; `-` means stdout. A file is written whole or not at all."""
-    text = json.dumps(report, indent=2, default=str) + "\n"
+    """Write the report as JSON; `-` means stdout. A file is written whole or not at all.
+
+    A NaN or infinite metric is written as null and listed under `non_finite` (llmx.common.jsonio).
+    """
+    from llmx.common.jsonio import dumps
+
+    text = dumps(report) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -86,15 +90,12 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 def load_report(path: Path) -> dict[str, Any]:
     """Read a previous report (a baseline), refusing anything that is not an `llmx-bench/1` document."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise LlmxError(f"{path}: no such baseline report; write one with `llmx bench ENGINE --json {path}`.") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LlmxError(f"{path}: not a readable JSON report ({exc}); write one with `llmx bench --json`.") from exc
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
-        raise LlmxError(f"{path}: is not an {SCHEMA} report (schema: {found}); write one with `llmx bench --json`.")
+    from llmx.common.jsonio import read_json_object
+
+    report = read_json_object(path, what="baseline report", remedy=f"write one with `llmx bench ENGINE --json {path}`")
+    if report.get("schema") != SCHEMA:
+        raise LlmxError(f"{path}: is not an {SCHEMA} report (schema: {report.get('schema')}); write one with "
+                        "`llmx bench --json`.")
     return report
 
 

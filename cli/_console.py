@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -54,8 +53,13 @@ def print_info(message: str) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout (plain, not through rich, so nothing is wrapped or coloured)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Write one JSON document to stdout (plain, not through rich, so nothing is wrapped or coloured).
+
+    Non-finite floats are written as null and listed under `non_finite` (llmx.common.jsonio).
+    """
+    from llmx.common.jsonio import dumps
+
+    sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
 
 

@@ -98,10 +98,15 @@ def bench_command(
     values = dict(settings.values)
     if values["dataset"] is not None and settings.sources["num_requests"] == "default":
         values["num_requests"] = None  # a dataset runs whole unless a count is asked for
-    from llmx.bench.report import load_report, print_report, write_report
+    from llmx.bench.report import print_report, write_report
     from llmx.bench.runner import BenchOptions, run_benchmark
 
-    baseline_report = load_report(baseline) if baseline is not None else None
+    baseline_report = None
+    if baseline is not None:  # checked whole before the benchmark runs, not after
+        from llmx.bench.regression import check_percent, load_bench_baseline
+
+        check_percent(values["tolerance"], "--tolerance")
+        baseline_report = load_bench_baseline(baseline)
     options = BenchOptions(isl=values["isl"], osl=values["osl"], num_requests=values["num_requests"],
                            concurrency=values["concurrency"], request_rate=values["request_rate"],
                            warmup=values["warmup"], dataset=Path(values["dataset"]) if values["dataset"] else None,
@@ -137,9 +142,9 @@ def _gate(report: dict, baseline_report: dict, tolerance: float, baseline: Path,
             table.add_column(column, justify="left" if column == "metric" else "right")
         for c in comparisons:
             verdict = "[bold red]REGRESSED[/]" if c.regressed else "[green]ok[/]"
-            table.add_row(c.metric, f"{c.baseline:,.2f}", f"{c.current:,.2f}", f"{c.change_pct:+.1f}%", verdict)
+            table.add_row(c.metric, f"{c.baseline:,.2f}", f"{c.current:,.2f}", c.change_text, verdict)
         out().print(table)
     if regressed:
-        listed = ", ".join(f"{c.metric} {c.change_pct:+.1f}%" for c in regressed)
+        listed = ", ".join(f"{c.metric} {c.change_text}" for c in regressed)
         raise GateFailure(f"{len(regressed)} metric(s) regressed beyond {tolerance}% against {baseline}: {listed}.")
     print_info(f"no regression beyond {tolerance}% against {baseline} ({len(comparisons)} metrics compared).")

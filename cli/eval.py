@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -11,7 +11,8 @@ import typer
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
 from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption
 from llmx.cli._settings import require, resolve_settings
-from llmx.common.errors import GateFailure, LlmxError
+from llmx.bench.regression import describe_value
+from llmx.common.errors import GateFailure
 
 DEFAULTS: dict[str, Any] = {
     "data": None,
@@ -65,7 +66,12 @@ def eval_command(
         emit_json(settings.to_dict())
         return
     text = Path(require(settings, "data"))
-    baseline_result = _load_baseline(baseline) if baseline is not None else None
+    baseline_result = None
+    if baseline is not None:  # checked whole before anything is measured
+        from llmx.bench.regression import check_percent, load_eval_baseline
+
+        check_percent(settings["max_increase"], "--max-increase")
+        baseline_result = load_eval_baseline(baseline)
     from llmx.runtime.perplexity import evaluate_perplexity
 
     device_name = None if settings["device"] == "auto" else settings["device"]  # None: the library picks
@@ -82,24 +88,17 @@ def eval_command(
     if json_output:
         emit_json(summary)
     else:
-        out().print(f"perplexity [bold]{result.perplexity:.4f}[/] (mean NLL {result.mean_nll:.4f}) on {text}: "
-                    f"{result.num_windows} windows of {result.seq_len} tokens from the start of the file, "
-                    f"{result.num_tokens:,} tokens scored", highlight=False)
+        out().print(f"perplexity [bold]{describe_value(result.perplexity)}[/] (mean NLL "
+                    f"{describe_value(result.mean_nll)}) on {text}: {result.num_windows} windows of {result.seq_len} "
+                    f"tokens from the start of the file, {result.num_tokens:,} tokens scored", highlight=False)
+    if not math.isfinite(result.perplexity):
+        # A broken model, whatever the gate: NaN compares false with every threshold, so it is named here.
+        raise GateFailure(f"perplexity of {engine_or_ckpt} on {text} is {describe_value(result.perplexity)}: the "
+                          "model's log-probabilities are not finite numbers (check the weights, the quantization "
+                          "scales and config.json's rms_norm_eps).")
     if comparison is not None:
         verdict = (f"perplexity {comparison.current:.4f} vs baseline {comparison.baseline:.4f} "
                    f"({comparison.change_pct:+.2f}%, allowed +{settings['max_increase']}%)")
         if comparison.regressed:
             raise GateFailure(f"{verdict}: regressed against {baseline}.")
         print_info(f"{verdict}: ok.")
-
-
-def _load_baseline(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise LlmxError(f"{path}: no such baseline; write one with `llmx eval ENGINE --data FILE --json > {path}`.") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LlmxError(f"{path}: not a readable JSON result ({exc}); write one with `llmx eval --json`.") from exc
-    if not isinstance(result, dict) or result.get("schema") != "llmx-eval/1":
-        raise LlmxError(f"{path}: is not an `llmx eval --json` result (schema llmx-eval/1).")
-    return result

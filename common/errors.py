@@ -8,6 +8,9 @@ loading) and trusts validated inputs inside.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class LlmxError(Exception):
     """A problem with the user's input or environment, explained in one sentence."""
@@ -28,3 +31,54 @@ class GateFailure(LlmxError):
     """A regression gate (bench baseline, eval perplexity) did not pass: exit code 1, not an input error."""
 
     exit_code = 1
+
+
+# What to do about an OSError, by errno: the part of the sentence the system's own message lacks.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space or write the output to another disk",
+    errno.EDQUOT: "free some space or write the output elsewhere",
+    errno.EFBIG: "the file outgrew the file-size limit (`ulimit -f`) or what this file system stores: raise the "
+                 "limit or write the output to another file system",
+    errno.EACCES: "choose a path you may write to, or change its permissions",
+    errno.EPERM: "choose another path",
+    errno.EROFS: "write the output somewhere writable",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file: check the path",
+    errno.EISDIR: "a file was expected there: check the path",
+    errno.EEXIST: "choose another path or remove it",
+    errno.ENOTEMPTY: "choose another path or remove it",
+    errno.EMFILE: "raise the limit (`ulimit -n`)",
+    errno.ENOMEM: "close other programs or use a smaller model or batch",
+    errno.EXDEV: "keep the output on the same file system as its folder",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "the path has a symbolic-link loop: check the path",
+}
+
+
+def describe_exception(exc: BaseException) -> str | None:
+    """One sentence for an exception that is the environment's fault, not llmx's; None for anything else.
+
+    Used at the CLI boundary (and by the pipeline for a failed stage): a full disk, a read-only or
+    missing path, a file-size limit or running out of memory is explained, with the path and what the
+    errno means; any other exception is a bug and keeps its traceback.
+    """
+    if isinstance(exc, LlmxError):
+        return exc.message
+    if isinstance(exc, OSError):
+        code = exc.errno
+        name = errno.errorcode.get(code, "") if code is not None else ""
+        reason = exc.strerror or (os.strerror(code) if code is not None else str(exc))
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        where = f"{paths}: " if paths else ""
+        advice = _OS_ERROR_ADVICE.get(code) if code is not None else None
+        tail = f"; {advice}" if advice else ""
+        return f"{where}{reason}{f' ({name})' if name else ''}{tail}."
+    if isinstance(exc, MemoryError):
+        return "out of memory: close other programs, or use a smaller model, batch or --kv-cache-tokens."
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, named without importing torch
+        return ("the GPU ran out of memory: lower --kv-cache-fraction, --max-batch-size or --max-num-tokens, or "
+                "use a smaller model.")
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"text that is not valid UTF-8 was read (byte {exc.start:,}: {exc.reason}); llmx reads UTF-8 "
+                "text files only: re-save the file as UTF-8.")
+    return None

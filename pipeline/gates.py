@@ -9,12 +9,13 @@ workload or other windows fails its gate with the reason, rather than stopping t
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from llmx.common.errors import LlmxError
+from llmx.common.jsonio import loads, restore_non_finite
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan, ScenarioPlan
 
 
@@ -43,6 +44,8 @@ def format_number(value: float | None) -> str:
     """Enough digits to tell a measurement from a threshold near it: 13,862 / 146.25 / 29.9020."""
     if value is None:
         return "n/a"
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4f}"
@@ -52,8 +55,9 @@ def eval_gates(plan: PipelinePlan, eval_dir: Path) -> list[Gate]:
     gates: list[Gate] = []
     for dataset in plan.datasets:
         result = _read(eval_dir / f"{dataset.name}.json")
-        ppl = float(result["perplexity"])
+        ppl = _number(result.get("perplexity"))
         prefix = f"eval.{dataset.name}"
+        first = len(gates)
         if dataset.max_perplexity is not None:
             gates.append(_absolute(f"{prefix}.max_perplexity", "eval", ppl, dataset.max_perplexity, "<=", "",
                                    f"perplexity on {dataset.data.name}, {result['num_windows']} windows of "
@@ -68,6 +72,10 @@ def eval_gates(plan: PipelinePlan, eval_dir: Path) -> list[Gate]:
                                   f"{reference.name} is missing from {eval_dir}; run the eval stage again"))
             else:
                 gates.append(_against_reference(prefix, dataset, result, _read(reference)))
+        if len(gates) == first and not math.isfinite(ppl):  # no threshold asked for, yet the model is broken
+            gates.append(Gate(f"{prefix}.perplexity", "eval", ppl, None, "<=", False,
+                              f"perplexity on {dataset.data.name} is {format_number(ppl)}: the model's "
+                              "log-probabilities are not finite numbers"))
     return gates
 
 
@@ -97,6 +105,8 @@ def _absolute(name: str, stage: str, measured: float | None, threshold: float, c
     if measured is None:
         return Gate(name, stage, None, threshold, comparison, False, f"{detail}: not measured", unit)
     value = float(measured)
+    if not math.isfinite(value):  # NaN compares false both ways; Infinity is never a pass either
+        return Gate(name, stage, value, threshold, comparison, False, f"{detail}: not a finite number", unit)
     passed = value >= threshold if comparison == ">=" else value <= threshold
     return Gate(name, stage, value, threshold, comparison, passed, detail, unit)
 
@@ -110,9 +120,9 @@ def _against_baseline(prefix: str, dataset: DatasetPlan, result: dict[str, Any])
         c = compare_perplexity(result, _read(dataset.baseline), dataset.max_increase,
                                baseline_name=str(dataset.baseline))
     except LlmxError as exc:
-        return Gate(name, "eval", float(result["perplexity"]), None, "<=", False, exc.message)
+        return Gate(name, "eval", _number(result.get("perplexity")), None, "<=", False, exc.message)
     return Gate(name, "eval", c.current, c.baseline * (1 + dataset.max_increase / 100), "<=", not c.regressed,
-                f"baseline {dataset.baseline.name} {c.baseline:.4f}, {c.change_pct:+.2f}% "
+                f"baseline {dataset.baseline.name} {c.baseline:.4f}, {_change(c)} "
                 f"(allowed +{dataset.max_increase:g}%)")
 
 
@@ -120,10 +130,24 @@ def _against_reference(prefix: str, dataset: DatasetPlan, result: dict[str, Any]
     from llmx.bench.regression import compare_perplexity
 
     assert dataset.max_increase is not None
-    c = compare_perplexity(result, reference, dataset.max_increase, baseline_name="reference")
-    return Gate(f"{prefix}.max_increase", "eval", c.current, c.baseline * (1 + dataset.max_increase / 100), "<=",
-                not c.regressed, f"unquantized engine {c.baseline:.4f}, {c.change_pct:+.2f}% "
+    name = f"{prefix}.max_increase"
+    try:
+        c = compare_perplexity(result, reference, dataset.max_increase, baseline_name="the unquantized engine's result")
+    except LlmxError as exc:  # e.g. the unquantized engine itself scored NaN: nothing to compare against
+        return Gate(name, "eval", _number(result.get("perplexity")), None, "<=", False, exc.message)
+    return Gate(name, "eval", c.current, c.baseline * (1 + dataset.max_increase / 100), "<=",
+                not c.regressed, f"unquantized engine {c.baseline:.4f}, {_change(c)} "
                                  f"(allowed +{dataset.max_increase:g}%)")
+
+
+def _change(c: Any) -> str:
+    """"+1.23%", or what the measurement was when it is not a finite number."""
+    return f"{c.change_pct:+.2f}%" if c.measured else f"measured {c.change_text}"
+
+
+def _number(value: Any) -> float:
+    """A measured value as a float; anything that is not a number (null, text) reads as NaN and fails."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _bench_baseline(prefix: str, scenario: ScenarioPlan, report: dict[str, Any]) -> list[Gate]:
@@ -149,10 +173,11 @@ def _bench_baseline(prefix: str, scenario: ScenarioPlan, report: dict[str, Any])
         unit = "ms" if "_ms" in c.metric else ("req/s" if c.metric.endswith("_rps") else "tok/s")
         gates.append(Gate(f"{prefix}.baseline.{c.metric}", "bench", c.current, c.baseline * factor,
                           ">=" if c.higher_is_better else "<=", not c.regressed,
-                          f"baseline {scenario.baseline.name} {c.baseline:,.2f}, {c.change_pct:+.1f}% "
+                          f"baseline {scenario.baseline.name} {c.baseline:,.2f}, {c.change_text} "
                           f"(tolerance {tolerance:g}%)", unit))
     return gates
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A result written by the eval/bench stage, with its NaN/Infinity measurements restored (common.jsonio)."""
+    return restore_non_finite(loads(Path(path).read_text(encoding="utf-8")))

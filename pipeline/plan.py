@@ -13,7 +13,6 @@ algorithm without data, a missing baseline file) happen here, before any stage r
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,7 +254,7 @@ def _datasets(recipe: Any, values: dict[str, Any], build: dict[str, Any], name: 
         if entry.get("baseline") is not None:
             baseline = paths.existing_file(entry["baseline"], f"{field}.baseline",
                                            "an `llmx eval --json` result on the same text, seq_len and windows")
-            _check_schema(baseline, "llmx-eval/1", f"{name}: `{field}.baseline`", "llmx eval ENGINE --data FILE --json")
+            _check_schema(baseline, "llmx-eval/1", f"{name}: `{field}.baseline`")
         max_increase = entry.get("max_increase", section_increase)
         if baseline is not None and max_increase is None:
             max_increase = values["max_increase"]  # `llmx eval --baseline` without --max-increase
@@ -302,7 +301,7 @@ def _scenarios(recipe: Any, values: dict[str, Any], build: dict[str, Any], name:
         if entry.get("baseline") is not None:
             baseline = paths.existing_file(entry["baseline"], f"{field}.baseline",
                                            "an `llmx bench --json` report of the same workload")
-            _check_schema(baseline, "llmx-bench/1", f"{name}: `{field}.baseline`", "llmx bench ENGINE --json FILE")
+            _check_schema(baseline, "llmx-bench/1", f"{name}: `{field}.baseline`")
         metrics = entry.get("baseline_metrics")
         if metrics is not None:
             _check_metric_names(metrics, f"{name}: `{field}.baseline_metrics`")
@@ -327,12 +326,13 @@ def _check_metric_names(names: list[str], where: str) -> None:
                         f"{', '.join(known)}.")
 
 
-def _check_schema(path: Path, schema: str, where: str, how: str) -> None:
-    """Refuse a baseline that is not the right kind of report now, not after every stage has run."""
+def _check_schema(path: Path, schema: str, where: str) -> None:
+    """Refuse a baseline that is malformed (wrong kind, missing or non-finite values) now, not after every
+    stage has run: the same checks `llmx eval --baseline` and `llmx bench --baseline` make."""
+    from llmx.bench.regression import load_bench_baseline, load_eval_baseline
+
+    load = load_eval_baseline if schema == "llmx-eval/1" else load_bench_baseline
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LlmxError(f"{where} {path} is not readable JSON ({exc}); write it with `{how}`.") from None
-    found = doc.get("schema") if isinstance(doc, dict) else None
-    if found != schema:
-        raise LlmxError(f"{where} {path} is not a {schema} document (schema: {found}); write it with `{how}`.")
+        load(path)
+    except LlmxError as exc:
+        raise LlmxError(f"{where}: {exc.message}") from None

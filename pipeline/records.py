@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llmx.common.jsonio import dumps
 from llmx.pipeline.workdir import Workdir, files_with_sizes, write_text_atomic
 
 RECORD_FORMAT = "llmx-pipeline-record/1"
@@ -62,5 +63,5 @@ def write_record(work: Workdir, stage: str, key: str, seconds: float, summary: d
         seconds=round(seconds, 3), output=output.relative_to(work.root).as_posix(),
         files=files_with_sizes(work.root, output), summary=summary)
     write_text_atomic(work.record_file(stage),
-                      json.dumps({"format": RECORD_FORMAT, **asdict(record)}, indent=2, default=str) + "\n")
+                      dumps({"format": RECORD_FORMAT, **asdict(record)}) + "\n")
     return record

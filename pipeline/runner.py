@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from llmx.common.errors import LlmxError
+from llmx.common.errors import LlmxError, describe_exception
 from llmx.pipeline import stages as stage_fns
 from llmx.pipeline.gates import Gate, bench_gates, eval_gates
 from llmx.pipeline.hash_cache import HashCache
@@ -188,7 +188,10 @@ def _run_stage(stage: str, plan: PipelinePlan, work: Workdir, keys: StageKeys, d
         write_record(work, stage, key, seconds, summary)
     except LlmxError as exc:
         return StageResult(stage, "failed", time.perf_counter() - start, key, output, message=exc.message)
-    except Exception as exc:  # a bug or an environment failure: still reported, with its traceback
+    except Exception as exc:  # an environment failure (one sentence) or a bug (reported with its traceback)
+        explained = describe_exception(exc)
+        if explained is not None:
+            return StageResult(stage, "failed", time.perf_counter() - start, key, output, message=explained)
         return StageResult(stage, "failed", time.perf_counter() - start, key, output,
                            message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     return StageResult(stage, "ran", seconds, key, output, summary=summary)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress, relabel
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan, ScenarioPlan
 from llmx.pipeline.workdir import Workdir
@@ -177,7 +178,7 @@ def _checkpoint_summary(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    path.write_text(dumps(doc) + "\n", encoding="utf-8")  # a NaN perplexity as null + `non_finite`
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -16,6 +16,10 @@ from pathlib import Path
 from llmx.common.errors import LlmxError
 from llmx.common.hashing import hash_files
 from llmx.common.progress import Progress
+from llmx.common.text import read_utf8
+
+# math.exp overflows past this mean NLL (nats); the perplexity of such a model is reported as infinite.
+_MAX_EXP_ARGUMENT = 709.0
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,12 @@ def evaluate_perplexity(path: str | Path, data: str | Path, *, seq_len: int = 51
         raise LlmxError(f"{data}: no such file; pass a UTF-8 text file with --data.")
     if seq_len < 2:
         raise LlmxError(f"--seq-len must be at least 2, got {seq_len}.")
+    text = read_utf8(data, what="text to score")  # before loading anything: a bad byte is found in milliseconds
     if (path / "llmx.json").exists() and not (path / "engine.json").exists():
         with tempfile.TemporaryDirectory(prefix="llmx-eval-") as tmp:
             engine_dir = _build_temporary_engine(path, Path(tmp) / "engine", seq_len, device)
-            return _evaluate_engine(engine_dir, data, seq_len, windows, device, progress)
-    return _evaluate_engine(path, data, seq_len, windows, device, progress)
+            return _evaluate_engine(engine_dir, data, text, seq_len, windows, device, progress)
+    return _evaluate_engine(path, data, text, seq_len, windows, device, progress)
 
 
 def _build_temporary_engine(ckpt: Path, out: Path, seq_len: int, device: str | None) -> Path:
@@ -69,8 +74,8 @@ def _build_temporary_engine(ckpt: Path, out: Path, seq_len: int, device: str | N
     return build_engine(ckpt, out, build).path
 
 
-def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | None, device: str | None,
-                     progress) -> PerplexityResult:
+def _evaluate_engine(engine_dir: Path, data: Path, text: str, seq_len: int, windows: int | None,
+                     device: str | None, progress) -> PerplexityResult:
     from llmx.runtime.engine import LLM
 
     # Scoring runs whole windows as prefill: decode CUDA graphs would only cost start-up time.
@@ -78,7 +83,6 @@ def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | 
         if seq_len > llm.max_seq_len:
             raise LlmxError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {llm.max_seq_len}; "
                             "use a smaller --seq-len or rebuild with a larger --max-seq-len.")
-        text = data.read_text(encoding="utf-8")
         token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
         chunks = _windows(token_ids, seq_len, windows, data)
         total_nll = 0.0
@@ -88,6 +92,11 @@ def _evaluate_engine(engine_dir: Path, data: Path, seq_len: int, windows: int | 
                 progress("windows", i + 1, len(chunks))
     num_tokens = len(chunks) * (seq_len - 1)
     mean = total_nll / num_tokens
-    return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, num_tokens=num_tokens,
+    return PerplexityResult(perplexity=perplexity_of(mean), mean_nll=mean, num_tokens=num_tokens,
                             num_windows=len(chunks), seq_len=seq_len, data_hash=hash_files([data]),
                             data=str(data))
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), infinite past float range and NaN for a NaN mean (gates fail both)."""
+    return math.exp(mean_nll) if mean_nll <= _MAX_EXP_ARGUMENT or math.isnan(mean_nll) else math.inf

@@ -79,7 +79,8 @@ def test_negative_tolerance_is_refused():
 
 
 def ppl(value, **overrides):
-    return {"perplexity": value, "data_hash": "sha256:ab", "seq_len": 512, "num_windows": 8, **overrides}
+    return {"schema": "llmx-eval/1", "perplexity": value, "data_hash": "sha256:ab", "seq_len": 512, "num_windows": 8,
+            **overrides}
 
 
 def test_perplexity_gate():

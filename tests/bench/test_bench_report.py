@@ -39,13 +39,17 @@ def test_dash_writes_the_report_to_stdout(capsys):
 
 @pytest.mark.parametrize("content, fragment", [
     (None, "no such baseline report"),
-    ("{oops", "not a readable JSON report"),
+    ("{oops", "is not valid JSON (line 1 column 2"),
     ('{"schema": "something-else/2"}', "is not an llmx-bench/1 report (schema: something-else/2)"),
-    ("[1, 2]", "is not an llmx-bench/1 report (schema: list)"),
+    ("[1, 2]", "holds a JSON list, not the object a baseline report is"),
+    ('{"schema": "llmx-bench/1", "metrics": {"ttft_ms": NaN}}', "NaN is not a JSON number"),
+    (b"\xff{}", "byte 0 (ff) is not valid UTF-8"),
 ])
 def test_load_refuses_what_is_not_a_report(tmp_path, content, fragment):
     path = tmp_path / "base.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(LlmxError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_report(path)

@@ -114,7 +114,7 @@ def test_a_baseline_of_the_wrong_kind_is_refused(project):
     (project.root / "bench.json").write_text(json.dumps({"schema": "llmx-bench/1"}))
     recipe = project.recipe(eval={"datasets": [{"name": "h", "data": "heldout.txt", "seq_len": 32,
                                                 "baseline": "bench.json"}]})
-    assert "is not a llmx-eval/1 document (schema: llmx-bench/1)" in refused(project, recipe)
+    assert "is not an `llmx eval --json` result (schema llmx-eval/1, found 'llmx-bench/1')" in refused(project, recipe)
 
 
 def test_dummy_weights_need_a_hugging_face_folder(project, tmp_path):
