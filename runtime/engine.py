@@ -70,11 +70,13 @@ class LLM:
     capped at 2 GiB); on GPU the cache takes kv_cache_fraction of the device memory left after weights
     and the activation peak of a full step. enforce_eager skips CUDA-graph capture of decode steps.
     async_steps (default on) queues each decode step before the previous one's tokens are read back (see
-    `step`); off, every step waits for its tokens before the next is scheduled.
+    `step`); off, every step waits for its tokens before the next is scheduled. admission is the scheduler's
+    KV admission policy (runtime/scheduler.py): "reserve" (default) or "watermark".
     """
 
     def __init__(self, engine_dir: str | Path, *, device: str | None = None, kv_cache_fraction: float = 0.9,
-                 kv_cache_tokens: int | None = None, enforce_eager: bool = False, async_steps: bool = True):
+                 kv_cache_tokens: int | None = None, enforce_eager: bool = False, async_steps: bool = True,
+                 admission: str = "reserve"):
         from llmx.build.engine import check_engine_runnable, read_engine
 
         self.engine = engine = read_engine(Path(engine_dir))
@@ -97,7 +99,8 @@ class LLM:
                 model_config=engine.model, quant=engine.quant, build=engine.build, act_dtype=engine.dtype,
                 weights_path=engine.path / "rank0.safetensors", device=self.device, ctx=ParallelContext(),
                 kv_cache_tokens=kv_cache_tokens, kv_cache_fraction=kv_cache_fraction, enforce_eager=enforce_eager)
-        self._serve(runner, engine.build, tokenizer, engine.model.eos_token_ids, str(engine.path), async_steps)
+        self._serve(runner, engine.build, tokenizer, engine.model.eos_token_ids, str(engine.path), async_steps,
+                    admission)
 
     @classmethod
     def over_runner(cls, runner, build: BuildConfig, *, tokenizer=None, eos_token_ids: Seq[int] = (),
@@ -114,7 +117,7 @@ class LLM:
         return llm
 
     def _serve(self, runner, build: BuildConfig, tokenizer, eos_token_ids: Seq[int], name: str,
-               async_steps: bool = True) -> None:
+               async_steps: bool = True, admission: str = "reserve") -> None:
         """Set up the request bookkeeping over `runner`: the block manager, the scheduler, the detokenizer."""
         from llmx.runtime.block_manager import BlockManager
         from llmx.runtime.scheduler import Scheduler
@@ -130,7 +133,8 @@ class LLM:
         self.block_manager = BlockManager(runner.num_blocks, build.kv_block_size)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=build.max_batch_size, max_num_tokens=build.max_num_tokens,
-            max_model_len=build.max_seq_len, block_size=build.kv_block_size, eos_token_ids=tuple(sorted(eos)))
+            max_model_len=build.max_seq_len, block_size=build.kv_block_size, eos_token_ids=tuple(sorted(eos)),
+            admission=admission)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._peak_blocks_used = 0

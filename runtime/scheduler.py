@@ -11,6 +11,16 @@ Policy per step, under a budget of max_num_tokens tokens and at most max_num_seq
    freed and it goes back to the front of the waiting queue, to recompute prompt + generated tokens later.
 2. If nothing was preempted, WAITING sequences are admitted first come first served while the budget, the
    seats and the KV blocks allow, each starting from its longest prefix-cache hit.
+
+Which KV blocks "allow" an admission is the `admission` policy:
+- "reserve" (default): the running sequences plus the newcomer must fit the cache at every future step if each
+  runs to its output limit (EOS is not counted on). Since sequences free their blocks as they finish, the
+  need is the peak over the coming steps, not the sum of every sequence's final size. Sequences are then never
+  preempted as long as every step advances every running sequence; a long-output workload that would outgrow
+  the cache runs fewer sequences at a time instead of recomputing them.
+- "watermark": admit while the blocks for the first chunk leave `watermark` of the cache free, counting on
+  sequences ending early (on EOS) and preempting when they do not; a watermark of 0 admits whenever the
+  first chunk fits.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from operator import itemgetter
 from llmx.common.errors import LlmxError
 from llmx.runtime.block_manager import BlockManager
 from llmx.runtime.sequence import FinishReason, Sequence, SequenceStatus
+
+ADMISSION_POLICIES = ("reserve", "watermark")
 
 
 class ScheduledSeq(tuple):
@@ -76,7 +88,7 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_tokens: int,
                  max_model_len: int, block_size: int, eos_token_ids: tuple[int, ...] = (),
-                 chunked_prefill: bool = True):
+                 chunked_prefill: bool = True, admission: str = "reserve", watermark: float = 0.01):
         if max_num_seqs < 1:
             raise LlmxError(f"max_batch_size must be at least 1, got {max_num_seqs}; rebuild the engine with a "
                             "positive --max-batch-size.")
@@ -86,6 +98,10 @@ class Scheduler:
         if max_model_len < 2:
             raise LlmxError(f"max_seq_len must be at least 2 (one prompt token and one generated), got "
                             f"{max_model_len}; rebuild the engine with a larger --max-seq-len.")
+        if admission not in ADMISSION_POLICIES:
+            raise LlmxError(f"unknown admission policy {admission!r}; use one of {', '.join(ADMISSION_POLICIES)}.")
+        if not 0.0 <= watermark < 1.0:
+            raise LlmxError(f"the admission watermark is a fraction of the KV cache in [0, 1), got {watermark}.")
         if block_size != block_manager.block_size:
             raise LlmxError(f"the scheduler's block_size {block_size} differs from the KV cache's "
                             f"{block_manager.block_size}; build both from the engine's kv_block_size.")
@@ -96,6 +112,8 @@ class Scheduler:
         self.block_size = block_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.chunked_prefill = chunked_prefill
+        self.admission = admission
+        self.watermark_blocks = int(watermark * block_manager.num_blocks)
         self.num_preemptions = 0  # total over the scheduler's life, for stats
 
         self._waiting: deque[Sequence] = deque()
@@ -103,6 +121,12 @@ class Scheduler:
         self._errored: list[Sequence] = []
         # Most output tokens each sequence may have: max_new_tokens clipped to max_model_len and the KV cache.
         self._output_limits: dict[Sequence, int] = {}
+        # "reserve" bookkeeping: the blocks the running sequences hold at their limits, summed (when the
+        # newcomer fits under that, the peak need is not computed); a counter of changes to the running set
+        # and to the head of the queue; and the value it had when the head last did not fit (for schedule_ahead).
+        self._final_blocks_sum = 0
+        self._version = 0
+        self._head_blocked_at = -1
 
     # ---- state -------------------------------------------------------------------------------------------
     @property
@@ -167,8 +191,10 @@ class Scheduler:
             return
         if seq in self._running:
             self._running.remove(seq)
+            self._left_running(seq)
         elif seq in self._waiting:
             self._waiting.remove(seq)
+            self._version += 1
         self.block_manager.free(seq)
         self._output_limits.pop(seq, None)
         seq.finish(reason, error)
@@ -228,6 +254,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's KV and send it to the front of the waiting queue; it recomputes its tokens later.
         Victims are taken newest first, so pushing each to the front keeps the queue in arrival order."""
+        self._left_running(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -244,6 +271,8 @@ class Scheduler:
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
+            self._final_blocks_sum += self._final_blocks(seq)
+            self._version += 1
             out.admitted.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
@@ -251,6 +280,9 @@ class Scheduler:
     def _try_admit(self, seq: Sequence, budget: int) -> int:
         """Give seq its prefix-cache hit and blocks for its first chunk; returns the chunk's token count, or
         0 with nothing held if it does not fit now."""
+        if self.admission == "reserve" and not self._fits_reservation(seq):
+            self._head_blocked_at = self._version
+            return 0
         self.block_manager.allocate_prefix(seq)
         remaining = seq.num_tokens - seq.num_computed_tokens
         # Without chunked prefill a prompt runs whole. A preempted sequence's prompt + generated tokens can
@@ -259,10 +291,63 @@ class Scheduler:
             num_new = min(remaining, budget)
         else:
             num_new = remaining if remaining <= budget else 0
-        if num_new and self.block_manager.allocate_for(seq, num_new):
+        if num_new and self._leaves_watermark(seq, num_new) and self.block_manager.allocate_for(seq, num_new):
             return num_new
         self.block_manager.cancel_admission(seq)
         return 0
+
+    def _leaves_watermark(self, seq: Sequence, num_new: int) -> bool:
+        """"watermark" admission: the first chunk leaves watermark_blocks free (always true with nothing
+        running, so that a prompt near the cache's size still runs)."""
+        if self.admission != "watermark" or not self._running:
+            return True
+        bm = self.block_manager
+        return bm.num_free_blocks - bm.blocks_needed(seq, num_new) >= self.watermark_blocks
+
+    # ---- "reserve" admission -----------------------------------------------------------------------------
+    def _final_blocks(self, seq: Sequence) -> int:
+        """Blocks seq holds at its output limit: KV for prompt + limit - 1 tokens (the last is never computed)."""
+        return -(-(seq.num_prompt_tokens + self._output_limits[seq] - 1) // self.block_size)
+
+    def _left_running(self, seq: Sequence) -> None:
+        self._final_blocks_sum -= self._final_blocks(seq)
+        self._version += 1
+
+    def _fits_reservation(self, seq: Sequence) -> bool:
+        """Whether seq can join the running sequences without the KV cache running out at any later step,
+        if every sequence runs to its output limit and each step advances each sequence by one token."""
+        if not self._running:
+            return True  # add() clipped seq's limit to the cache: alone it always fits
+        num_blocks = self.block_manager.num_blocks
+        if self._final_blocks_sum + self._final_blocks(seq) <= num_blocks:
+            return True  # even with no sequence finishing, everything fits
+        return self.projected_peak_blocks(seq) <= num_blocks
+
+    def projected_peak_blocks(self, extra: Sequence | None = None) -> int:
+        """The most KV blocks the running sequences (and `extra`) will hold at once, if each runs to its limit.
+
+        A sequence with r tokens still to sample holds KV for a = final - r tokens' worth of its life now (the
+        prompt counted whole, even mid-prefill) and a + s after s more steps, until it ends at s = r and frees
+        its blocks. The total grows between endings, so its peak is at an ending: the largest, over each r, of
+        the blocks of the sequences with at least r tokens to go, at s = r. ceil((a + s) / block_size) is
+        bounded by (a + s + block_size - 1) / block_size, which makes the sum one pass over the sequences
+        sorted by r, and overstates the peak by less than a block per sequence.
+        """
+        limits = self._output_limits
+        entries = [(limits[s] - len(s.output_token_ids), s.num_prompt_tokens + limits[s] - 1)
+                   for s in self._running]
+        if extra is not None:
+            entries.append((limits[extra] - len(extra.output_token_ids),
+                            extra.num_prompt_tokens + limits[extra] - 1))
+        entries.sort(reverse=True)
+        pad = self.block_size - 1
+        peak = count = sum_a = 0
+        for i, (r, final) in enumerate(entries):
+            sum_a += final - r
+            count += 1
+            if i + 1 == len(entries) or entries[i + 1][0] != r:  # every sequence with at least r to go is in
+                peak = max(peak, (sum_a + count * (r + pad)) // self.block_size)
+        return peak
 
     def schedule_ahead(self, previous: list[ScheduledSeq]) -> SchedulerOutput | None:
         """The decode step after `previous` (scheduled, not yet postprocessed), or None when it cannot be
@@ -275,6 +360,8 @@ class Scheduler:
         None (and the engine waits for step N, then schedules as usual) when: an item of N did not sample
         (a prompt chunk), a running sequence is not in N, errors are pending, a waiting request could take
         a seat that is free or that step N frees by a length limit, or KV blocks run out (no preemption here).
+        A free seat does not count while the head of the queue is held back by "reserve" admission and the
+        running set has not changed since: the running sequences' peak need stays what it was.
         Blocks for the new positions are allocated now; the KV write of a dropped step lands in its own
         sequence's blocks, ahead (on the device) of any later step that could reuse them.
         """
@@ -286,7 +373,8 @@ class Scheduler:
         limits = self._output_limits
         # After step N each sequence holds one more output token than now: those at their limit end there.
         continuing = [item for item in live if len(item[0].output_token_ids) + 1 < limits[item[0]]]
-        if self._waiting and (len(continuing) < len(live) or len(self._running) < self.max_num_seqs):
+        if self._waiting and (len(continuing) < len(live) or (len(self._running) < self.max_num_seqs
+                                                             and self._head_blocked_at != self._version)):
             return None
         out = SchedulerOutput()
         block_size = self.block_size

@@ -49,8 +49,8 @@ def test_greedy_output_is_the_same_alone_batched_and_under_preemption(smollm2_en
     alone = [llm.generate([p], greedy)[0].output_token_ids for p in prompts]
     batched = [o.output_token_ids for o in llm.generate(prompts, greedy)]
     assert batched == alone
-    # 12 blocks of 16 tokens cannot hold 16 sequences of up to ~80 tokens: the scheduler must preempt.
-    tight = LLM(smollm2_engine, kv_cache_tokens=12 * 16)
+    # 12 blocks of 16 tokens cannot hold 16 sequences of up to ~80 tokens: admitted by "watermark", they preempt.
+    tight = LLM(smollm2_engine, kv_cache_tokens=12 * 16, admission="watermark")
     pressured = [o.output_token_ids for o in tight.generate(prompts, greedy)]
     assert tight.stats()["num_preemptions"] > 0
     assert pressured == alone
@@ -161,7 +161,8 @@ def test_steps_queued_ahead_give_the_outputs_of_steps_run_one_at_a_time(tiny_eng
                              temperature=0.8 if i % 4 == 1 else 0.0, seed=i) for i in range(len(prompts))]
 
     def run(async_steps):
-        llm = LLM(tiny_engine, kv_cache_tokens=kv_cache_tokens, async_steps=async_steps)
+        llm = LLM(tiny_engine, kv_cache_tokens=kv_cache_tokens, async_steps=async_steps,
+                  admission="watermark" if kv_cache_tokens else "reserve")
         launches_after = []
         launch = llm.runner.launch
         llm.runner.launch = lambda work, after=None: launches_after.append(after is not None) or launch(work, after)

@@ -134,7 +134,9 @@ def test_a_scheduled_entry_keeps_its_positions_after_the_sequence_advances():
 
 def test_the_scheduler_reports_the_sequences_it_admits_including_resumed_ones():
     bm = BlockManager(num_blocks=6, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_tokens=64, max_model_len=64, block_size=4)
+    # "watermark" admission with no watermark admits both and preempts one ("reserve" would admit one).
+    sched = Scheduler(bm, max_num_seqs=4, max_num_tokens=64, max_model_len=64, block_size=4, admission="watermark",
+                      watermark=0.0)
     first, second = Sequence(0, [1] * 8, SamplingParams(max_new_tokens=30)), Sequence(1, [2] * 8, SamplingParams(
         max_new_tokens=30))
     sched.add(first)

@@ -1,5 +1,5 @@
-"""Scheduler: token budget, chunked prefill, admission by seats and KV blocks, preemption by recompute,
-prefix-cache hits, per-request errors, length clipping and stop conditions.
+"""Scheduler: token budget, chunked prefill, admission by seats and KV blocks ("reserve" and "watermark"),
+preemption by recompute, prefix-cache hits, per-request errors, length clipping and stop conditions.
 
 A fake model runs over a fake paged KV cache: the KV of position p is mix(KV of position p-1, token p), read
 back through the block table, and the next token is a function of the last KV. A wrong block table, a write
@@ -74,6 +74,11 @@ def reference_output(prompt, params: SamplingParams, eos=(), limit=None) -> list
         if (not params.ignore_eos and token in eos) or token in params.stop_token_ids or len(out) >= limit:
             return out
         kv = mix(kv, token)
+
+
+# Admission that counts on sequences ending early and preempts when they do not (the policy before "reserve"):
+# the preemption tests need it to run the cache short.
+GREEDY = dict(admission="watermark", watermark=0.0)
 
 
 def make_scheduler(num_blocks=64, block_size=4, *, prefix_caching=True, **kwargs):
@@ -252,6 +257,86 @@ def test_admission_waits_for_kv_blocks():
     assert all(s.finish_reason is FinishReason.LENGTH and len(s.output_token_ids) == 2 for s in seqs)
 
 
+def test_reserve_admits_only_what_the_cache_can_grow_to():
+    # 8 blocks of 4 tokens. Each sequence ends with 16 tokens of KV (4 prompt + 13 output - 1): 4 blocks. All
+    # three prompts fit at once, and "watermark" admission takes them all and preempts as they grow; "reserve"
+    # runs two and admits the third when one ends.
+    def run(**kwargs):
+        sched = make_scheduler(num_blocks=8, block_size=4, **kwargs)
+        seqs = [make_seq(i, [30 + i] * 4, max_new_tokens=13, ignore_eos=True) for i in range(3)]
+        outs, _ = drive(sched, seqs)
+        for seq in seqs:
+            assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params)
+        return outs, seqs, sched.num_preemptions
+
+    outs, seqs, preemptions = run()
+    assert [i.seq.seq_id for i in outs[0].scheduled] == [0, 1] and preemptions == 0
+    admitted_at = next(n for n, out in enumerate(outs) if seqs[2] in out.admitted)
+    assert seqs[0].is_finished and all(seqs[0] not in [i.seq for i in out.scheduled] for out in outs[admitted_at:])
+    greedy_outs, _, greedy_preemptions = run(**GREEDY)
+    assert len(greedy_outs[0].scheduled) == 3 and greedy_preemptions > 0
+
+
+def test_reserve_counts_the_blocks_that_sequences_ending_first_give_back():
+    # 10 blocks of 4 tokens. a ends with 36 tokens of KV (9 blocks), b with 8 (2 blocks): 11 blocks if both were
+    # at their ends at once, but b ends after 5 tokens, when a holds 8 tokens: the peak is a's 9 blocks alone.
+    sched = make_scheduler(num_blocks=10, block_size=4)
+    a = make_seq(0, [1] * 4, max_new_tokens=33, ignore_eos=True)
+    b = make_seq(1, [2] * 4, max_new_tokens=5, ignore_eos=True)
+    outs, _ = drive(sched, [a, b])
+    assert outs[0].admitted == [a, b] and sched.num_preemptions == 0
+    assert a.output_token_ids == reference_output(a.prompt_token_ids, a.params)
+    assert b.output_token_ids == reference_output(b.prompt_token_ids, b.params)
+
+
+def test_projected_peak_is_the_largest_total_at_an_ending_and_bounds_the_exact_one():
+    rng = random.Random(7)
+    for _ in range(50):
+        block_size = rng.choice([1, 2, 4, 16])
+        sched = make_scheduler(num_blocks=10_000, block_size=block_size, max_num_seqs=64, max_num_tokens=10_000,
+                               max_model_len=500)
+        seqs = [make_seq(i, [1] * rng.randrange(1, 60), max_new_tokens=rng.randrange(1, 90), ignore_eos=True)
+                for i in range(rng.randrange(1, 12))]
+        for seq in seqs:
+            sched.add(seq)
+        out = sched.schedule()
+        sched.postprocess(out, {item.seq: 3 for item in out.scheduled})  # one output token each
+        running = [seq for seq in seqs if not seq.is_finished]
+        if not running:
+            continue
+        togo = {seq: sched.output_limit(seq) - len(seq.output_token_ids) for seq in running}
+        exact = max(sum(-(-(seq.num_tokens - 1 + s) // block_size) for seq in running if togo[seq] >= s)
+                    for s in range(1, max(togo.values()) + 1))
+        assert exact <= sched.projected_peak_blocks() < exact + len(running)
+
+
+def test_schedule_ahead_runs_on_while_reserve_holds_the_queue_back():
+    # 8 blocks of 4 tokens: two running sequences reserve all 8; a seat is free but the waiting request
+    # cannot be admitted until one of them ends, so steps are still scheduled ahead until then.
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_seqs=4)
+    running = _decoding(sched, [[1] * 4, [2] * 4], max_new_tokens=13, ignore_eos=True)
+    waiting = make_seq(2, [3] * 4, max_new_tokens=13)
+    sched.add(waiting)
+    step = sched.schedule().scheduled
+    assert [item.seq for item in step] == running and sched.num_waiting == 1
+    ahead = sched.schedule_ahead(step)
+    assert ahead is not None and [item.seq for item in ahead.scheduled] == running
+    sched.finish(running[0], FinishReason.STOP)  # the running set changed: the head may fit now
+    sched.postprocess(step, {running[1]: 4})
+    assert sched.schedule_ahead(ahead.scheduled) is None
+    sched.postprocess(ahead.scheduled, {running[1]: 5})
+    assert sched.schedule().admitted == [waiting]
+
+
+def test_watermark_admission_keeps_its_share_of_the_cache_free():
+    # 10 blocks of 4 tokens, watermark 20%: an admission must leave 2 blocks free. One-block prompts: 8 run.
+    sched = make_scheduler(num_blocks=10, block_size=4, admission="watermark", watermark=0.2)
+    seqs = [make_seq(i, [40 + i] * 4, max_new_tokens=2, ignore_eos=True) for i in range(9)]
+    outs, _ = drive(sched, seqs)
+    assert len(outs[0].admitted) == 8 and outs[1].admitted == []
+    assert all(seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params) for seq in seqs)
+
+
 # ---- preemption --------------------------------------------------------------------------------------------------
 
 
@@ -279,7 +364,7 @@ class Stepper:
 
 def test_preemption_takes_the_newest_running_sequence():
     # 6 blocks of 4 tokens, all used by the prompts; a and b need a new block in step 2, c does not.
-    sched = make_scheduler(num_blocks=6, block_size=4)
+    sched = make_scheduler(num_blocks=6, block_size=4, **GREEDY)
     a, b = make_seq(0, [20] * 8, max_new_tokens=4), make_seq(1, [21] * 8, max_new_tokens=4)
     c = make_seq(2, [22] * 5, max_new_tokens=4)
     run = Stepper(sched, [a, b, c])
@@ -297,7 +382,7 @@ def test_preemption_takes_the_newest_running_sequence():
 def test_a_sequence_preempts_itself_when_only_older_ones_hold_blocks():
     # 4 blocks of 4 tokens. In step 2 a (7 tokens) decodes into its own block but b (8 tokens) needs a
     # third block: the only other holder is a, which is older, so b yields.
-    sched = make_scheduler(num_blocks=4, block_size=4)
+    sched = make_scheduler(num_blocks=4, block_size=4, **GREEDY)
     a, b = make_seq(0, [20] * 7, max_new_tokens=3), make_seq(1, [21] * 8, max_new_tokens=3)
     run = Stepper(sched, [a, b])
     run.step()
@@ -318,7 +403,7 @@ def test_a_sequence_preempts_itself_when_only_older_ones_hold_blocks():
 def test_a_step_that_preempts_admits_nobody():
     # 4 blocks of 2 tokens, 3 tokens a step. In step 3, b (mid-prefill) yields its 2 blocks to a; b could
     # restart with a 2-token chunk right away, but a step short of blocks must not admit anyone.
-    sched = make_scheduler(num_blocks=4, block_size=2, max_num_tokens=3, prefix_caching=False)
+    sched = make_scheduler(num_blocks=4, block_size=2, max_num_tokens=3, prefix_caching=False, **GREEDY)
     a, b = make_seq(0, [1] * 3, max_new_tokens=6), make_seq(1, [2] * 3, max_new_tokens=6)
     run = Stepper(sched, [a, b])
     assert [(i.seq, i.num_new_tokens) for i in run.step().scheduled] == [(a, 3)]
@@ -357,16 +442,17 @@ def test_outputs_are_the_same_alone_batched_and_under_preemption(prefix_caching)
     expected = [reference_output(p, SamplingParams(**kw), eos) for p, kw in zip(prompts, params)]
     alone, _, _ = outputs(64, one_at_a_time=True)
     batched, reasons, batched_preemptions = outputs(64)
-    pressured, pressured_reasons, preemptions = outputs(9, max_num_tokens=16)
-    assert alone == batched == pressured == expected
-    assert pressured_reasons == reasons
-    assert batched_preemptions == 0 and preemptions > 0
+    pressured, pressured_reasons, preemptions = outputs(9, max_num_tokens=16, **GREEDY)
+    reserved, reserved_reasons, reserved_preemptions = outputs(9, max_num_tokens=16)
+    assert alone == batched == pressured == reserved == expected
+    assert pressured_reasons == reserved_reasons == reasons
+    assert batched_preemptions == 0 and preemptions > 0 and reserved_preemptions == 0
 
 
 def test_a_preempted_sequence_recomputes_its_generated_tokens_in_chunks_when_prefill_is_not_chunked():
     # Generated tokens make a preempted sequence longer than a step's budget: it must still come back.
     sched = make_scheduler(num_blocks=8, block_size=2, max_num_tokens=6, chunked_prefill=False,
-                           prefix_caching=False)
+                           prefix_caching=False, **GREEDY)
     seqs = [make_seq(i, [3 + i] * 5, max_new_tokens=10, ignore_eos=True) for i in range(2)]
     outs, _ = drive(sched, seqs)
     assert sched.num_preemptions > 0
@@ -605,6 +691,10 @@ def test_postprocess_rejects_missing_or_unexpected_samples():
 
 def test_bad_construction_and_double_add():
     bm = BlockManager(8, 4)
+    with pytest.raises(LlmxError, match="admission policy 'fifo'"):
+        Scheduler(bm, max_num_seqs=4, max_num_tokens=16, max_model_len=64, block_size=4, admission="fifo")
+    with pytest.raises(LlmxError, match="watermark"):
+        Scheduler(bm, max_num_seqs=4, max_num_tokens=16, max_model_len=64, block_size=4, watermark=1.5)
     with pytest.raises(LlmxError, match="block_size"):
         Scheduler(bm, max_num_seqs=4, max_num_tokens=16, max_model_len=64, block_size=8)
     with pytest.raises(LlmxError, match="max_num_tokens"):
@@ -619,9 +709,10 @@ def test_bad_construction_and_double_add():
 # ---- everything at once ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("admission", ["reserve", "watermark"])
 @pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "ahead"])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(seed, ahead):
+def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(seed, ahead, admission):
     rng = random.Random(100 + seed)
     block_size = rng.choice([2, 4, 8])
     max_model_len = 48
@@ -629,7 +720,8 @@ def test_random_traffic_under_pressure_loses_nothing_and_matches_the_reference(s
     chunked = rng.random() < 0.7
     sched = make_scheduler(num_blocks, block_size, max_num_seqs=rng.randrange(1, 8),
                            max_num_tokens=rng.randrange(20 if not chunked else 1, 40), max_model_len=max_model_len,
-                           eos_token_ids=(0,), chunked_prefill=chunked, prefix_caching=rng.random() < 0.8)
+                           eos_token_ids=(0,), chunked_prefill=chunked, prefix_caching=rng.random() < 0.8,
+                           admission=admission, watermark=rng.choice([0.0, 0.1]))
     prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randrange(3, 20))] for _ in range(3)]
     seqs, arrivals = [], {}
     for i in range(24):
