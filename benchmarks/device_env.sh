@@ -1,7 +1,7 @@
-# Source on the lent GPU machine (device tool): makes `import llmx` and `python3 -m llmx` work under the
-# image's python3 without installing, from wheels carried in .whl/ (typer, pydantic, pydantic_core,
-# annotated_types, typing_inspection, typing_extensions, nvidia-modelopt, omegaconf, pulp: cp312 wheels, see the
-# device README).
+# Source on a GPU machine without internet access whose image has python3, torch and triton but not llmx's other
+# dependencies: makes `import llmx` and `python3 -m llmx` work without installing, from cp312 wheels placed in
+# .whl/ (typer, pydantic, pydantic_core, annotated_types, typing_inspection, typing_extensions, nvidia-modelopt,
+# omegaconf, pulp).
 # NVLink multicast stays off in this process and every rank llmx starts.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -3,8 +3,8 @@
     python benchmarks/gemv_sass.py [--block-n 16] [--block-k 1024] [--warps 4] [--stages 3] [--rows 1]
                                    [--pre-scale] [--gated] [--sass out.sass]
 
-At decode sizes the GEMV (kernels/w4a16_gemv.py) is bound by instruction issue more than by HBM (BENCHMARKS.md,
-fifth session: the same times on the H200 as on the H100). This compiles it for sm_90 with the Triton installed
+At decode sizes the GEMV (kernels/w4a16_gemv.py) is bound by instruction issue more than by HBM (it takes the
+same time on the H200 as on the H100: BENCHMARKS.md). This compiles it for sm_90 with the Triton installed
 here (its bundled ptxas and nvdisasm), finds the K loop in the SASS (the block that ends in the backward
 branch), and prints the loop's instructions by opcode and per weight, for one thread and one iteration. It is
 a proxy for changes to the loop, not a timing: check a candidate on the GPU with kernels_gemm.py --gemv.
@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--pre-scale", action="store_true", help="with an input scale (AWQ's o/down)")
     ap.add_argument("--gated", action="store_true", help="the gated variant (w4a16_gemv_gated)")
     ap.add_argument("--subtract-offset", action="store_true",
-                    help="the loop that subtracts each weight's offset (LLMX_GEMV_SUBTRACT_OFFSET=1)")
+                    help="the loop that subtracts each weight's offset, which the GEMV runs at M >= 3, at --rows "
+                         "rows (to compare it with the folded-offset loop of M <= 2)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     cubin = compile_gemv(args).asm["cubin"]

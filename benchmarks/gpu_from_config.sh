@@ -1,4 +1,4 @@
-# Device call: Llama-3.1-8B-shaped engines drawn straight from config.json (benchmarks/dummy_quantize.py
+# On a GPU machine: Llama-3.1-8B-shaped engines drawn straight from config.json (benchmarks/dummy_quantize.py
 # --from-config: no 16 GB CPU-drawn checkpoint), built and benchmarked one after another, each removed before
 # the next. RUNS lists NAME:ALGO:MAX_BS:SCENARIOS[:ENV=VALUE,...] entries; results under $OUT/NAME/.
 # DUMMY_FLAGS_<ALGO> adds dummy_quantize flags per algorithm (e.g. DUMMY_FLAGS_int4_awq=--quantize-lm-head);

@@ -1,4 +1,4 @@
-# Device call: Llama-3.1-8B-shaped dummy checkpoint -> engine -> bench scenarios. Results under $OUT.
+# On a GPU machine: Llama-3.1-8B-shaped dummy checkpoint -> engine -> bench scenarios. Results under $OUT.
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json

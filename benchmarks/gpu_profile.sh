@@ -1,4 +1,4 @@
-# Device call: where decode time goes, per kernel, on a 4-layer Llama-3.1-8B-shaped model (the layer
+# On a GPU machine: where decode time goes, per kernel, on a 4-layer Llama-3.1-8B-shaped model (the layer
 # shapes of the real 32-layer model, its embedding and LM head), in bf16 and each of ALGOS.
 # Results under $OUT/profile_<format>.txt / .json.
 source benchmarks/device_env.sh

@@ -1,4 +1,4 @@
-# Device call: Llama-3.1-8B-shaped dummy checkpoint quantized for speed (benchmarks/dummy_quantize.py),
+# On a GPU machine: Llama-3.1-8B-shaped dummy checkpoint quantized for speed (benchmarks/dummy_quantize.py),
 # built and benchmarked per format. Results under $OUT. ALGOS defaults to "fp8 int4_awq"; KV_DTYPE=fp8
 # adds an fp8 KV cache; MAX_BS sets the engine's max batch size (default 256).
 source benchmarks/device_env.sh

@@ -9,7 +9,7 @@ Launches, --rounds times (default 3; the first round compiles): the gated gate_u
 down's input scale, [28672, 4096] weights), the down GEMV through w4a16_gemm ([4096, 14336]) and the gated
 tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Inputs as in
 kernels_int4_decode.py: random int4 weights, group size 128, bf16.
-BENCHMARKS.md (ninth session) has what ncu said of them on the H100.
+BENCHMARKS.md has what ncu said of them on the H100.
 """
 
 from __future__ import annotations

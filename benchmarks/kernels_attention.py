@@ -19,7 +19,7 @@ For each case, on fresh random data:
    (llmx/kernels/gpu_timing.py);
 3. GB/s = unavoidable bytes / time (every input read once, every output written once; for attention
    the K/V of each sequence's visible context once per KV head) is printed next to the 3.0 TB/s HBM
-   ceiling measured on the lent H100 SXM, and attention also prints TFLOP/s against the 786 TFLOP/s
+   ceiling measured on an H100 SXM, and attention also prints TFLOP/s against the 786 TFLOP/s
    bf16 ceiling. `roofline` is the share reached of max(bytes / HBM, FLOPs / compute).
 Prefill from scratch also times torch's scaled_dot_product_attention (flash backend) on the same
 sequences laid out contiguously, and argmax times torch.argmax, as baselines. Launch overhead is

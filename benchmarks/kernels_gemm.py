@@ -4,6 +4,8 @@
     python benchmarks/kernels_gemm.py --kernels w4a16,bf16 --m 1,16
     python benchmarks/kernels_gemm.py --tune --tune-out tiles.json --json results.json
     python benchmarks/kernels_gemm.py --gemv                # the decode GEMV: M = 1, 2, 4 and a tile sweep
+    TRITON_INTERPRET=1 python benchmarks/kernels_gemm.py --check-only --device cpu --dtype float16 \
+        --nk 48,256 --m 2,17                                # correctness only, on CPU in Triton's interpreter
 
 For each kernel, Llama-3.1-8B linear shape (N, K) and batch M, on fresh random data:
 1. the kernel's output is compared with its `*_ref` (max |error| <= 2% of max |reference|); a mismatch
@@ -24,7 +26,11 @@ and the tensor-core kernel alone at those M.
 scales, % of the HBM ceiling, speed-up over cuBLAS bf16 and over the tensor-core kernel), then the time of
 each of a handful of tile configs (GEMV_SWEEP) at M = 1, to choose tuning.py's GEMV default from.
 
-Ceilings: measured on the lent H100 SXM (bf16 786 TFLOP/s, FP8 torch._scaled_mm 1,413 per tensor and
+--check-only skips the timing: it checks every case against its reference (the GEMV also with a split-K tile
+from GEMV_SWEEP), prints one `CHECK {json}` line per case and exits 1 on a mismatch. With --device cpu it needs
+TRITON_INTERPRET=1 (kernels run in Triton's interpreter) and small shapes (--nk).
+
+Ceilings: measured on an H100 SXM (bf16 786 TFLOP/s, FP8 torch._scaled_mm 1,413 per tensor and
 1,257 row-wise, HBM 3.0 TB/s); INT8 uses the H100 SXM data-sheet 1,979 TOP/s (torch._int_mm reached
 only 126). On another GPU pass its figures with --bf16-tflops/--fp8-tflops/--int8-tops/--hbm-tbps.
 """
@@ -32,7 +38,6 @@ only 126). On another GPU pass its figures with --bf16-tflops/--fp8-tflops/--int
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -81,19 +86,6 @@ class Case:
     peak_tflops: float
 
 
-@contextlib.contextmanager
-def tensor_cores_only():
-    """w4a16_gemm without its hand-off to the GEMV: the tensor-core kernel at every M, for comparison."""
-    from llmx.kernels import tuning
-
-    uses_gemv = tuning.w4a16_uses_gemv
-    tuning.w4a16_uses_gemv = lambda m, k, group_size: False
-    try:
-        yield
-    finally:
-        tuning.w4a16_uses_gemv = uses_gemv
-
-
 def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str = "cuda",
               dtype: torch.dtype = torch.bfloat16, config: TileConfig | None = None) -> Case | None:
     """Fresh random inputs for one kernel and shape; None where the kernel does not apply. `config`: the
@@ -123,12 +115,9 @@ def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str =
         if kernel == "w4a16_gemv":
             return Case(lambda: w4a16_gemv.w4a16_gemv(x, qweight, scales, GROUP_SIZE, config=config), reference,
                         wbytes + act_bytes, ceil.bf16_tflops)
-        if kernel == "w4a16_tc":
-            def tensor_core():
-                with tensor_cores_only():
-                    return w4a16_gemm.w4a16_gemm(x, qweight, scales, GROUP_SIZE)
-
-            return Case(tensor_core, reference, wbytes + act_bytes, ceil.bf16_tflops)
+        if kernel == "w4a16_tc":  # the tensor-core GEMM itself, at an M where w4a16_gemm would not run it
+            return Case(lambda: w4a16_gemm.launch_w4a16_tensor_core(x, qweight, scales, GROUP_SIZE, None, None, None),
+                        reference, wbytes + act_bytes, ceil.bf16_tflops)
         input_scale = (x.float().abs().amax() / 448.0).reshape(())
         return Case(lambda: fp8_gemm.w4a8_gemm(x, qweight, scales, GROUP_SIZE, input_scale),
                     lambda: fp8_gemm.w4a8_gemm_ref(x, qweight, scales, GROUP_SIZE, input_scale),
@@ -255,9 +244,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", help="load a tuned table from this JSON file instead of tuning")
     p.add_argument("--json", help="write every measured row to this file")
     p.add_argument("--gemv", action="store_true", help="only the decode GEMV report: M = 1, 2, 4 and a tile sweep")
+    p.add_argument("--check-only", action="store_true", help="check every case against its reference, no timing")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: only with --check-only under TRITON_INTERPRET=1")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype")
+    p.add_argument("--nk", help="one N,K shape instead of --shapes (e.g. 48,256 for the interpreter)")
     for field, default in vars(Ceilings()).items():
         p.add_argument("--" + field.replace("_", "-"), type=float, default=default)
     args = p.parse_args(argv)
+    kernels = [k for k in args.kernels.split(",") if k]
+    m_values = [int(v) for v in args.m.split(",") if v]
+    if args.nk:
+        try:
+            n, k = (int(v) for v in args.nk.split(","))
+        except ValueError:
+            p.error(f"--nk {args.nk!r}: give N,K as two whole numbers, e.g. 48,256")
+        shapes = {f"{n}x{k}": (n, k)}
+    else:
+        shapes = {name: SHAPES[name] for name in args.shapes.split(",") if name}
+    if args.check_only:
+        return check_only(kernels, m_values, shapes, args.device, getattr(torch, args.dtype))
+    if args.device != "cuda":
+        p.error("--device cpu only checks (--check-only): timings on the interpreter mean nothing")
 
     if not torch.cuda.is_available():
         print("kernels_gemm.py measures CUDA kernels and needs an NVIDIA GPU; none is visible here.", file=sys.stderr)
@@ -272,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     from llmx.kernels.gpu_timing import graph_time_ms
 
     ceil = Ceilings(**{f: getattr(args, f) for f in vars(Ceilings())})
-    kernels = [k for k in args.kernels.split(",") if k]
-    m_values = [int(v) for v in args.m.split(",") if v]
-    shapes = {name: SHAPES[name] for name in args.shapes.split(",") if name}
     if args.tiles:
         with open(args.tiles) as f:
             tuning.load_tuned(json.load(f))
@@ -321,6 +326,27 @@ def main(argv: list[str] | None = None) -> int:
                       f"{(f'{base / us:.2f}x' if base else '-'):>8}{row['bound']:>7}  "
                       f"{'ok' if ok else 'FAIL'} ({rel_err:.1e})", flush=True)
     return _finish(args, props, ceil, rows, failures)
+
+
+def check_only(kernels: list[str], m_values: list[int], shapes: dict[str, tuple[int, int]], device: str,
+               dtype: torch.dtype) -> int:
+    """--check-only: every case against its reference, one `CHECK {json}` line each; 1 if any mismatched or raised."""
+    failures = 0
+    for shape, (n, k) in shapes.items():
+        for m in m_values:
+            for kernel in kernels:
+                for config in (None, GEMV_SWEEP[-1]) if kernel == "w4a16_gemv" else (None,):
+                    row = {"kernel": kernel, "shape": shape, "m": m, "config": config and config.to_dict()}
+                    try:
+                        case = make_case(kernel, m, n, k, Ceilings(), device=device, dtype=dtype, config=config)
+                        if case is None:
+                            continue
+                        row["ok"], row["rel_err"] = check(case)
+                    except Exception as exc:  # noqa: BLE001  (reported on its line, counted as a failure)
+                        row["ok"], row["error"] = False, f"{type(exc).__name__}: {exc}"
+                    failures += not row["ok"]
+                    print("CHECK " + json.dumps(row), flush=True)
+    return 1 if failures else 0
 
 
 def _finish(args: argparse.Namespace, props, ceil: Ceilings, rows: list[dict], failures: int) -> int:

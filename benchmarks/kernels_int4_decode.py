@@ -19,9 +19,10 @@ import torch
 
 from llmx.kernels import w4a16_mma_decode as mma
 from llmx.kernels.gpu_timing import graph_time_ms
-from llmx.kernels.tuning import candidate_configs
-from llmx.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
-from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
+from llmx.kernels.tuning import candidate_configs, w4a16_uses_gemv
+from llmx.kernels.w4a16_gemm import launch_w4a16_tensor_core, w4a16_gemm_ref
+from llmx.kernels.w4a16_gemv import launch_w4a16_gemv
+from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated_ref
 
 GROUP = 128
 HBM_TB_S = 4.8
@@ -43,11 +44,12 @@ def decode_case(n: int, k: int, m: int, variant: str, g: torch.Generator):
     gated = variant == "gated"
     if gated:
         def before():  # the gated GEMV, M <= 4
-            return w4a16_gemv_gated(x, qweight, scales, GROUP, None, pre, out_scale)
+            return launch_w4a16_gemv(x, qweight, scales, GROUP, None, pre, None, gated=True, out_scale=out_scale)
         ref = w4a16_gemv_gated_ref(x.float(), qweight, scales.float(), GROUP, None, None, out_scale.float())
     else:
-        def before():  # w4a16_gemm's dispatch without the decode kernel: the GEMV at M <= 4, else the GEMM
-            return w4a16_gemm(x, qweight, scales, GROUP, None, pre)
+        def before():  # what w4a16_gemm runs where the decode kernel does not: the GEMV at M <= 4, else the GEMM
+            launch = launch_w4a16_gemv if w4a16_uses_gemv(m, k, GROUP) else launch_w4a16_tensor_core
+            return launch(x, qweight, scales, GROUP, None, pre, None)
         ref = w4a16_gemm_ref(x.float(), qweight, scales.float(), GROUP, None, None if pre is None else pre.float())
 
     def run(config=None):
@@ -90,12 +92,10 @@ def main() -> None:
     for m in ms:
         for name, (n, k, variant) in SHAPES.items():
             run_before, run, ref = decode_case(n, k, m, variant, g)
-            mma._ENABLED = False
             before = None  # the gated GEMV stops at M = 4: above, gate_up ran unfused before this kernel
             if not (variant == "gated" and m > 4):
                 y = run_before()
                 before = (_us(run_before), _error(y, ref))
-            mma._ENABLED = True
             y = run()
             after = (_us(run), _error(y, ref))
             weight_bytes = n * k // 2 + 2 * n * k // GROUP

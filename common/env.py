@@ -24,8 +24,7 @@ _FALSE = ("0", "false", "no", "off")
 @dataclass(frozen=True)
 class EnvVar:
     """One variable: `kind` is "bool", "int", "float", "str" or "path"; `default` is what an unset (or empty)
-    variable means, written as a user would write the value; `set_by` names who sets it where that is not the
-    user (torchrun's rendezvous variables)."""
+    variable means, written as a user would write the value; `set_by` says who sets it."""
 
     name: str
     kind: str
@@ -75,6 +74,11 @@ class EnvVar:
                         f"for the default{default}.")
 
 
+LLMX_API_KEY = EnvVar(
+    "LLMX_API_KEY", "str", None, "the key `llmx serve` requires as `Authorization: Bearer KEY` on its /v1 routes "
+    "(as --api-key)")
+LLMX_DEBUG = EnvVar(
+    "LLMX_DEBUG", "bool", "0", "1 prints the full traceback before the one-line error message (as --debug)")
 LLMX_CACHE_DIR = EnvVar(
     "LLMX_CACHE_DIR", "path", "~/.cache/llmx",
     "per-user cache folder; `llmx build` keeps its GEMM tile timings in its gemm-tiles/ subfolder")
@@ -86,12 +90,12 @@ LLMX_FUSED_MLP = EnvVar(
     "0 keeps the MLP's silu(gate) * up out of the int4 gate_up GEMV (a separate activation kernel instead)")
 LLMX_PDL = EnvVar(
     "LLMX_PDL", "bool", "1",
-    "0 turns off programmatic dependent launch of the decode kernels on Hopper (each kernel then waits for "
-    "the previous one to finish before it launches)")
+    "0 turns off programmatic dependent launch of the decode kernels on Hopper (each then launches only "
+    "after the previous one finished)")
 TRITON_DEFAULT_FP_FUSION = EnvVar(
     "TRITON_DEFAULT_FP_FUSION", "bool", "1",
-    "Triton's fused multiply-adds; llmx sets 1 before its first kernel launch unless the user chose a value "
-    "(the kernels are written for FMAs)")
+    "Triton's fused multiply-adds, which the kernels are written for; read by Triton when it compiles",
+    set_by="user, else llmx before its first kernel launch")
 RANK = EnvVar("RANK", "int", None, "this process's rank in a job launched by torchrun", set_by="torchrun")
 LOCAL_RANK = EnvVar("LOCAL_RANK", "int", None, "this process's rank on its host (picks its GPU)", set_by="torchrun")
 WORLD_SIZE = EnvVar("WORLD_SIZE", "int", None, "number of processes in a torchrun job", set_by="torchrun")
@@ -99,8 +103,9 @@ MASTER_ADDR = EnvVar("MASTER_ADDR", "str", None, "host of rank 0 in a torchrun j
 MASTER_PORT = EnvVar("MASTER_PORT", "int", None, "rendezvous port of a torchrun job; llmx uses the next port "
                      "for its own control group", set_by="torchrun")
 
-VARIABLES: tuple[EnvVar, ...] = (LLMX_CACHE_DIR, LLMX_COLLECTIVE_TIMEOUT, LLMX_FUSED_MLP, LLMX_PDL,
-                                 TRITON_DEFAULT_FP_FUSION, RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+VARIABLES: tuple[EnvVar, ...] = (LLMX_API_KEY, LLMX_CACHE_DIR, LLMX_COLLECTIVE_TIMEOUT, LLMX_DEBUG, LLMX_FUSED_MLP,
+                                 LLMX_PDL, TRITON_DEFAULT_FP_FUSION, RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+                                 MASTER_PORT)
 
 
 def set_default(var: EnvVar) -> None:

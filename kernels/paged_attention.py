@@ -51,8 +51,8 @@ MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
 # At run time a live context is cut into at most MERGE_CHUNK splits (merged in one round) as long as that
 # gives a split no more than FEW_SPLITS_MAX_TILES tiles; longer contexts use every split of the launch.
-# From the H100 sweep in BENCHMARKS.md: batch 1 at 256 / 1,024 / 2,048 live tokens took 8.4 / 11.1 / 15.4 us
-# this way against 11.2 / 14.3 / 15.4 with a fixed 4 tiles per split and 8.4 / 13.6 / 17.7 with 1.
+# This rule won every row of a sweep against fixed tiles per split (BENCHMARKS.md): few splits keep the merge
+# cheap for short contexts, every split keeps long ones spread over the SMs.
 MERGE_CHUNK = 8
 FEW_SPLITS_MAX_TILES = 4
 # Stand-in for "no sliding window": larger than any position, small enough for int32 arithmetic.
@@ -172,8 +172,8 @@ def _decode_kernel(
     split = tl.program_id(2)
     # The step's inputs (seq_lens, query_start_loc, block_tables) are read before the PDL wait. They are written
     # before the step's first kernel, and this kernel starts only once the one before it has passed its own
-    # wait, so every kernel two back has completed (kernels/pdl.py): these reads cannot be early. Measured on
-    # the H200 (int4 Llama-3.1-8B shapes, bs1): 2.098 -> 2.067 ms per token against waiting first.
+    # wait, so every kernel two back has completed (kernels/pdl.py): these reads cannot be early, and the block
+    # table's latency overlaps the previous kernel's tail.
     seq_len = tl.load(seq_lens_ptr + seq)
 
     # The one query sits at position seq_len - 1 and sees [window_start, seq_len). Those BLOCK_N tiles

@@ -27,23 +27,17 @@ worth 2^-p), gives exactly the float 2^(23 - p) + nibble. One AND-OR (a LOP3) pe
     shifted right by 9 put nibble i at p = 11, 15, 19 (i = 0-2), 12, 16 (i = 3-4) and 11, 15, 19 (i = 5-7), and
     the loop multiplies 2^(23 - p) + nibble itself into x. The offsets sum_i (2^(23 - p_i) + 8) x_i are the same
     for every weight row: computed once per word column, they start the row sums. Two shifts per word and no
-    subtract. With three shifted copies (p = 11, 15, 19 for every triple) the K loop compiled to 461 instead of
-    522 instructions per thread at M = 1 (sm_90, triton 3.6, benchmarks/gemv_sass.py), 539 instead of 600 with
-    pre_scale, and int4 decode went from 2.132 to 2.067 ms per token (H200, Llama-3.1-8B shapes, BENCHMARKS.md,
-    sixth session). Taking nibbles 3-4 from the unshifted word saves one more shift per word: 445 and 523
-    instructions, not yet timed on a GPU. At M = 2 the loop is shorter too (675 against 716); at M = 4 it would
-    be longer (1,143 against 1,096 with three copies), since the subtract loop shares each subtract among the
-    rows. The price is precision: the products carry a part up to 4,096x the activation that the offset
-    cancels, which costs float32 about 12 of its 24 bits. The error stays near 2^-14 of the largest output
-    (interpreter, K = 4,096), under a bf16 or fp16 output's own rounding (2^-9, 2^-11); float32 activations
-    keep the exact loop. `LLMX_GEMV_SUBTRACT_OFFSET=1` compiles the subtract loop at every M, for A/B timing.
+    subtract, so the K loop is shorter at M = 1 and 2 (sm_90 SASS, `benchmarks/gemv_sass.py`); at M = 4 it would
+    be longer, since the subtract loop shares each subtract among the rows. The price is precision: the
+    products carry a part up to 4,096x the activation that the offset cancels, which costs float32 about 12 of
+    its 24 bits. The error stays near 2^-14 of the largest output (K = 4,096), under a bf16 or fp16 output's own
+    rounding (2^-9, 2^-11); float32 activations keep the exact loop.
 
 The nibble masks reach the kernel as a runtime argument (15), not as literals. A LOP3 takes one immediate, so a
 literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead of
-keeping it live. From an argument the masks stay in registers: the subtract loop went from 665 to 522
-instructions per thread at M = 1 (120 registers instead of 89), and int4 decode from 2.465 to 2.176 ms per
-token (H200, Llama-3.1-8B shapes, BENCHMARKS.md, sixth session). The GEMV is bound by instruction issue at
-decode sizes, not by HBM.
+keeping it live; from an argument the masks stay in registers. At decode sizes the GEMV is bound by instruction
+issue, not by HBM, so every instruction taken out of the K loop shows in its time. Instruction counts and
+timings of these choices: BENCHMARKS.md and its history files.
 
 Activations: the tile needs x[m, 8w + i] as 8 vectors over its words, i = 0..7. 16-bit activations are read
 as int32 pairs (x[2j], x[2j + 1]), 4 vectors with a stride of 4 pairs, which Triton copies ahead with the
@@ -64,19 +58,16 @@ Gated variant (GATED, w4a16_gemv_gated.py): the weight is a fused [gate | up]; e
 gate rows and the matching up rows and writes silu(gate) * up (times an optional out_scale) for them.
 
 Launch: with programmatic dependent launch (kernels/pdl.py) the programs wait for the previous kernel before
-their first read. Asking L2 for their first weight tiles before that wait (the weights never depend on the
-previous kernel) was measured on the H100 and made int4 decode slower (2.65 against 2.57 ms per token).
-The plain GEMV lets the next kernel launch right after its wait; the gated one only after its K loop, since
-its next kernel is the down GEMV, whose early-launched programs would hold SM resources through every wave
-of this one (measured on the H200, see BENCHMARKS.md, fifth session).
+their first read, and ask nothing of L2 before it (a prefetch of the first weight tiles there, which never
+depend on the previous kernel, measured slower). The plain GEMV lets the next kernel launch right after its
+wait; the gated one only after its K loop, since its next kernel is the down GEMV, whose early-launched
+programs would hold SM resources through every wave of this one.
 
 Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_gemv" (block_m is unused); tuning.py says
 which table entries serve which M.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -89,9 +80,6 @@ from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
 from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
-# The A/B switch of the folded-offset loop (see above): 1 compiles the subtract loop at every M. Read once, like
-# LLMX_PDL.
-_SUBTRACT_OFFSET = os.environ.get("LLMX_GEMV_SUBTRACT_OFFSET", "0") == "1"
 # Folding pays at M <= 2 only: at M = 4 the offsets cost 4 multiply-adds per word column where the subtract
 # loop shares one subtract per weight among the rows (gemv_sass.py: 1,096 -> 1,143 instructions at M = 4).
 FOLD_MAX_ROWS = 2
@@ -158,7 +146,7 @@ def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *
 def folds_offset(m: int, dtype: torch.dtype) -> bool:
     """Whether the K loop for m activation rows of `dtype` folds the weights' offset into per-column sums
     (see above): for 16-bit activations, whose outputs round away more than folding loses."""
-    return m <= FOLD_MAX_ROWS and dtype in FOLD_DTYPES and not _SUBTRACT_OFFSET
+    return m <= FOLD_MAX_ROWS and dtype in FOLD_DTYPES
 
 
 def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
@@ -372,8 +360,8 @@ def _w4a16_gemv_kernel(
                                HAS_PRE_SCALE, EVEN_K, FOLD_OFFSET)
     if GATED:
         # Late: the gated GEMV's dependent is the down GEMV, whose early programs would hold SM resources
-        # through all of this kernel's waves (kernels/pdl.py). Released early, the fused MLP was slower than
-        # the unfused one; released late everywhere, the other GEMVs lost more than the MLP gained (H200).
+        # through all of this kernel's waves (kernels/pdl.py). The other GEMVs release early: their dependents
+        # are light kernels, which a late release would only delay.
         release(PDL)
 
     _store_row(acc0, 0, out_ptr, bias_ptr, out_scale_ptr, rows, pid_n, pid_k, N, stride_om, ACT, HAS_BIAS, GATED,

@@ -10,13 +10,13 @@ epilogue.
 Each program takes BLOCK_N / 2 gate rows and the matching up rows (gathered: the GEMV streams every row
 separately anyway), so both halves of each output are in one program and every activation is computed
 once. The result is rounded as silu_and_mul rounds after a 16-bit gate_up output, so it is bit-identical to
-that pair of kernels. (Computing the activation as the down projection reads its input instead was measured
-0.6 ms per token slower: there every program recomputes all 14,336 activations.)
+that pair of kernels. (Computing the activation as the down projection reads its input instead is slower: there
+every program recomputes all of the intermediate activations.)
 
 `out_scale` [I] multiplies each output before its last rounding: the next Linear's per-input-channel scale
-(AWQ's pre_quant_scale on down_proj), which the down GEMV then skips. On the H100/H200 the GEMV is bound
-by its instruction rate more than by HBM at batch 1, and that scale costs the down GEMV a multiply per
-input on every program, where here it is one multiply per output.
+(AWQ's pre_quant_scale on down_proj), which the down GEMV then skips. At batch 1 the GEMV is bound by its
+instruction rate more than by HBM, and that scale costs the down GEMV a multiply per input on every program,
+where here it is one multiply per output.
 """
 
 from __future__ import annotations

@@ -3,34 +3,30 @@
 `w4a16_mma_decode(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` computes what
 `w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 64 rows of fp16/bf16 activations, K % 128 == 0
 and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_gemm` hands it the calls with
-M = 2..64 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it; `LLMX_INT4_DECODE=gemv` turns
-that off (A/B switch, read once).
+M = 2..64 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it.
 
 Why: the CUDA-core GEMV (w4a16_gemv.py) does a multiply-add per weight and activation row, so its time grows
-with M (H200, Llama-3.1-8B gate_up: 23.6 us at M = 1, 41.1 at M = 2, 60.4 at M = 4), and past M = 4 the tensor-core
-GEMM it hands over to padded every weight tile through a slow conversion (down: 54.5 us at M = 8). Here the
-multiply-adds go to the tensor cores, where padding the batch to 16 rows is free: 29-31 us for gate_up at every
-M from 1 to 16, 16-19 us for down (benchmarks/kernels_int4_decode.py, BENCHMARKS.md, seventh session). At
-M = 1 the GEMV is still faster (23.6 against 30.8 us), so M = 1 stays there. At M = 17..64 (the batch padded to
-32 or 64) it took less time than the tensor-core GEMM for Llama-3.1-8B's layers on the H100 (down 56-63% less,
-o 40-51%, qkv 8-38%), and int4 decode at batch 32 / 64 went from 4,016 / 5,232 to 5,457 / 7,283 output tok/s
-(BENCHMARKS.md, ninth session). Only the LM head (N = 128,256) at M = 48..64 was slower (5-20%), which the
-dispatch, by M and K alone, accepts.
+with M, and the tensor-core GEMM (w4a16_gemm.py) pads every weight tile through a slow conversion. Here the
+multiply-adds go to the tensor cores, where padding the batch to 16 rows is free, and each weight is converted
+once, in registers: the time hardly depends on M up to 16, and the batch is padded to 32 or 64 rows above that.
+At M = 1 the GEMV is faster, so M = 1 stays there. On Llama-3.1-8B's layers this kernel is faster than the
+tensor-core GEMM at every M from 2 to 64 except the LM head (N = 128,256) at M = 48..64, which the dispatch, by
+M and K alone, accepts. Per-shape timings: BENCHMARKS.md.
 
 The tile: program (pid_n, pid_k, pid_m) takes BLOCK_N weight rows, the pid_k-th of SPLIT_K slices of the K loop
 and BLOCK_M (16, 32 or 64) activation rows, and computes out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, 128] @
 x^T [128, BLOCK_M] per 128-input K tile with one wgmma whose A operand (the weights) comes from registers and
 whose B operand (x) Triton copies into shared memory. The tile lies in one quantization group, so the group
 scale multiplies the [BLOCK_N, BLOCK_M] partial product.
-(Scaling the weights instead, so that the wgmmas can run ahead without a wait per tile, was 15-20% slower:
-its extra packed multiply per two weights costs more than the waits.)
+(Scaling the weights instead, so that the wgmmas could run ahead without a wait per tile, measured slower: its
+extra packed multiply per two weights costs more than the waits.)
 
 Conversion: a word of 8 nibbles (inputs 8w + 2j + e, j < 4, e < 2) becomes 4 registers of two 16-bit
 values, (nibble 2j, nibble 2j + 1), each a PRMT (byte j of the word and of the word >> 4), a LOP3 (mask the
 two nibbles, OR in the exponent of 2^7 for bf16 or 2^10 for fp16: 128 + nibble, 1024 + nibble exactly) and a
 packed subtract of 136 or 1032: 13 instructions per 8 weights (inline PTX; Triton's interpreter runs the same
-arithmetic in plain Triton instead). The K loop is 210 instructions per thread for 64 weights (sm_90, triton
-3.6), against 320 for the tensor-core GEMM's conversion of the same tile.
+arithmetic in plain Triton instead), about two thirds of what the tensor-core GEMM's conversion of the same tile
+takes.
 
 Operand order: a wgmma A register holds the weights of two adjacent dot positions (2a + 8i + {0, 1} for the
 thread's lane a = lane % 4), and a thread's positions stride by 8. So the dot does not take the inputs in
@@ -58,7 +54,6 @@ Tile configs are `tuning.TileConfig`s under the kernel name "w4a16_mma_decode" (
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -72,9 +67,6 @@ from llmx.kernels.tuning import (MMA_BLOCK_K, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M
 
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else {}
-# The decode kernel's A/B switch: "gemv" sends decode rows to the CUDA-core GEMV (M <= 4) and the older
-# tensor-core GEMM instead. Read once, like LLMX_PDL.
-_ENABLED = os.environ.get("LLMX_INT4_DECODE", "mma") != "gemv"
 
 # Per-GPU split-K tile counters (int32, zero between launches). Launches on one GPU must run one after another
 # (one stream, as the runtime's do): two at once would share counters.
@@ -85,7 +77,7 @@ _MIN_COUNTERS = 4096
 def mma_decode_available(dtype: torch.dtype, device: torch.device | str = "cuda") -> bool:
     """Whether decode rows of `dtype` activations on `device` go to this kernel (given K and group size)."""
     device = torch.device(device)
-    if not _ENABLED or dtype not in MMA_DTYPES or device.type != "cuda" or not torch.cuda.is_available():
+    if dtype not in MMA_DTYPES or device.type != "cuda" or not torch.cuda.is_available():
         return False
     return _hopper(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -132,8 +124,7 @@ def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
 def mma_decode_config(m: int, n: int, k: int, override: TileConfig | dict | None = None) -> TileConfig:
     """The launch's tiles: `override`, else the tuned entry, else the default (tuning.py); block_m is cut to the
     batch padded to 16, 32 or 64 rows (the M = 64 bucket's entry, timed at M = 64, also serves M = 17..32, where
-    64-row tiles would be half padding: qkv took 24.8 us with them at M = 48 against 13.7 us at M = 32, H100), and
-    split_k to a power of two that divides the K tiles."""
+    64-row tiles would be half padding), and split_k to a power of two that divides the K tiles."""
     cfg = tuning.gemm_config("w4a16_mma_decode", m, n, k, override)
     split = cfg.split_k
     while split > 1 and (k // MMA_BLOCK_K) % split:

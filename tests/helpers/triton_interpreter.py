@@ -38,10 +38,16 @@ def run_interpreted_tests(test_file: str) -> None:
     assert " passed" in child.stdout and "skipped" not in child.stdout, report
 
 
+def dispatch_as_without_wgmma(monkeypatch) -> None:
+    """Make w4a16_gemm's dispatch choose as on a GPU without wgmma (not Hopper): decode rows go to the CUDA-core
+    GEMV (M <= 4) and the tensor-core GEMM, never to the tensor-core decode kernel (w4a16_mma_decode.py)."""
+    from llmx.kernels import w4a16_mma_decode
+
+    monkeypatch.setattr(w4a16_mma_decode, "_hopper", lambda index: False)
+
+
 @pytest.fixture
 def without_mma_decode(monkeypatch):
     """Keep w4a16_gemm's decode rows on the CUDA-core GEMV: on Hopper the dispatch sends 16-bit ones to the
     tensor-core decode kernel (kernels/w4a16_mma_decode.py), which has its own tests."""
-    from llmx.kernels import w4a16_mma_decode
-
-    monkeypatch.setattr(w4a16_mma_decode, "_ENABLED", False)
+    dispatch_as_without_wgmma(monkeypatch)

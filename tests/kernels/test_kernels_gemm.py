@@ -9,7 +9,7 @@
   and each case is reported to its own test;
 - the same cases in bf16 on a CUDA GPU (skipped without one).
 
-Random data is fresh each session; the seed is in every failure message (set LLMX_TEST_SEED to replay).
+Random data is fresh each run; the seed is in every failure message (set LLMX_TEST_SEED to replay).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 def _gemv_not_mma_decode(monkeypatch):
     """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel (which has its
     own tests): on Hopper the dispatch would send 16-bit decode rows there."""
-    from llmx.kernels import w4a16_mma_decode
+    from helpers.triton_interpreter import dispatch_as_without_wgmma
 
-    monkeypatch.setattr(w4a16_mma_decode, "_ENABLED", False)
+    dispatch_as_without_wgmma(monkeypatch)
 
 def _gen(salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1000 + salt)
@@ -322,6 +322,9 @@ KERNEL_CASES = [
 ]
 INTERPRETER_DTYPES = ("float32", "float16")
 BENCH_M = (2, 17)  # the benchmark's cases at a GEMV size and at a tensor-core size
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernels_gemm.py")
+BENCH_KERNELS = {"bf16", "w4a16", "w4a16_gemv", "w4a16_tc", "nvfp4", "int8", "int8_linear", "int8_wo", "fp8",
+                 "fp8_rowwise", "w4a8", "int_mm"}
 
 
 def run_kernel_case(name: str, dtype: torch.dtype, device: str) -> tuple[float, float]:
@@ -406,28 +409,6 @@ def _interpreter_main(seed: int) -> None:
             except Exception as exc:  # reported to the case's test, which fails with it
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             print("CASE " + json.dumps({"name": name, "dtype": dtype_name, **result}), flush=True)
-    bench = _load_benchmark_script()
-    for kernel in bench.KERNELS:
-        for m in BENCH_M:
-            try:
-                # config: the tiles of w4a16_gemv (a split-K one from --gemv's sweep); the other kernels ignore it
-                case = bench.make_case(kernel, m, 48, 256, bench.Ceilings(), device="cpu", dtype=torch.float16,
-                                       config=bench.GEMV_SWEEP[-1])
-                result = {"ok": True if case is None else bench.check(case)[0]}
-            except Exception as exc:  # reported to the benchmark test, which fails with it
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            print("CASE " + json.dumps({"name": f"bench_{kernel}_m{m}", "dtype": "float16", **result}), flush=True)
-
-
-def _load_benchmark_script():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernels_gemm.py")
-    spec = importlib.util.spec_from_file_location("llmx_bench_kernels_gemm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -454,26 +435,25 @@ def test_triton_kernel_matches_reference_in_interpreter(interpreter_results, nam
     assert r["err"] <= r["tol"], f"{name}/{dtype}: error {r['err']:.3g} > {r['tol']:.3g} (seed {SEED})"
 
 
-def test_benchmark_cases_run_and_match_in_interpreter(interpreter_results):
-    bench = _load_benchmark_script()
-    for kernel in bench.KERNELS:
-        for m in BENCH_M:
-            r = interpreter_results.get((f"bench_{kernel}_m{m}", "float16"))
-            assert r is not None and r.get("ok") is True, f"benchmark case {kernel} M={m}: {r} (seed {SEED})"
-
-
-def test_benchmark_times_the_tensor_core_kernel_at_gemv_sizes():
-    bench = _load_benchmark_script()
-    assert tuning.w4a16_uses_gemv(1, 4096, 128)
-    with bench.tensor_cores_only():
-        assert not tuning.w4a16_uses_gemv(1, 4096, 128)
-    assert tuning.w4a16_uses_gemv(1, 4096, 128)
+def test_benchmark_cases_run_and_match_in_interpreter():
+    """benchmarks/kernels_gemm.py --check-only, run as a user runs it on CPU: every kernel's case (the GEMV also
+    with a split-K tile) at a GEMV size and a tensor-core size matches its reference."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, BENCH_SCRIPT, "--check-only", "--device", "cpu", "--dtype", "float16",
+                           "--nk", "48,256", "--m", ",".join(map(str, BENCH_M))],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("CHECK ")]
+    assert done.returncode == 0 and rows, done.stdout[-4000:] + done.stderr[-2000:]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert {r["kernel"] for r in rows} == BENCH_KERNELS
+    assert any(r["kernel"] == "w4a16_gemv" and r["config"] and r["config"]["split_k"] > 1 for r in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_benchmark_refuses_to_run_without_cuda(capsys):
-    assert _load_benchmark_script().main(["--kernels", "w4a16"]) == 2
-    assert "needs an NVIDIA GPU" in capsys.readouterr().err
+def test_benchmark_refuses_to_time_without_cuda():
+    done = subprocess.run([sys.executable, BENCH_SCRIPT, "--kernels", "w4a16"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "needs an NVIDIA GPU" in done.stderr
 
 
 @pytest.mark.gpu
