@@ -101,11 +101,11 @@ def download_model(repo_id: str, revision: str | None, *, trust_remote_code: boo
 
 
 def fetch_snapshot(repo_id: str, revision: str | None, *, repo_type: str, allow_patterns: list[str], label: str,
-                   what: str, progress: Progress | None = None) -> str:
+                   what: str, instead: str = "pass a local folder", progress: Progress | None = None) -> str:
     """snapshot_download of the top-level files matching `allow_patterns`, its failures as one LlmxError.
 
-    what: "model" or "dataset", for the messages. Files in subfolders are left out unless a pattern names
-    the folder (a dataset's data/ shards).
+    what: "model" or "dataset", for the messages; instead: what the user can do without the hub. Files in
+    subfolders are left out unless a pattern names the folder (a dataset's data/ shards).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -127,24 +127,24 @@ def fetch_snapshot(repo_id: str, revision: str | None, *, repo_type: str, allow_
         raise LlmxError(f"{label} is neither a local path nor a {what} on the Hugging Face hub (a private "
                         "repository also needs HF_TOKEN); check the spelling.") from None
     except LocalEntryNotFoundError as exc:
-        raise LlmxError(_unreachable_message(label, what, exc)) from None
+        raise LlmxError(_unreachable_message(label, what, instead, exc)) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "an error")
-        raise LlmxError(f"the Hugging Face hub answered {status} for {what} {label}; retry later, or pass a "
-                        "local folder.") from None
+        raise LlmxError(f"the Hugging Face hub answered {status} for {what} {label}; retry later, or "
+                        f"{instead}.") from None
     except (OSError, ConnectionError) as exc:
         raise LlmxError(f"could not download hub {what} {label} ({type(exc).__name__}: {_first_line(exc)}); "
-                        "check the network, or pass a local folder.") from None
+                        f"check the network, or {instead}.") from None
 
 
-def _unreachable_message(label: str, what: str, exc: Exception) -> str:
+def _unreachable_message(label: str, what: str, instead: str, exc: Exception) -> str:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return (f"hub {what} {label} is not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
-                "set; download it once with network access (unset HF_HUB_OFFLINE), or pass a local folder.")
+                f"set; download it once with network access (unset HF_HUB_OFFLINE), or {instead}.")
     return (f"hub {what} {label} could not be reached and is not in the hub cache ({constants.HF_HUB_CACHE}) "
-            f"({_first_line(exc)}); check the network, or pass a local folder.")
+            f"({_first_line(exc)}); check the network, or {instead}.")
 
 
 def _first_line(exc: Exception) -> str:

@@ -42,9 +42,11 @@ def quantize_command(
         show_default=False, help="Also quantize the KV cache [default: the activation dtype].")] = None,
     calib_data: Annotated[Optional[str], typer.Option(
         metavar="PATH|NAME", show_default=False,
-        help="Calibration text: a .txt/.json/.jsonl/.parquet file, a saved dataset folder or a hub dataset name. "
-             "Required by the algorithms that calibrate (all but int8_wo, int4_wo and fp8_pc_pt) and by "
-             "--kv-cache-dtype; llmx ships no calibration set.")] = None,
+        help="Calibration data for the algorithms that calibrate (all but int8_wo, int4_wo and fp8_pc_pt) and for "
+             "--kv-cache-dtype: a .txt file, a .json/.jsonl/.parquet file or saved dataset folder whose rows hold "
+             "`text`, `article` or chat `messages` (rendered with the model's chat template), a known set "
+             "(cnn_dailymail, ultrachat_200k, pile_val, wikitext; fetched through the Hugging Face cache) or another "
+             "hub dataset name [default: cnn_dailymail, which needs the hub or a cached copy].")] = None,
     calib_size: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help=f"Calibration samples [default: {DEFAULTS['calib_size']}].")] = None,
     calib_seq_len: Annotated[Optional[int], typer.Option(
@@ -89,6 +91,8 @@ def quantize_command(
       llmx quantize ckpt/llama8b -o ckpt/llama8b-fp8 --algo fp8 --kv-cache-dtype fp8 --calib-data calib.txt
 
       llmx quantize ckpt/llama8b -o ckpt/llama8b-awq --algo int4_awq --calib-data calib.txt --calib-size 128
+
+      llmx quantize ckpt/llama8b-instruct -o ckpt/llama8b-instruct-fp8 --algo fp8 --calib-data ultrachat_200k
 
       llmx quantize ckpt/llama8b -o ckpt/llama8b-int8 --algo int8_wo
 

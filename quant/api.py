@@ -75,11 +75,6 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
         raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
     group = presets.effective_group_size(algo, group_size)
     calibrates = presets.needs_calibration(algo, kv_cache_dtype)
-    if calibrates and calib_data is None:
-        what = f"--algo {algo}" if algo != presets.KV_ONLY else f"--kv-cache-dtype {kv_cache_dtype}"
-        raise LlmxError(f"{what} calibrates on data: pass --calib-data with a .txt/.json/.jsonl/.parquet file, a saved "
-                        "dataset folder or a hub dataset name (llmx ships no calibration set; int8_wo, int4_wo and "
-                        "fp8_pc_pt need none).")
     device = _check_device(device)
     exclude = tuple(exclude)
     quantize_lm_head = _check_lm_head_options(quantize_lm_head, algo, exclude)
@@ -380,7 +375,7 @@ def _provenance(src: Path, source_hash: str, calib, calib_data: str | None, cali
 
     calibration = None
     if calib is not None:
-        calibration = {"data": calib_data, "samples": calib.num_samples, "requested_samples": calib_size,
+        calibration = {"data": calib.source, "samples": calib.num_samples, "requested_samples": calib_size,
                        "seq_len": calib_seq_len, "seed": seed}
     return make_provenance(src.resolve(), source_hash, modelopt_version=modelopt_version(),
                            calib_data_hash=calib.data_hash if calib is not None else None, recipe=recipe,

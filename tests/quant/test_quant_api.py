@@ -237,9 +237,16 @@ def test_already_quantized_source_is_refused(workdir, quantized):
         quantize(out, workdir / "again", algo="int8_wo")
 
 
-def test_calibrating_algorithm_without_data(workdir, ckpt):
-    with pytest.raises(LlmxError, match="--algo int4_awq calibrates on data: pass --calib-data"):
+def test_calibrating_algorithm_without_data_offline_names_the_flag(workdir, ckpt, monkeypatch):
+    """Without --calib-data the default hub set is read; offline and not cached, one sentence names the flag."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workdir / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LlmxError, match=r"\(abisee/cnn_dailymail; the default without --calib-data\) is not in the "
+                                        r"hub cache .* or pass --calib-data with a local"):
         quantize(ckpt, workdir / "x", algo="awq")
+    assert not (workdir / "x").exists()
 
 
 @pytest.mark.parametrize("content, match", [(None, "does not exist"), ("", "is empty")])
