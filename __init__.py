@@ -4,6 +4,12 @@ Stages: convert -> quantize -> build -> run / bench / eval. Each subpackage is o
 llmx.build (convert, checkpoint and engine formats, sharding), llmx.quant, llmx.runtime, llmx.kernels,
 llmx.recipes, llmx.cli. Heavy dependencies (torch, transformers, modelopt) are imported lazily by the
 code that needs them so `llmx --help` stays fast.
+
+The public Python API, importable from here (`from llmx import LLM, SamplingParams`):
+
+- `LLM(engine_dir)`: load an engine; `generate(prompts, params)`, `stream(...)`, `add_request` / `step`
+- `SamplingParams`: max_new_tokens, temperature, top_p, top_k, seed, stop tokens
+- `convert`, `quantize`, `build_engine`, `evaluate_perplexity`, `run_benchmark`: what the commands call
 """
 
 __version__ = "0.1.0"
@@ -17,3 +23,30 @@ import sys as _sys
 # and would get llmx's kernels/ instead. llmx's modules are only ever imported as llmx.*, so the entry goes.
 _root = _os.path.dirname(_os.path.abspath(__file__))
 _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+
+# name -> module: each is imported on first use, so `import llmx` (and the CLI's start-up) stays light.
+_PUBLIC_API = {
+    "LLM": "llmx.runtime.engine",
+    "SamplingParams": "llmx.runtime.sequence",
+    "convert": "llmx.build.convert",
+    "quantize": "llmx.quant.api",
+    "build_engine": "llmx.build.engine",
+    "evaluate_perplexity": "llmx.runtime.perplexity",
+    "run_benchmark": "llmx.bench.runner",
+}
+__all__ = ["__version__", *_PUBLIC_API]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmx' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC_API))

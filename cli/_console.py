@@ -69,7 +69,7 @@ def progress_bars() -> Iterator["RichProgress"]:
 
     Library calls accept it directly (they add one task per stage) or through `stage_callback`. On a
     terminal the bars animate and stay; elsewhere (CI logs, pipes) they are not drawn, because a bar that
-    cannot move is noise: the command's own summary line says what happened.
+    cannot move is noise: `stage_callback` prints plain progress lines there instead (cli/_progress_lines).
     """
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
@@ -84,8 +84,13 @@ def progress_bars() -> Iterator["RichProgress"]:
 def stage_callback(progress: "RichProgress") -> Progress:
     """Adapt a rich Progress to the `(stage, done, total)` callback protocol: one bar per stage name.
 
-    total 0 means "unknown" (a spinner with a count).
+    total 0 means "unknown" (a spinner with a count). When the bars are not drawn (stderr is not a terminal),
+    plain lines report each stage at a modest interval instead.
     """
+    if progress.disable:
+        from llmx.cli._progress_lines import ProgressLines
+
+        return ProgressLines(err().file)
     tasks: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:

@@ -58,6 +58,7 @@ def convert_command(
         emit_json(settings.to_dict())
         return
     target = require_out(out_dir, "llmx convert MODEL -o ckpt/")
+    _check_local_config(hf_dir)
     from llmx.build.convert import convert
 
     start = time.perf_counter()
@@ -83,3 +84,13 @@ def checkpoint_summary(path: Path, seconds: float) -> dict:
     size = sum(f.stat().st_size for f in path.glob("rank*.safetensors"))
     return {"path": str(path), "seconds": round(seconds, 3), "model": meta["model"], "dtype": meta["dtype"],
             "quantization": meta.get("quantization"), "size_bytes": size}
+
+
+def _check_local_config(source: str) -> None:
+    """Refuse a local folder whose config.json llmx cannot convert before torch and transformers load (seconds):
+    the architecture, sizes and fields are validated by the same code convert runs."""
+    config = Path(source) / "config.json"
+    if config.is_file():
+        from llmx.build.families import read_hf_config
+
+        read_hf_config(config)

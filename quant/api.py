@@ -37,6 +37,10 @@ EXPORT_FORMATS = ("llmx", "hf")
 LM_HEAD = "lm_head"
 # Standard practice: the logits are the most quantization-sensitive GEMM. Dropped by quantize_lm_head=True.
 DEFAULT_EXCLUDE = (LM_HEAD,)
+# Calibration (samples, tokens per sample) when the caller gives none, by where calibration runs. On a GPU,
+# ModelOpt's usual 512 x 512. On a CPU those 262k tokens took 15 min (int8_sq) to 71 min (int4_awq) for the
+# 135M SmolLM2 on a 2-core machine; 64 x 256 is 16x fewer tokens (QUANTIZATION.md has the times and accuracy).
+CALIBRATION_DEFAULTS = {"cuda": (512, 512), "cpu": (64, 256)}
 
 
 @dataclass
@@ -50,6 +54,9 @@ class QuantizeResult:
     seconds: float
     calib_data_hash: str | None
     warnings: list[str] = field(default_factory=list)
+    calib_shape: tuple[int, int] | None = None  # (samples, tokens per sample) calibrated on; None: no calibration
+    group_size: int | None = None  # inputs per scale of the grouped formats, as the checkpoint records it
+    group_size_chosen: bool = False  # True when quantize chose it for the model (no group_size given)
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ class ModulePlan:
 
 
 def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
-             calib_size: int = 512, calib_seq_len: int = 512, batch_size: int = 8, group_size: int = 128,
+             calib_size: int | None = None, calib_seq_len: int | None = None, batch_size: int = 8,
+             group_size: int | None = None,
              exclude: tuple[str, ...] = (), device: str = "cpu", seed: int = 0, export_format: str = "llmx",
              force: bool = False, recipe: str | None = None, progress: Progress | None = None,
              quantize_lm_head: bool = False) -> QuantizeResult:
@@ -74,8 +82,12 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
     if export_format not in EXPORT_FORMATS:
         raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
     group = presets.effective_group_size(algo, group_size)
+    choose_group = presets.chooses_group_size(algo, group_size)
     calibrates = presets.needs_calibration(algo, kv_cache_dtype)
     device = _check_device(device)
+    default_size, default_seq_len = CALIBRATION_DEFAULTS["cpu" if device == "cpu" else "cuda"]
+    calib_size = default_size if calib_size is None else calib_size
+    calib_seq_len = default_seq_len if calib_seq_len is None else calib_seq_len
     exclude = tuple(exclude)
     quantize_lm_head = _check_lm_head_options(quantize_lm_head, algo, exclude)
     _check_output(src, out, export_format, force)
@@ -87,6 +99,8 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
             raise LlmxError(f"{src} is already quantized (algo {ckpt.quant.algo}); quantize the unquantized "
                             "checkpoint it was made from.")
         plan = plan_modules(ckpt.model, algo, exclude, group, quantize_lm_head=quantize_lm_head)
+        if choose_group:
+            group = presets.choose_group_size(_in_features(ckpt.model, plan))
         quant = _quant_config(algo, group, kv_cache_dtype, exclude, plan, quantize_lm_head=quantize_lm_head)
         calib = None
         if calibrates:
@@ -106,7 +120,9 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
     return QuantizeResult(path=out, algo=algo, quantized_modules=plan.quantized, skipped_modules=plan.skipped,
                           size_before_bytes=size_before, size_after_bytes=_weights_size(out),
                           seconds=time.perf_counter() - started,
-                          calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings)
+                          calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings,
+                          calib_shape=(calib.num_samples, calib_seq_len) if calib is not None else None,
+                          group_size=group, group_size_chosen=choose_group)
 
 
 def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None, *,
@@ -147,6 +163,14 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
             check_group_divides(m.in_features, group_size, m.name)
     return ModulePlan(quantized=[m.name for m in quantized], skipped=[n for n in names if n in skipped],
                       warnings=warnings)
+
+
+def _in_features(model: "ModelConfig", plan: ModulePlan) -> dict[str, int]:
+    """Input features of each Linear the plan quantizes."""
+    from llmx.build.checkpoint import linear_modules
+
+    quantized = set(plan.quantized)
+    return {m.name: m.in_features for m in linear_modules(model) if m.name in quantized}
 
 
 def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, exclude: tuple[str, ...],

@@ -105,14 +105,37 @@ def needs_calibration(algo: str, kv_cache_dtype: str | None) -> bool:
     return kv or (algo != KV_ONLY and PRESETS[algo].needs_calibration)
 
 
-def effective_group_size(algo: str, group_size: int) -> int | None:
-    """The group size the checkpoint records: --group-size for int4 formats, 16 for NVFP4, else None."""
+# The group sizes llmx chooses from when the user gives none, largest first: a larger group stores fewer scales
+# (128 is the common default of AWQ/GPTQ releases), a smaller one fits models whose widths 128 does not divide
+# (SmolLM2's hidden size 576 = 64 x 9).
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def chooses_group_size(algo: str, group_size: int | None) -> bool:
+    """True when `algo` takes a group size and the user gave none: quantize picks one for the model."""
+    return group_size is None and algo != KV_ONLY and PRESETS[algo].grouped
+
+
+def choose_group_size(in_features: dict[str, int]) -> int:
+    """The largest of AUTO_GROUP_SIZES dividing the input features of every quantized Linear (name -> features)."""
+    for size in AUTO_GROUP_SIZES:
+        if all(features % size == 0 for features in in_features.values()):
+            return size
+    name, features = next((n, f) for n, f in in_features.items() if f % AUTO_GROUP_SIZES[-1])
+    raise LlmxError(f"{name} has {features} input features, which no group size of "
+                    f"{'/'.join(map(str, AUTO_GROUP_SIZES))} divides; pass --group-size with a divisor of every "
+                    "quantized Linear's input features, or --exclude the module.")
+
+
+def effective_group_size(algo: str, group_size: int | None) -> int | None:
+    """The group size the checkpoint records: --group-size for int4 formats (None: to be chosen for the model by
+    choose_group_size), 16 for NVFP4, else None."""
     if algo == KV_ONLY:
         return None
     preset = PRESETS[algo]
     if preset.fixed_group_size is not None:
         return preset.fixed_group_size
-    if preset.grouped:
+    if preset.grouped and group_size is not None:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0 or group_size % 2:
             raise LlmxError(f"--group-size {group_size!r} must be a positive even integer (typically 64 or 128).")
         if algo == "w4a8_awq" and group_size % 32:

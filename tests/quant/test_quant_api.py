@@ -264,6 +264,15 @@ def test_group_size_that_does_not_divide_names_the_module(workdir, ckpt):
         quantize(ckpt, workdir / "x", algo="int4_wo", group_size=128)
 
 
+def test_without_a_group_size_the_largest_that_fits_is_chosen_and_recorded(quantized):
+    """The tiny model's Linears take 64 (hidden) and 128 (intermediate) inputs: 128 does not fit q_proj, 64 does."""
+    out, result = quantized("int4_wo", group_size=None)
+    assert (result.group_size, result.group_size_chosen) == (64, True)
+    assert read_checkpoint(out).quant.group_size == 64
+    _, given = quantized("int4_wo")
+    assert (given.group_size, given.group_size_chosen) == (32, False)
+
+
 def test_exclude_matching_nothing_is_a_warning(quantized):
     out, result = quantized("int8_wo", exclude=("layers.9.*", "layers.1.mlp.down_proj"))
     assert any("'layers.9.*' matches no Linear module" in w for w in result.warnings)

@@ -41,6 +41,18 @@ def test_group_sizes():
         presets.effective_group_size("w4a8_awq", 16)
 
 
+def test_without_a_group_size_the_largest_that_fits_every_linear_is_chosen():
+    assert presets.chooses_group_size("int4_awq", None) and not presets.chooses_group_size("int4_awq", 64)
+    assert not presets.chooses_group_size("nvfp4", None) and not presets.chooses_group_size("fp8", None)
+    assert presets.effective_group_size("int4_gptq", None) is None
+    assert presets.choose_group_size({"a": 4096, "b": 14336}) == 128
+    # SmolLM2: hidden 576 = 64 x 9, intermediate 1536
+    assert presets.choose_group_size({"layers.0.attn.q_proj": 576, "layers.0.mlp.down_proj": 1536}) == 64
+    assert presets.choose_group_size({"a": 96, "b": 128}) == 32
+    with pytest.raises(LlmxError, match=r"layers.0.mlp.down_proj has 200 input features.*--group-size"):
+        presets.choose_group_size({"layers.0.attn.q_proj": 256, "layers.0.mlp.down_proj": 200})
+
+
 def test_config_quantizes_layer_linears_and_disables_exclusions_by_name():
     cfg = presets.modelopt_config("int4_awq", group_size=64, kv_cache_dtype="fp8",
                                   disabled_modules=["lm_head", "model.layers.1.mlp.down_proj"])
