@@ -1,6 +1,6 @@
 """The runtime on a CUDA GPU: Triton kernels and CUDA graphs against transformers and the torch path.
 
-Skipped on machines without a GPU (CI); the evidence is the device run recorded in BENCHMARKS.md.
+Skipped on machines without a GPU (CI); the GPU runs that passed them are recorded in benchmarks/results/*/NOTES.md.
 """
 
 from __future__ import annotations
