@@ -50,8 +50,9 @@ _WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "w4a16_mma_decode": 4, "nvfp4": 4, 
 # which then serves M = GEMV_MAX_M + 1..16.
 GEMV_MAX_M = 4
 # ... except that on Hopper the tensor-core decode kernel (w4a16_mma_decode.py) takes M = 2..64 rows of 16-bit
-# activations where K and the group size are multiples of 128 (at M = 1 the GEMV is faster): its entries, under "w4a16_mma_decode", serve the M = 16 and M = 64 buckets. It pads the batch to 16, 32
-# or 64 rows and walks K tiles of MMA_BLOCK_K inputs that each lie in one quantization group.
+# activations where K and the group size are multiples of 128 (at M = 1 the GEMV is faster): its entries, under
+# "w4a16_mma_decode", serve the M = 16 and M = 64 buckets. It pads the batch to 16, 32 or 64 rows and walks K
+# tiles of MMA_BLOCK_K inputs that each lie in one quantization group.
 MMA_DECODE_MIN_M = 2
 MMA_KERNEL_MAX_M = 64
 MMA_BLOCK_K = 128
@@ -200,7 +201,8 @@ _GEMV_TILES = ((16, 1024, 4), (16, 512, 2), (32, 512, 4), (64, 256, 4),  # 4 row
 def _gemv_default(n: int, k: int) -> TileConfig:
     """16-row tiles, so even N = 4096 makes 256 programs for 132 SMs; K tiles of up to 1024 inputs (512 weight
     bytes per row), 2 of them in flight per program (3 stages: the fastest of a sweep of tile configurations
-    for all four Llama-3.1-8B shapes at M = 1, BENCHMARKS.md); split-K only when under half the SMs would have a tile."""
+    for all four Llama-3.1-8B shapes at M = 1, BENCHMARKS.md); split-K only when under half the SMs would have
+    a tile."""
     block_k = max(16, min(1024, _pow2_at_least(k)))
     cfg = TileConfig(16, 16, block_k, num_warps=4, num_stages=3)
     tiles = -(-n // cfg.block_n)
