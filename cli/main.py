@@ -6,7 +6,6 @@ Only typer and the command modules (which import nothing heavy at module level) 
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from typing import Annotated, NoReturn, Sequence
@@ -16,9 +15,10 @@ import typer
 from llmx.cli import bench, build, convert, pipeline, quantize, quickstart, run
 from llmx.cli import eval as eval_
 from llmx.cli._console import print_error
+from llmx.common import env
 from llmx.common.errors import LlmxError, describe_exception
 
-DEBUG_ENV = "LLMX_DEBUG"
+DEBUG_ENV = env.LLMX_DEBUG.name
 # Set by `llmx --debug`, read when an error reaches run_cli (the callback runs before the command).
 _debug_flag = False
 
@@ -43,7 +43,14 @@ def _global_options(debug: Annotated[bool, typer.Option(
 
 
 def debug_enabled() -> bool:
-    return _debug_flag or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """--debug, or LLMX_DEBUG=1. Asked while an error is reported, so a value that does not parse counts as off
+    instead of raising a second error."""
+    if _debug_flag:
+        return True
+    try:
+        return env.LLMX_DEBUG.read()
+    except LlmxError:
+        return False
 
 
 app.command("convert", no_args_is_help=True)(convert.convert_command)

@@ -130,3 +130,15 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k not in {var.name for var in env.VARIABLES}}
+
+
+def test_llmx_debug_is_read_when_an_error_is_reported_and_a_bad_value_counts_as_off(monkeypatch):
+    from llmx.cli import main
+
+    monkeypatch.setattr(main, "_debug_flag", False)
+    monkeypatch.setenv("LLMX_DEBUG", "1")
+    assert main.debug_enabled()
+    monkeypatch.setenv("LLMX_DEBUG", "sometimes")
+    assert not main.debug_enabled()
+    monkeypatch.delenv("LLMX_DEBUG")
+    assert not main.debug_enabled()
