@@ -37,7 +37,7 @@ The nibble masks reach the kernel as a runtime argument (15), not as literals. A
 literal mask needs a second constant in a register, and ptxas rematerialises it before every LOP3 instead of
 keeping it live; from an argument the masks stay in registers. At decode sizes the GEMV is bound by instruction
 issue, not by HBM, so every instruction taken out of the K loop shows in its time. Instruction counts and
-timings of these choices: BENCHMARKS.md and its history files.
+timings of these choices: BENCHMARKS.md and the run notes it links.
 
 Activations: the tile needs x[m, 8w + i] as 8 vectors over its words, i = 0..7. 16-bit activations are read
 as int32 pairs (x[2j], x[2j + 1]), 4 vectors with a stride of 4 pairs, which Triton copies ahead with the
