@@ -70,9 +70,19 @@ def make_requests(llm: Any, options: BenchOptions) -> tuple[list[BenchRequest], 
 def run_benchmark(llm: Any, options: BenchOptions, *, recipe: str | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Warm up, measure, and return the `llmx-bench/1` report. progress: (stage, finished, total)."""
+    metrics = measure(llm, options, progress=progress)
+    return build_report(engine=engine_description(llm.engine), config=_config(options, recipe), metrics=metrics,
+                        environment=environment_description(llm.stats()))
 
-    def report(stage: str) -> Callable[[int, int], None] | None:
-        return (lambda done, total: progress(stage, done, total)) if progress is not None else None
+
+def measure(llm: Any, options: BenchOptions, *, progress: Callable[[str, int, int], None] | None = None,
+            stage: str = "") -> dict[str, Any]:
+    """Warm up, drive the measured requests, and return their metrics. progress: (stage, finished, total),
+    the stage named "warmup requests" / "measured requests", after `stage` when one is given."""
+
+    def report(what: str) -> Callable[[int, int], None] | None:
+        label = f"{stage} {what}" if stage else what
+        return (lambda done, total: progress(label, done, total)) if progress is not None else None
 
     requests, warmup = make_requests(llm, options)
     if warmup:
@@ -84,12 +94,10 @@ def run_benchmark(llm: Any, options: BenchOptions, *, recipe: str | None = None,
     if failed:
         raise LlmxError(f"{len(failed)} of {len(records)} benchmark requests failed (first: {failed[0].error}); "
                         "the figures would be wrong, so none are reported.")
-    stats = llm.stats()
     metrics = compute_metrics(records)
-    metrics.update(memory_metrics(stats, stats_before=stats_before, peak_process_rss_bytes=_peak_rss_bytes()))
+    metrics.update(memory_metrics(llm.stats(), stats_before=stats_before, peak_process_rss_bytes=_peak_rss_bytes()))
     metrics.update(per_device_throughput(metrics, llm.engine.mapping.world_size))
-    return build_report(engine=engine_description(llm.engine), config=_config(options, recipe), metrics=metrics,
-                        environment=environment_description(stats))
+    return metrics
 
 
 def _config(options: BenchOptions, recipe: str | None) -> dict[str, Any]:

@@ -50,6 +50,11 @@ def bench_command(
         metavar="FILE.jsonl", show_default=False,
         help="Real prompts instead of synthetic ones: {\"prompt\": str, \"output_len\" or \"max_tokens\": int} per "
              "line (output length defaults to --osl).")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(
+        metavar="FILE.yaml", show_default=False,
+        help="Run every ISL/OSL cell the file lists (requests all at once, optional max batch per cell), each next to "
+             "the peer figure it gives, with the ratio; --json writes an llmx-bench-sweep/1 report. Example: "
+             "benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml.")] = None,
     seed: Annotated[Optional[int], typer.Option(
         min=0, show_default=False, help=f"Seed for synthetic prompts and arrivals [default: {DEFAULTS['seed']}].")] = None,
     json_path: Annotated[Optional[Path], typer.Option(
@@ -86,6 +91,8 @@ def bench_command(
       llmx bench engines/llama8b --isl 128 --osl 128 --concurrency 1
 
       llmx bench engines/llama8b --request-rate 4 --num-requests 100 --baseline bench.json --tolerance 5
+
+      llmx bench engines/llama8b --sweep benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml --json sweep.json
     """
     flags = {"isl": isl, "osl": osl, "num_requests": num_requests, "concurrency": concurrency,
              "request_rate": request_rate, "warmup": warmup, "dataset": str(dataset) if dataset else None,
@@ -96,6 +103,12 @@ def bench_command(
         emit_json(settings.to_dict())
         return
     values = dict(settings.values)
+    if sweep is not None:
+        from llmx.cli.bench_sweep import sweep_command
+
+        sweep_command(engine, sweep, values, settings.sources, json_path=json_path, baseline=baseline,
+                      sync_steps=sync_steps)
+        return
     if values["dataset"] is not None and settings.sources["num_requests"] == "default":
         values["num_requests"] = None  # a dataset runs whole unless a count is asked for
     from llmx.bench.report import print_report, write_report
