@@ -209,8 +209,7 @@ class LLM:
         return True
 
     def has_unfinished(self) -> bool:
-        """Whether `step` has work: requests waiting or running, or a step still in flight."""
-        return self._inflight is not None or self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished()
 
     @property
     def num_requests(self) -> int:

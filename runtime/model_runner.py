@@ -20,7 +20,7 @@ from llmx.kernels import tuning
 from llmx.runtime.config import BuildConfig, ModelConfig
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.layers.attention import AttentionMetadata
-from llmx.runtime.layers.sampler import sample
+from llmx.runtime.layers.sampler import ban, penalize, sample, to_device, top_logprobs
 from llmx.runtime.loader import load_rank_weights
 from llmx.runtime.models import model_class
 from llmx.build.shard import kv_heads_per_rank
@@ -29,13 +29,16 @@ from llmx.runtime.sequence import SamplingParams, Sequence
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # CPU engines: KV budget when the user names none
 _DUMMY_PARAMS = SamplingParams(max_new_tokens=1)  # for profiling and scoring passes, which never sample
+_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once for prompt log-probabilities
 
 
 class WorkItem(NamedTuple):
     """One sequence's share of a step, self-contained so it can be broadcast to other ranks.
 
     tokens: the ids at positions [start, start + len(tokens)); block_table: the sequence's KV blocks;
-    sample: whether this chunk reaches the end of the known tokens (then a token is sampled).
+    sample: whether this chunk reaches the end of the known tokens (then a token is sampled); prompt: the
+    whole prompt, sent only the first time a request whose sampling needs its token history samples (the
+    runner keeps that history from then on, see `TokenHistory`).
     A named tuple: a step builds one per running sequence, and `prepare` transposes the batch with zip.
     """
 
@@ -45,6 +48,7 @@ class WorkItem(NamedTuple):
     block_table: list[int]
     sample: bool
     params: SamplingParams
+    prompt: list[int] | None = None
 
     @classmethod
     def from_sequence(cls, seq: Sequence, num_new_tokens: int) -> "WorkItem":
@@ -52,8 +56,10 @@ class WorkItem(NamedTuple):
         reads it (or pickles it, to broadcast) before the scheduler runs again."""
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        return cls(seq.seq_id, seq.token_slice(start, end), start, seq.block_table, end == seq.num_tokens,
-                   seq.params)
+        sample = end == seq.num_tokens
+        first_sample = sample and seq.params.needs_token_history and not seq.output_token_ids
+        return cls(seq.seq_id, seq.token_slice(start, end), start, seq.block_table, sample, seq.params,
+                   seq.prompt_token_ids if first_sample else None)
 
 
 @dataclass
@@ -66,22 +72,44 @@ class StepInputs:
     token_rows: torch.Tensor | None = None  # [T] int64: rows of the previous step's tokens that are the inputs
 
 
+class TokenLogprobs(NamedTuple):
+    """A token's log-probability under the model, and the likeliest tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), likeliest first
+
+
+class SampledLogprobs(NamedTuple):
+    """Device tensors of a step's log-probabilities, for the sampling rows `rows` (of PendingTokens.items)."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [L] float32
+    top_ids: torch.Tensor  # [L, k] int64
+    top_values: torch.Tensor  # [L, k] float32
+
+
 class PendingTokens:
     """The tokens a launched step samples, read back to the host only when asked.
 
     tokens: int64 [S] on the device, in the order of `items` (the WorkItems that sample); a following step
     can take its input ids from it without a round trip through the host. The copy into pinned host memory
-    is queued at creation; `result()` waits for it alone, not for work queued after it.
+    is queued at creation; `result()` waits for it alone, not for work queued after it. `logprobs`: the
+    log-probabilities of the rows whose request asked for them, copied back with the tokens.
     """
 
-    def __init__(self, items: list[WorkItem], tokens: torch.Tensor | None):
+    def __init__(self, items: list[WorkItem], tokens: torch.Tensor | None, logprobs: SampledLogprobs | None = None):
         self.items = items
         self.tokens = tokens
         self._host = None
         self._ready = None
+        self._logprobs = logprobs
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
+            if logprobs is not None:
+                self._logprobs = logprobs._replace(**{name: _to_pinned(getattr(logprobs, name))
+                                                      for name in ("chosen", "top_ids", "top_values")})
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(tokens.device))
 
@@ -100,6 +128,40 @@ class PendingTokens:
         else:
             values = self.tokens.tolist()
         return {item.seq_id: token for item, token in zip(self.items, values)}
+
+    def logprobs(self) -> dict[int, TokenLogprobs]:
+        """{seq_id: TokenLogprobs} for the rows whose request asked for log-probabilities (after `result`)."""
+        lp = self._logprobs
+        if lp is None:
+            return {}
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self.result()
+        out = {}
+        for row, chosen, ids, values in zip(lp.rows, lp.chosen.tolist(), lp.top_ids.tolist(), lp.top_values.tolist()):
+            item = self.items[row]
+            k = item.params.logprobs
+            out[item.seq_id] = TokenLogprobs(tokens[item.seq_id], chosen, list(zip(ids[:k], values[:k])))
+        return out
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass
+class TokenHistory:
+    """What the sampling of one request needs of its past: the prompt's tokens (repetition penalty), how often
+    each token was generated (frequency and presence penalties), and how many were (min_tokens).
+
+    Kept on the device by the rank that samples, and counted there right after each sampling, so a step
+    queued before the previous one's tokens are read back still sees them."""
+
+    prompt_mask: torch.Tensor  # [vocab] bool
+    counts: torch.Tensor  # [vocab] float32
+    num_sampled: int = 0
 
 
 class StepInputsBuilder:
@@ -123,7 +185,7 @@ class StepInputsBuilder:
         if not work:
             raise ValueError("a step needs at least one WorkItem")
         n, bs = len(work), self.block_size
-        _, token_lists, starts, tables, samples, _ = zip(*work)
+        _, token_lists, starts, tables, samples, _, _ = zip(*work)
         query_lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=n)  # [B] new tokens per sequence
         start = np.array(starts, dtype=np.int64)  # [B] position of each sequence's first new token
         seq_lens = start + query_lens  # [B] KV length of each sequence after the step
@@ -221,6 +283,7 @@ class ModelRunner:
         if device.type == "cuda" and ctx.pp_size == 1 and not enforce_eager:
             self._capture_graphs()
         self.generators: dict[int, torch.Generator] = {}
+        self.histories: dict[int, TokenHistory] = {}
         self._seed_rng = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -363,7 +426,10 @@ class ModelRunner:
         if after is not None:
             inputs.input_ids = after.tokens.index_select(0, inputs.token_rows)
         logits = self._logits(inputs)
-        return PendingTokens(inputs.sampling, None if logits is None else self._sample(logits, inputs.sampling))
+        if logits is None:
+            return PendingTokens(inputs.sampling, None)
+        tokens = self._sample(logits, inputs.sampling)
+        return PendingTokens(inputs.sampling, tokens, self._logprobs(logits, tokens, inputs.sampling))
 
     @torch.inference_mode()
     def execute(self, work: list[WorkItem]) -> dict[int, int]:
@@ -399,7 +465,70 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, items: list[WorkItem]) -> torch.Tensor:
         params = [w.params for w in items]
         gens = [None if w.params.greedy else self._generator(w) for w in items]
-        return sample(logits, params, gens)
+        rows = [i for i, p in enumerate(params) if p.needs_token_history]
+        if not rows:
+            return sample(logits, params, gens)
+        histories = [self._history(items[r], logits.shape[-1], logits.device) for r in rows]
+        logits = logits.clone()  # the raw logits stay as they are for log-probabilities
+        banned = [r for r, h in zip(rows, histories) if h.num_sampled < params[r].min_tokens]
+        ban(logits, banned, [self._stop_ids(params[r]) for r in banned])
+        penalized = [j for j, r in enumerate(rows) if params[r].has_penalties]
+        if penalized:
+            index = to_device([rows[j] for j in penalized], torch.int64, logits.device)
+            masks = torch.stack([histories[j].prompt_mask for j in penalized])
+            counts = torch.stack([histories[j].counts for j in penalized])
+            logits.index_copy_(0, index, penalize(logits.index_select(0, index), masks, counts,
+                                                  [params[rows[j]] for j in penalized]))
+        tokens = sample(logits, params, gens)
+        one = torch.ones(1, dtype=torch.float32, device=logits.device)
+        for r, history in zip(rows, histories):
+            history.counts.index_add_(0, tokens[r:r + 1], one)
+            history.num_sampled += 1
+        return tokens
+
+    def _history(self, item: WorkItem, vocab: int, device: torch.device) -> TokenHistory:
+        history = self.histories.get(item.seq_id)
+        if history is None:
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            if item.prompt:
+                ids = torch.tensor([t for t in item.prompt if t < vocab], dtype=torch.int64)
+                mask[ids.to(device)] = True
+            history = self.histories[item.seq_id] = TokenHistory(mask, torch.zeros(vocab, device=device))
+        return history
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        """The tokens that would end a request: banned until it has min_tokens."""
+        eos = () if params.ignore_eos else self.config.eos_token_ids
+        return sorted(set(eos) | set(params.stop_token_ids))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, items: list[WorkItem]) -> SampledLogprobs | None:
+        rows = [i for i, w in enumerate(items) if w.params.logprobs is not None]
+        if not rows:
+            return None
+        index = to_device(rows, torch.int64, logits.device)
+        k = max(1, max(items[r].params.logprobs for r in rows))
+        return SampledLogprobs(rows, *top_logprobs(logits.index_select(0, index), tokens.index_select(0, index), k))
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], block_table: list[int], k: int) -> list[TokenLogprobs | None]:
+        """The model's log-probability of every prompt token after the first, with the k likeliest tokens at
+        each position: [None, TokenLogprobs(token 1), ...]. The prompt runs in chunks of at most max_num_tokens
+        through the KV blocks `block_table` (blocks the caller holds for it, covering len(token_ids) positions),
+        and its logits are computed a few hundred rows at a time (a row is vocab floats)."""
+        out: list[TokenLogprobs | None] = [None]
+        step = self.build.max_num_tokens
+        for start in range(0, len(token_ids) - 1, step):
+            chunk = token_ids[start:start + step]
+            targets = token_ids[start + 1:start + 1 + len(chunk)]  # the next token after each chunk position
+            hidden = self.forward_hidden(self.prepare([WorkItem(-1, chunk, start, block_table, False, _DUMMY_PARAMS)]))
+            for row in range(0, len(targets), _LOGPROB_ROWS):
+                logits = self.model.compute_logits(hidden[row:row + min(_LOGPROB_ROWS, len(targets) - row)])
+                ids = torch.tensor(targets[row:row + logits.shape[0]], dtype=torch.int64, device=logits.device)
+                chosen, top_ids, top_values = top_logprobs(logits, ids, max(k, 1))
+                for token, lp, i, v in zip(ids.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist()):
+                    out.append(TokenLogprobs(token, lp, list(zip(i[:k], v[:k]))))
+        return out[:len(token_ids)]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
@@ -431,4 +560,5 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.histories.pop(seq_id, None)
 

@@ -92,6 +92,17 @@ class RequestOutput:
         return self._output_token_ids
 
     @property
+    def logprobs(self) -> list | None:
+        """TokenLogprobs of each output token so far (runtime/model_runner.py), when the request asked for them."""
+        lps = self._seq.output_logprobs
+        return None if lps is None else lps[:self._num_output_tokens]
+
+    @property
+    def prompt_logprobs(self) -> list | None:
+        """[None, TokenLogprobs of each later prompt token], when the request asked for them."""
+        return self._seq.prompt_logprobs
+
+    @property
     def text(self) -> str:
         if self._text_source is None:
             return ""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's limit for top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,15 @@ class SamplingParams:
     reproducible per request, independent of what else is in the batch. Generation stops at
     `max_new_tokens`, at an EOS token (unless `ignore_eos`), at any of `stop_token_ids`, or when the
     detokenized output ends with one of `stop` (the stop string is cut from the returned text).
+
+    Penalties change the logits before greedy choice or sampling (OpenAI's and HF's definitions):
+    `presence_penalty` is subtracted once from every token already generated, `frequency_penalty` once per
+    time it was generated, and `repetition_penalty` divides the positive (multiplies the negative) logits
+    of every token in the prompt or the output; 0, 0 and 1 turn them off. `min_tokens` forbids the EOS
+    tokens and `stop_token_ids` until that many tokens are generated. `logprobs` (k >= 0) returns, for each
+    generated token, its log-probability and the k likeliest alternatives; `prompt_logprobs` (k >= 0) the
+    same for every prompt token after the first. Log-probabilities are the model's own (before penalties
+    and temperature).
     """
 
     max_new_tokens: int = 64
@@ -24,6 +35,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -34,10 +51,35 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether sampling needs the tokens generated so far (penalties) or their count (min_tokens)."""
+        return self.has_penalties or self.min_tokens > 0
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of the index-th of n completions of one prompt: a seeded request draws each
+        completion from its own stream (seed + index), so the n completions differ and each is reproducible."""
+        return self if self.seed is None or index == 0 else replace(self, seed=self.seed + index)
 
 
 class SequenceStatus(enum.Enum):
@@ -51,6 +93,7 @@ class FinishReason(enum.Enum):
     EOS = "eos"
     STOP = "stop"  # a stop token id or stop string
     ERROR = "error"  # the request could not be served (e.g. prompt longer than the engine allows)
+    ABORT = "abort"  # the caller gave the request up (LLM.abort); its KV blocks are freed
 
 
 @dataclass(eq=False)
@@ -73,6 +116,8 @@ class Sequence:
     error: str | None = None
     arrival_time: float = 0.0
     num_preemptions: int = 0
+    output_logprobs: list | None = None  # TokenLogprobs per output token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # [None, TokenLogprobs per later prompt token], when asked for
 
     @property
     def token_ids(self) -> list[int]:

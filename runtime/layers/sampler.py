@@ -66,3 +66,40 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
     # A zero-probability token can never be picked: searchsorted with right=True skips flat cdf steps.
     return order.gather(1, pick).squeeze(1)
+
+
+def penalize(logits: torch.Tensor, prompt_mask: torch.Tensor, counts: torch.Tensor,
+             params: list[SamplingParams]) -> torch.Tensor:
+    """Apply each row's repetition, frequency and presence penalties (out of place).
+
+    logits [R, vocab] float32; prompt_mask [R, vocab] bool (the token occurs in the row's prompt);
+    counts [R, vocab] float32 (times the row's request generated the token so far).
+    """
+    device = logits.device
+    repetition = to_device([p.repetition_penalty for p in params], torch.float32, device).unsqueeze(1)
+    frequency = to_device([p.frequency_penalty for p in params], torch.float32, device).unsqueeze(1)
+    presence = to_device([p.presence_penalty for p in params], torch.float32, device).unsqueeze(1)
+    generated = counts > 0
+    seen = prompt_mask | generated
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, repeated, logits)
+    return logits - frequency * counts - presence * generated.float()
+
+
+def ban(logits: torch.Tensor, rows: list[int], token_ids: list[list[int]]) -> torch.Tensor:
+    """logits with token_ids[j] made impossible in row rows[j] (in place; e.g. EOS before min_tokens)."""
+    pairs = [(r, t) for r, ids in zip(rows, token_ids) for t in ids if t < logits.shape[-1]]
+    if pairs:
+        r, t = zip(*pairs)
+        logits[to_device(list(r), torch.int64, logits.device), to_device(list(t), torch.int64, logits.device)] = \
+            float("-inf")
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The model's log-probabilities for a few rows: logits [L, vocab] float32, tokens [L] the chosen ids ->
+    (logprob of each chosen token [L], the k likeliest ids [L, k] int64, their logprobs [L, k])."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return chosen, ids, values
