@@ -53,8 +53,8 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     files and write random weights of the right shapes (llmx.build.dummy). force: replace `out` even if
     it holds something other than an llmx checkpoint. trust_remote_code: allow (and copy) a tokenizer
     that needs the folder's custom Python code. progress: None or a `progress(stage, done_bytes,
-    total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) is
-    imported with its quantization by llmx.quant.hf_import.
+    total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) or
+    compressed-tensors (FP8) is imported with its quantization by llmx.quant.hf_import.
     """
     from llmx.build.hub import resolve_model_source
 
@@ -70,9 +70,9 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
         return write_dummy_checkpoint(hf_dir, out, dtype, force=force, trust_remote_code=trust_remote_code,
                                       progress=progress, provenance_extra=origin)
 
-    from llmx.quant.hf_import import import_checkpoint, is_modelopt_checkpoint
+    from llmx.quant.hf_import import import_checkpoint, imported_format
 
-    if is_modelopt_checkpoint(hf_dir):  # already quantized by ModelOpt: keep its quantized weights
+    if imported_format(hf_dir) is not None:  # quantized by ModelOpt or compressed-tensors: keep its weights
         return import_checkpoint(hf_dir, out, dtype=dtype, force=force, trust_remote_code=trust_remote_code,
                                  progress=progress, provenance_extra=origin)
 

@@ -1,7 +1,9 @@
 """Read a ModelOpt unified HF checkpoint (what `llmx quantize --export-format hf`, ModelOpt's hf_ptq.py and
 NVIDIA's published FP8/NVFP4/AWQ checkpoints contain) into an llmx checkpoint, keeping its quantization.
 
-`llmx convert` calls `is_modelopt_checkpoint(hf_dir)` and, when true, `import_checkpoint(hf_dir, out, ...)`.
+`llmx convert` calls `imported_format(hf_dir)` and, when it names a format, `import_checkpoint(hf_dir, out, ...)`.
+compressed-tensors FP8 checkpoints (llmx.quant.compressed_tensors) take the same path: same tensor names, their
+scheme read from config.json, KV-cache scales under `self_attn.k_scale` / `v_scale`.
 
 Formats (hf_quant_config.json `quant_algo` -> llmx algo): FP8 -> fp8, FP8_PER_CHANNEL_PER_TOKEN -> fp8_pc_pt,
 W8A8_SQ_PER_CHANNEL -> int8_sq, W8A16 -> int8_wo, W4A16_AWQ -> int4_awq, W4A8_AWQ -> w4a8_awq, NVFP4 -> nvfp4,
@@ -48,6 +50,36 @@ KV_ALGOS = {"FP8": "fp8", "INT8": "int8", None: None}
 _DROPPED = {"int8_sq": ("input_scale",), "w4a8_awq": ("weight_scale_2",)}
 
 
+def imported_format(hf_dir: Path | str) -> str | None:
+    """"modelopt" or "compressed-tensors" for a quantized folder llmx imports, None for an unquantized one.
+
+    A folder quantized by another producer (quant_method awq, gptq, bitsandbytes, ...) is refused here, in one
+    sentence, rather than failing later on tensor names convert does not know.
+    """
+    from llmx.quant.compressed_tensors import is_compressed_tensors
+
+    hf_dir = Path(hf_dir)
+    if is_modelopt_checkpoint(hf_dir):
+        return "modelopt"
+    quant = _config_quantization(hf_dir)
+    if quant is None:
+        return None
+    if is_compressed_tensors(quant):
+        return "compressed-tensors"
+    raise LlmxError(f"{hf_dir / 'config.json'}: quantization_config.quant_method {quant.get('quant_method')!r} is "
+                    "not a format llmx imports (ModelOpt, compressed-tensors FP8); convert the unquantized model "
+                    "and quantize it with `llmx quantize`.")
+
+
+def _config_quantization(hf_dir: Path) -> dict | None:
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return quant if isinstance(quant, dict) else None
+
+
 def is_modelopt_checkpoint(hf_dir: Path | str) -> bool:
     """True for an HF folder quantized by ModelOpt (hf_quant_config.json, or quant_method "modelopt")."""
     hf_dir = Path(hf_dir)
@@ -61,10 +93,19 @@ def is_modelopt_checkpoint(hf_dir: Path | str) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == "modelopt"
 
 
-def read_quant_config(hf_dir: Path) -> tuple["QuantConfig", list[str]]:
-    """(the llmx QuantConfig, ModelOpt's excluded module names) of a ModelOpt checkpoint."""
+def read_quant_config(hf_dir: Path, model: "ModelConfig | None" = None) -> tuple["QuantConfig", list[str]]:
+    """(the llmx QuantConfig, the producer's excluded module names) of a ModelOpt or compressed-tensors checkpoint
+    (the latter needs the `model`, whose Linears its `ignore` patterns are matched against)."""
+    from llmx.quant import compressed_tensors
     from llmx.runtime.config import QuantConfig
 
+    ct = None if (hf_dir / HF_QUANT_CONFIG).is_file() else _config_quantization(hf_dir)
+    if compressed_tensors.is_compressed_tensors(ct):
+        if model is None:
+            from llmx.build.families import read_hf_config
+
+            _, model = read_hf_config(hf_dir / "config.json")
+        return compressed_tensors.read_quant_config(hf_dir / "config.json", ct, model), list(ct.get("ignore") or [])
     q = _modelopt_quantization(hf_dir)
     source = hf_dir / HF_QUANT_CONFIG
     algo_name, kv_name = q.get("quant_algo"), q.get("kv_cache_quant_algo")
@@ -120,7 +161,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
     check_model_dir(hf_dir)
     check_not_overlapping(hf_dir, out)
     _, model = read_hf_config(hf_dir / "config.json")
-    quant, _ = read_quant_config(hf_dir)
+    quant, _ = read_quant_config(hf_dir, model)
     tokenizer_files = find_tokenizer_files(hf_dir, trust_remote_code=trust_remote_code)
     weight_files, index_file = find_weight_files(hf_dir)
     check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,))
@@ -152,7 +193,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
             copy_files(tokenizer_files, tmp)
             pin_tokenizer_class(hf_dir, tmp)
             provenance = make_provenance(hf_dir.resolve(), hash_files([p for p in hashed if p.is_file()], hf_dir),
-                                         modelopt_version=_producer_version(hf_dir), **(provenance_extra or {}))
+                                         **_producer(hf_dir), **(provenance_extra or {}))
             write_checkpoint_meta(tmp, model, act_dtype, quant, Mapping(), provenance)
             verify_tensors(rank_file(tmp, 0), specs)
     return out
@@ -262,7 +303,9 @@ def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pr
     elif algo == "int8_wo":
         tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).to(getattr(torch, dtype))
     elif algo in ("int8_sq", "fp8_pc_pt"):
-        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).float()
+        # A per-tensor scale (compressed-tensors' FP8_DYNAMIC with tensor-wise weights) repeats over the rows.
+        rows = tensors["weight"].shape[0]
+        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).float().expand(rows).contiguous()
     for suffix in ("input_scale", "weight_scale_2"):
         if suffix in tensors:
             tensors[suffix] = tensors[suffix].float().reshape(())
@@ -287,10 +330,12 @@ def _repack_int4(packed_rows: "torch.Tensor") -> "torch.Tensor":
 
 
 def _kv_scale_name(hf_name: str) -> str | None:
+    """ModelOpt's `self_attn.k_proj.k_scale` / `v_proj.v_scale`, or compressed-tensors' `self_attn.k_scale` /
+    `v_scale` -> `layers.{i}.attn.k_scale` / `v_scale`."""
     parts = hf_name.split(".")
-    if len(parts) == 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "self_attn":
-        if (parts[4], parts[5]) in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
-            return f"layers.{parts[2]}.attn.{parts[5]}"
+    if len(parts) in (5, 6) and parts[0] == "model" and parts[1] == "layers" and parts[3] == "self_attn":
+        if tuple(parts[4:]) in (("k_proj", "k_scale"), ("v_proj", "v_scale"), ("k_scale",), ("v_scale",)):
+            return f"layers.{parts[2]}.attn.{parts[-1]}"
     return None
 
 
@@ -339,10 +384,16 @@ def _kv_from_scheme(scheme: Any) -> str | None:
     return None
 
 
-def _producer_version(hf_dir: Path) -> str | None:
+def _producer(hf_dir: Path) -> dict[str, Any]:
+    """Provenance fields naming the producer's version: modelopt_version, or compressed_tensors_version."""
+    from llmx.quant.compressed_tensors import is_compressed_tensors
+
+    quant = None if (hf_dir / HF_QUANT_CONFIG).is_file() else _config_quantization(hf_dir)
+    if is_compressed_tensors(quant):
+        return {"compressed_tensors_version": quant.get("version")}
     try:
         data = json.loads((hf_dir / HF_QUANT_CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return {"modelopt_version": None}
     producer = data.get("producer") if isinstance(data, dict) else None
-    return producer.get("version") if isinstance(producer, dict) else None
+    return {"modelopt_version": producer.get("version") if isinstance(producer, dict) else None}

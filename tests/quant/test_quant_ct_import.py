@@ -1,0 +1,148 @@
+"""compressed-tensors FP8 checkpoints, written by compressed-tensors' own compressors on CPU, imported by
+`llmx convert`: the llmx engine's logits equal those of the producer's quantized model within FP8's rounding, greedy
+tokens match, and schemes llmx does not run are refused in one sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers.ct_producer import produce
+from helpers.tiny_models import make_tiny_hf_model
+from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
+from llmx.build.convert import convert
+from llmx.build.engine import build_engine
+from llmx.common.errors import LlmxError
+from llmx.runtime.config import BuildConfig
+from llmx.runtime.engine import LLM
+from llmx.runtime.sequence import SamplingParams
+
+ALGOS = {"FP8": "fp8", "FP8_DYNAMIC": "fp8_pc_pt"}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_hf_model("qwen2", tmp_path_factory.mktemp("ct") / "hf", dtype=torch.bfloat16)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(ckpt, tmp_path):
+    build = BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=128, kv_block_size=16, device="cpu")
+    return LLM(build_engine(ckpt, tmp_path / "engine", build).path)
+
+
+def _share_group_scales(ct_dir) -> None:
+    """Give q/k/v and gate/up one weight scale (weights requantized to the largest) and one input scale (the
+    largest), as `llmx build` does to fuse each group into one FP8 GEMM."""
+    tensors = load_file(ct_dir / "model.safetensors")
+    layers = {int(name.split(".")[2]) for name in tensors if name.startswith("model.layers.")}
+    for i in layers:
+        for block, projs in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            names = [f"model.layers.{i}.{block}.{p}" for p in projs]
+            weight_scale = torch.stack([tensors[f"{n}.weight_scale"].float() for n in names]).max()
+            input_scale = torch.stack([tensors[f"{n}.input_scale"].float() for n in names]).max()
+            for n in names:
+                dequantized = tensors[f"{n}.weight"].float() * tensors[f"{n}.weight_scale"].float()
+                tensors[f"{n}.weight"] = (dequantized / weight_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+                tensors[f"{n}.weight_scale"] = torch.full_like(tensors[f"{n}.weight_scale"], weight_scale)
+                tensors[f"{n}.input_scale"] = torch.full_like(tensors[f"{n}.input_scale"], input_scale)
+    save_file(tensors, ct_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("scheme", list(ALGOS))
+def test_imported_engine_matches_the_producers_dequantized_model(hf_dir, tmp_path, scheme):
+    """In float32 both sides round only where FP8 does, so the logits agree to float32 accumulation order.
+
+    The reference is transformers loading the producer's checkpoint (compressed-tensors decompresses it and
+    quantizes activations as the checkpoint says). Static FP8 keeps one scale per fused GEMM in llmx, so its
+    reference first gets the scales llmx's build gives q/k/v and gate/up.
+    """
+    from transformers import AutoModelForCausalLM
+
+    produce(hf_dir, tmp_path / "ct", scheme, torch.tensor([_ids(48, 0), _ids(48, 1)]))
+    ckpt = read_checkpoint(convert(tmp_path / "ct", tmp_path / "ckpt", dtype="float32"))
+    verify_checkpoint(ckpt)
+    assert ckpt.quant.algo == ALGOS[scheme] and ckpt.quant.exclude == ("lm_head",)
+    assert ckpt.provenance["compressed_tensors_version"]
+    llm = _engine(tmp_path / "ckpt", tmp_path)
+
+    if scheme == "FP8":
+        _share_group_scales(tmp_path / "ct")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn  # loaded as FP8
+    ids = _ids(40, 2)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    got = llm.runner.prompt_logits(ids)
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+    reference.generation_config.eos_token_id = None
+    prompts = [_ids(12, seed) for seed in (3, 4, 5)]
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert out.output_token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_fp8_tensors_are_the_producers(hf_dir, tmp_path):
+    produce(hf_dir, tmp_path / "ct", "FP8", torch.tensor([_ids(32, 0)]))
+    convert(tmp_path / "ct", tmp_path / "ckpt")
+    source, got = load_file(tmp_path / "ct" / "model.safetensors"), load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    for hf, llmx in (("model.layers.1.self_attn.k_proj", "layers.1.attn.k_proj"),
+                     ("model.layers.0.mlp.down_proj", "layers.0.mlp.down_proj")):
+        assert torch.equal(got[f"{llmx}.weight"].view(torch.uint8), source[f"{hf}.weight"].view(torch.uint8))
+        for suffix in ("weight_scale", "input_scale"):
+            assert got[f"{llmx}.{suffix}"].shape == () and got[f"{llmx}.{suffix}"].dtype == torch.float32
+            assert got[f"{llmx}.{suffix}"] == source[f"{hf}.{suffix}"].float().reshape(())
+    assert got["lm_head.weight"].dtype == torch.bfloat16  # ignored: left unquantized
+
+
+def test_ignore_patterns_leave_matching_linears_unquantized(hf_dir, tmp_path):
+    produce(hf_dir, tmp_path / "ct", "FP8_DYNAMIC", torch.tensor([_ids(32, 0)]),
+            ignore=["lm_head", "re:.*layers\\.1\\.mlp\\.down_proj$"])
+    ckpt = read_checkpoint(convert(tmp_path / "ct", tmp_path / "ckpt"))
+    assert sorted(ckpt.quant.exclude) == ["layers.1.mlp.down_proj", "lm_head"]
+    tensors = load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    assert tensors["layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert tensors["layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def _rewrite_quantization(ct_dir, **changes):
+    config = json.loads((ct_dir / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (ct_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quantization_status": "frozen"}, "quantization_status is 'frozen'; llmx imports saved (compressed)"),
+    ({"format": "pack-quantized"}, "format 'pack-quantized' is not imported by llmx"),
+    ({"quant_method": "awq"}, "quant_method 'awq' is not a format llmx imports"),
+    ({"kv_cache_scheme": {"type": "int", "num_bits": 8, "strategy": "tensor"}},
+     "kv_cache_scheme {type: 'int', num_bits: 8, strategy: 'tensor'} is not a KV-cache format llmx imports"),
+])
+def test_formats_llmx_does_not_run_are_refused_in_one_sentence(hf_dir, tmp_path, change, message):
+    produce(hf_dir, tmp_path / "ct", "FP8_DYNAMIC", torch.tensor([_ids(32, 0)]))
+    if "format" in change:  # the group's own format is what compressed-tensors reads first
+        config = json.loads((tmp_path / "ct" / "config.json").read_text())
+        config["quantization_config"]["config_groups"]["group_0"]["format"] = change["format"]
+        (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    else:
+        _rewrite_quantization(tmp_path / "ct", **change)
+    with pytest.raises(LlmxError) as info:
+        convert(tmp_path / "ct", tmp_path / "ckpt")
+    assert message in info.value.message and "\n" not in info.value.message
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_weight_only_fp8_is_refused(hf_dir, tmp_path):
+    produce(hf_dir, tmp_path / "ct", "FP8_DYNAMIC", torch.tensor([_ids(32, 0)]),
+            scheme_overrides={"input_activations": None})
+    with pytest.raises(LlmxError, match="weight-only FP8 \\(no input_activations\\) is not a format llmx runs"):
+        convert(tmp_path / "ct", tmp_path / "ckpt")
