@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn, Sequence
 
 import typer
 
-from llmx.cli import bench, build, convert, pipeline, quantize, quickstart, run
+from llmx.cli import bench, build, convert, pipeline, quantize, quickstart, run, serve
 from llmx.cli import eval as eval_
 from llmx.cli._console import print_error
 from llmx.common import env
@@ -57,6 +57,7 @@ app.command("convert", no_args_is_help=True)(convert.convert_command)
 app.command("quantize", no_args_is_help=True)(quantize.quantize_command)
 app.command("build", no_args_is_help=True)(build.build_command)
 app.command("run", no_args_is_help=True)(run.run_command)
+app.command("serve", no_args_is_help=True)(serve.serve_command)
 app.command("bench", no_args_is_help=True)(bench.bench_command)
 app.command("eval", no_args_is_help=True)(eval_.eval_command)
 app.command("quickstart")(quickstart.quickstart_command)
