@@ -228,7 +228,10 @@ class _Reader:
 
     def read(self, name: str) -> "torch.Tensor":
         f, hf_name = self._locate(name)
-        return f.read(hf_name)
+        tensor = f.read(hf_name)
+        if name.endswith((".k_scale", ".v_scale")) and tensor.numel() == 1:
+            return tensor.reshape(())  # compressed-tensors stores the per-tensor KV scales as [1]
+        return tensor
 
     def _locate(self, name: str):
         if name not in self.where:

@@ -146,3 +146,30 @@ def test_weight_only_fp8_is_refused(hf_dir, tmp_path):
             scheme_overrides={"input_activations": None})
     with pytest.raises(LlmxError, match="weight-only FP8 \\(no input_activations\\) is not a format llmx runs"):
         convert(tmp_path / "ct", tmp_path / "ckpt")
+
+
+def test_fp8_kv_cache_scales_are_imported(hf_dir, tmp_path):
+    """compressed-tensors 0.20 attaches no KV-cache observers to transformers 5's attention modules (their forward
+    takes no `past_key_value`), so the scheme and the scales are added as llm-compressor saves them: the
+    scheme's own serialization in quantization_config, `self_attn.k_scale` / `v_scale` tensors of shape [1]."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    produce(hf_dir, tmp_path / "ct", "FP8_DYNAMIC", torch.tensor([_ids(32, 0)]))
+    scheme = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
+    _rewrite_quantization(tmp_path / "ct", kv_cache_scheme=scheme.model_dump(mode="json"))
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": torch.tensor([0.01 * (i + 1) + (kv == "v") * 0.002],
+                                                                      dtype=torch.bfloat16)
+              for i in range(2) for kv in "kv"}
+    save_file({**tensors, **scales}, tmp_path / "ct" / "model.safetensors", metadata={"format": "pt"})
+
+    ckpt = read_checkpoint(convert(tmp_path / "ct", tmp_path / "ckpt"))
+    verify_checkpoint(ckpt)
+    assert ckpt.quant.algo == "fp8_pc_pt" and ckpt.quant.kv_cache_dtype == "fp8"
+    got = load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    for i in range(2):
+        for kv in "kv":
+            value = got[f"layers.{i}.attn.{kv}_scale"]
+            assert value.dtype == torch.float32 and value == scales[f"model.layers.{i}.self_attn.{kv}_scale"].float()
+    engine = _engine(tmp_path / "ckpt", tmp_path)
+    assert engine.generate([_ids(8, 1)], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].output_token_ids
