@@ -143,8 +143,9 @@ def _unreachable_message(label: str, what: str, instead: str, exc: Exception) ->
     if constants.HF_HUB_OFFLINE:
         return (f"hub {what} {label} is not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
                 f"set; download it once with network access (unset HF_HUB_OFFLINE), or {instead}.")
-    return (f"hub {what} {label} could not be reached and is not in the hub cache ({constants.HF_HUB_CACHE}) "
-            f"({_first_line(exc)}); check the network, or {instead}.")
+    detail = _first_line(exc).removeprefix("Got: ")
+    return (f"{label} is not a local path, and as a hub {what} it is not in the hub cache ({constants.HF_HUB_CACHE}) "
+            f"and the hub could not be reached ({detail}); check the network, or {instead}.")
 
 
 def _first_line(exc: Exception) -> str:

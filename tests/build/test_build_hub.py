@@ -195,3 +195,36 @@ def test_cli_honours_hf_home_and_hf_hub_offline(tiny_model_dir, tmp_path):
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "HF_HUB_OFFLINE" in refused.stderr and str(tmp_path / "home" / "hub") in refused.stderr
+
+
+def test_an_unreachable_hub_is_one_sentence_naming_both_readings(tmp_path, monkeypatch):
+    """A mistyped local path spelled like a hub ID reaches the hub: the message says it is neither."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:  # a port nothing listens on: the connection is refused at once
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    message = _message(lambda: convert("ckpt/llama8b", tmp_path / "out"))
+    assert message.startswith("ckpt/llama8b is not a local path, and as a hub model it is not in the hub cache")
+    assert "could not be reached" in message and message.endswith("check the network, or pass a local folder.")
+
+
+def test_smollm2_from_the_hub_cache_equals_the_local_folder(offline_cache, tmp_path):
+    from helpers.smollm2 import smollm2_dir
+
+    local = smollm2_dir()
+    snapshot = add_to_hub_cache(offline_cache, "HuggingFaceTB/SmolLM2-135M-Instruct", local)
+    from_hub = convert("HuggingFaceTB/SmolLM2-135M-Instruct@main", tmp_path / "from-hub")
+    from_local = convert(local, tmp_path / "from-local")
+    hub_prov, local_prov = read_checkpoint(from_hub).provenance, read_checkpoint(from_local).provenance
+    assert hub_prov["hub"] == {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main",
+                               "commit": snapshot.name}
+    assert hub_prov["source_hash"] == local_prov["source_hash"]
+    for name in ("rank0.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (from_hub / name).read_bytes() == (from_local / name).read_bytes(), name

@@ -300,3 +300,20 @@ def test_quantize_without_calib_data_calibrates_on_the_default_set(tmp_path, par
     calibration = read_checkpoint(tmp_path / "q").provenance["calibration"]
     assert calibration["data"] == f"cnn_dailymail (abisee/cnn_dailymail@{snapshot.name} {HUB_FILES['cnn_dailymail'][0]})"
     assert calibration["samples"] == 4
+
+
+def test_chats_render_with_smollm2s_own_template(tmp_path, paragraphs):
+    from transformers import AutoTokenizer
+
+    from helpers.smollm2 import smollm2_dir
+
+    smollm2 = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    path = tmp_path / "chats.jsonl"
+    rows = _rows("messages", paragraphs, 20)
+    path.write_text("\n".join(json.dumps({"messages": r["messages"]}) for r in rows))
+    texts = load_texts(str(path), smollm2)
+    assert texts[0].count("<|im_start|>user\n" + rows[0]["messages"][0]["content"] + "<|im_end|>") == 1
+    assert texts[0].rstrip().endswith(rows[0]["messages"][1]["content"] + "<|im_end|>")
+    calib = build_calibration_set(str(path), smollm2, calib_size=4, seq_len=64, batch_size=2, seed=0)
+    im_start = smollm2.convert_tokens_to_ids("<|im_start|>")
+    assert any((batch == im_start).any() for batch in calib.batches)  # the template's special tokens are tokens
