@@ -32,7 +32,8 @@ def convert_command(
                                 "(speed work on a model you only have the config.json of).")] = False,
     force: ForceOption = False,
     trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="Allow the model folder's own Python code (off by default: it runs with your rights).")] = False,
+        "--trust-remote-code",
+        help="Allow the model folder's own Python code (off by default: it runs with your rights).")] = False,
     recipe: RecipeOption = None,
     print_config: PrintConfigOption = False,
     json_output: JsonOption = False,

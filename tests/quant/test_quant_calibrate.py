@@ -298,7 +298,8 @@ def test_quantize_without_calib_data_calibrates_on_the_default_set(tmp_path, par
     result = quantize(ckpt, tmp_path / "q", algo="int8_sq", calib_size=4, calib_seq_len=32, batch_size=4)
     assert result.warnings[-1].startswith("no --calib-data given: calibrated on the cnn_dailymail set")
     calibration = read_checkpoint(tmp_path / "q").provenance["calibration"]
-    assert calibration["data"] == f"cnn_dailymail (abisee/cnn_dailymail@{snapshot.name} {HUB_FILES['cnn_dailymail'][0]})"
+    shard = HUB_FILES["cnn_dailymail"][0]
+    assert calibration["data"] == f"cnn_dailymail (abisee/cnn_dailymail@{snapshot.name} {shard})"
     assert calibration["samples"] == 4
 
 
