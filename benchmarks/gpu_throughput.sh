@@ -4,13 +4,14 @@
 #   CELLS="2048/2048/400/512 128/128/4096/1024 ..."  benchmarks/step_breakdown.py --cell each (one loaded engine)
 #   SWEEP=FILE                                       llmx bench --sweep FILE
 #   HOST_BATCHES=256,512,1024                        benchmarks/host_overhead.py at those batch sizes
-# Results under $OUT (breakdown.json/.txt, sweep.json/.txt, host.json/.txt).
+# Results under $OUT (breakdown.json/.txt, sweep.json/.txt, host.txt).
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json
 if [ -n "$HOST_BATCHES" ]; then
-  python3 benchmarks/host_overhead.py --batch $HOST_BATCHES --steps 20 --modes tokens --json $OUT/host.json \
-    > $OUT/host.txt 2>&1; tail -6 $OUT/host.txt
+  for gc in on off; do
+    python3 benchmarks/host_overhead.py --batch $HOST_BATCHES --steps 20 --modes tokens --gc $gc >> $OUT/host.txt 2>&1
+  done; cat $OUT/host.txt
 fi
 s=$SECONDS
 python3 benchmarks/dummy_quantize.py /tmp/l8 /tmp/l8q --from-config --algo fp8 --kv-cache-dtype fp8 2>&1 | tail -1

@@ -17,12 +17,14 @@ Runs on any machine; on the GPU machine the same code runs on its host CPU. Prom
 processes take the CPU away mid-step, that keeps the figures comparable from run to run.
 
     python benchmarks/host_overhead.py [--batch 1,64,256,1024] [--steps 50] [--modes tokens,stream,stop]
-                                       [--prompt-len 128] [--tokenizer HF_DIR] [--clock wall|cpu] [--json OUT|-]
+                                       [--prompt-len 128] [--tokenizer HF_DIR] [--clock wall|cpu] [--gc on|off]
+                                       [--json OUT|-]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="HF folder whose tokenizer detokenizes the outputs (default: none)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: this thread's CPU time (steady on a shared machine)")
+    ap.add_argument("--gc", choices=("on", "off"), default="on",
+                    help="off: Python's cyclic garbage collector disabled while measuring (what it costs a step)")
     ap.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT ('-' for stdout)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -143,11 +147,13 @@ def main() -> None:
     elif any(m != "tokens" for m in modes):
         ap.error("the stream and stop modes detokenize: give --tokenizer HF_DIR, or --modes tokens")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.gc == "off":
+        gc.disable()
     report = {"steps": args.steps, "prompt_tokens": args.prompt_len, "unit": "median host ms per decode step",
-              "clock": args.clock, "tokenizer": args.tokenizer, "results": []}
+              "clock": args.clock, "gc": args.gc, "tokenizer": args.tokenizer, "results": []}
     log = sys.stderr if args.json == "-" else sys.stdout
     print(f"median host milliseconds per decode step ({args.clock} clock, {args.steps} steps, prompts of "
-          f"{args.prompt_len} tokens)", file=log)
+          f"{args.prompt_len} tokens, garbage collector {args.gc})", file=log)
     for mode in modes:
         for batch in (int(b) for b in args.batch.split(",")):
             m = measure(batch, args.steps, mode, tokenizer, clock, args.prompt_len)
