@@ -146,22 +146,21 @@ def read_checkpoint(path: Path) -> Checkpoint:
                       provenance=provenance, meta=meta)
 
 
-def check_model_config(model: ModelConfig, source: Path) -> None:
-    """Sanity-check a ModelConfig read from a file: supported architecture, positive integer sizes."""
+def check_model_config(model: ModelConfig, source: Path, *, prefix: str = "model.",
+                       remedy: str = "re-create the checkpoint with `llmx convert`") -> None:
+    """Refuse a ModelConfig read from a file that the runtime could not run (runtime.config.model_config_problem):
+    unsupported architecture, a size that is not a positive integer within common.limits, NaN, odd head_dim..."""
     from llmx.build.families import SUPPORTED_ARCHITECTURES
+    from llmx.runtime.config import model_config_problem
 
     if model.architecture not in SUPPORTED_ARCHITECTURES:
-        raise LlmxError(f"{source}: `model.architecture` {model.architecture!r} is not supported; llmx supports "
+        raise LlmxError(f"{source}: `{prefix}architecture` {model.architecture!r} is not supported; llmx supports "
                         f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "max_position_embeddings"):
-        v = getattr(model, field)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise LlmxError(f"{source}: `model.{field}` must be a positive integer, got {v!r}; re-create the "
-                            "checkpoint with `llmx convert`.")
-    if model.num_heads % model.num_kv_heads:
-        raise LlmxError(f"{source}: `model.num_heads` {model.num_heads} is not a multiple of `model.num_kv_heads` "
-                        f"{model.num_kv_heads}; re-create the checkpoint with `llmx convert`.")
+    problem = model_config_problem(model)
+    if problem is not None:
+        field, text = problem
+        where = f"field `{prefix}{field}` " if field else "the model's "
+        raise LlmxError(f"{source}: {where}{text}; {remedy}.")
 
 
 def _read_json(path: Path, remedy: str) -> dict:

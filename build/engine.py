@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.common.hashing import hash_json
 from llmx.quant.methods import QuantMethod, TensorSpec, method_for
-from llmx.runtime.config import SUPPORTED_DTYPES, BuildConfig, Mapping, ModelConfig, QuantConfig
+from llmx.runtime.config import (SUPPORTED_DTYPES, BuildConfig, Mapping, ModelConfig, QuantConfig, build_config_problem,
+                                 mapping_problem)
 
 ENGINE_FILE = "engine.json"
 ENGINE_FORMAT = "llmx-engine"
@@ -87,6 +89,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     validate_mapping(ckpt.model, mapping, ckpt.quant, ckpt.dtype)
     target = detect_target(build.device)
     check_target_supports(ckpt, target)
+    check_fits_in_memory(ckpt, build, mapping, target)
     tune_gemm = tune and target["device"] == "cuda" and bool(gemm_shapes(ckpt.model, ckpt.quant, mapping))
     input_hash = engine_input_hash(ckpt, build, mapping, target, recipe, tune_gemm=tune_gemm)
     if not force and _reusable(out, input_hash, mapping.world_size):
@@ -128,14 +131,9 @@ def resolve_build_config(build: BuildConfig, ckpt: Checkpoint) -> BuildConfig:
     """Validate build options against the checkpoint; a quantized KV cache defaults to the checkpoint's."""
     if build.device not in DEVICES:
         raise LlmxError(f"--device {build.device!r} is not supported; choose one of {', '.join(DEVICES)}.")
-    for field in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
-        v = getattr(build, field)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise LlmxError(f"build option `{field}` must be a positive integer, got {v!r}.")
-    for size in build.cuda_graph_batch_sizes:
-        if not isinstance(size, int) or not 1 <= size <= build.max_batch_size:
-            raise LlmxError(f"build option `cuda_graph_batch_sizes` holds {size!r}; each size must be between 1 "
-                            f"and max_batch_size {build.max_batch_size}.")
+    problem = build_config_problem(build)
+    if problem is not None:
+        raise LlmxError(f"build option `{problem[0]}` {problem[1]}.")
     ckpt_kv = ckpt.quant.kv_cache_dtype if ckpt.quant is not None else None
     kv = build.kv_cache_dtype
     if kv is not None and kv not in KV_CACHE_DTYPES:
@@ -181,6 +179,48 @@ def check_target_supports(ckpt: Checkpoint, target: dict[str, Any]) -> None:
         raise LlmxError(f"{ckpt.path} was quantized with {' and '.join(needs)}, which needs FP8 support (compute "
                         f"capability 8.9+), but {target['device_name']} is {target['compute_capability']}; "
                         "re-quantize with int8_sq, int4_awq, int4_gptq or int8_wo (and an int8 KV cache) for it.")
+
+
+def device_memory_bytes(target: dict[str, Any]) -> int | None:
+    """Total memory of the build's target device (this machine's RAM for cpu), None when unknown."""
+    if target["device"] == "cuda":
+        import torch
+
+        try:
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        except (RuntimeError, AssertionError):  # torch without CUDA behind a simulated GPU (tests): unknown
+            return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
+def check_fits_in_memory(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, target: dict[str, Any]) -> None:
+    """Refuse an engine that cannot run on its target: one rank's weights plus the KV cache of a single
+    sequence of max_seq_len tokens must fit in the device's memory (the runtime needs at least that)."""
+    import torch
+
+    from llmx.build.shard import kv_heads_per_rank, stage_layers
+
+    capacity = device_memory_bytes(target)
+    if capacity is None:
+        return
+    model = ckpt.model
+    kv_itemsize = 1 if build.kv_cache_dtype in KV_CACHE_DTYPES else getattr(torch, ckpt.dtype).itemsize
+    layers = max(len(stage_layers(model.num_layers, mapping.pp, r)) for r in range(mapping.pp))
+    per_token = 2 * layers * kv_heads_per_rank(model.num_kv_heads, mapping.tp) * model.head_dim * kv_itemsize
+    sequence = per_token * build.max_seq_len
+    weights = ckpt.rank_path(0).stat().st_size // mapping.world_size
+    if weights + sequence > capacity:
+        raise LlmxError(f"max_seq_len {build.max_seq_len:,}: one sequence's KV cache takes {_size(sequence)} and the "
+                        f"weights {_size(weights)} per rank, more than the {_size(capacity)} of "
+                        f"{target['device_name']}; lower --max-seq-len, quantize the KV cache "
+                        "(`llmx quantize --kv-cache-dtype`) or split the model over more ranks (--tp/--pp).")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def engine_input_hash(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping, target: dict,
@@ -363,13 +403,31 @@ def read_engine(path: Path | str) -> Engine:
         raise LlmxError(f"{meta_path} is malformed (field {exc} is missing); {remedy}.") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise LlmxError(f"{meta_path} is malformed ({exc}); {remedy}.") from None
-    check_model_config(model, meta_path)
+    check_model_config(model, meta_path, prefix="checkpoint.model.", remedy=remedy)
+    for section, problem in (("build", build_config_problem(build)), ("mapping", mapping_problem(mapping))):
+        if problem is not None:
+            raise LlmxError(f"{meta_path}: field `{section}.{problem[0]}` {problem[1]}; {remedy}.")
     if target.get("device") not in DEVICES:
         raise LlmxError(f"{meta_path}: `target.device` is {target.get('device')!r}; {remedy}.")
+    _check_rank_files(path, mapping.world_size, meta.get("files"), remedy)
     if dtype not in SUPPORTED_DTYPES:
         raise LlmxError(f"{meta_path}: `checkpoint.dtype` is {dtype!r}; {remedy}.")
     return Engine(path=path, meta=meta, model=model, dtype=dtype, quant=quant, build=build, mapping=mapping,
                   target=target)
+
+
+def _check_rank_files(path: Path, world_size: int, sizes: Any, remedy: str) -> None:
+    """Every rank file is there with the size the build recorded: a copy cut short (full disk, interrupted
+    transfer) is named here, in one sentence, instead of failing deep inside the weight loader."""
+    for rank in range(world_size):
+        file = rank_file(path, rank)
+        if not file.is_file():
+            raise LlmxError(f"{file} is missing (engine.json declares {world_size} rank file(s)); {remedy}.")
+        recorded = sizes.get(file.name) if isinstance(sizes, dict) else None
+        size = file.stat().st_size
+        if isinstance(recorded, int) and size != recorded:
+            raise LlmxError(f"{file} holds {size:,} bytes but the build wrote {recorded:,} (engine.json `files`): "
+                            f"it was cut short or changed after the build; {remedy}.")
 
 
 def check_engine_runnable(engine: Engine, *, device: str, world_size: int | None = None) -> None:

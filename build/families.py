@@ -75,7 +75,7 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
     }[family]
     num_layers = _positive_int(hf_config, "num_hidden_layers", source)
 
-    return ModelConfig(
+    model = ModelConfig(
         architecture=arch,
         family=family,
         vocab_size=_positive_int(hf_config, "vocab_size", source),
@@ -98,6 +98,30 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         bos_token_id=_optional_token_id(hf_config, "bos_token_id", source),
         eos_token_ids=_eos_token_ids(hf_config, source),
     )
+    _check_ranges(model, hf_config, source)
+    return model
+
+
+# ModelConfig field -> the config.json key it is read from, where the names differ.
+_HF_FIELD_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                   "num_kv_heads": "num_key_value_heads", "eos_token_ids": "eos_token_id"}
+
+
+def _check_ranges(model: ModelConfig, hf: dict[str, Any], source: Path) -> None:
+    """Refuse NaN, absurd sizes and what the runtime cannot run, naming the config.json key."""
+    from llmx.runtime.config import model_config_problem
+
+    problem = model_config_problem(model)
+    if problem is None:
+        return
+    field, text = problem
+    if field is None:
+        raise LlmxError(f"{source}: the model's {text}.")
+    if field.startswith("rope_scaling.") and not hf.get("rope_scaling"):
+        field = "rope_parameters." + field.removeprefix("rope_scaling.")
+    elif field == "rope_theta" and "rope_theta" not in hf:
+        field = "rope_parameters.rope_theta"
+    raise LlmxError(f"{source}: field `{_HF_FIELD_NAMES.get(field, field)}` {text}; fix config.json.")
 
 
 def _architecture(hf: dict[str, Any], source: Path) -> str:

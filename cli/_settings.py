@@ -56,9 +56,23 @@ def resolve_settings(command: str, *, recipe: str | None, flags: dict[str, Any],
             values[key], sources[key] = from_recipe[key], "recipe"
         else:
             values[key], sources[key] = default, "default"
+    _check_ranges(command, recipe_name, values, sources)
     if target is not None:
         _check_flags_against_target(command, target, recipe_name, values, sources)
     return Settings(command, values, sources, recipe_name)
+
+
+def _check_ranges(command: str, recipe_name: str | None, values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Every number from a flag or the recipe within its range (common.limits): NaN, a seed beyond 64 bits or
+    a size with an extra digit is refused here, naming where it came from."""
+    from llmx.common.limits import SETTING_LIMITS, out_of_range
+
+    given = {key: value for key, value in values.items() if sources[key] != "default"}
+    problem = out_of_range(given, SETTING_LIMITS)
+    if problem is not None:
+        key, text = problem
+        where = flag_name(key) if sources[key] == "flag" else f"{recipe_name}: `{command}.{key}`"
+        raise LlmxError(f"{where} {text}.")
 
 
 def _check_flags_against_target(command: str, target: str, recipe_name: str, values: dict[str, Any],

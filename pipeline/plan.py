@@ -111,6 +111,8 @@ def make_plan(recipe_spec: str, *, defaults: dict[str, dict[str, Any]], model: s
     base = file.resolve().parent if Path(recipe_spec).is_file() else Path.cwd()
     settings = {section: {**defaults[section], **recipe.section(section)}
                 for section in ("convert", "quantize", "build", "eval", "bench")}
+    for section in settings:
+        _check_ranges(recipe.section(section), section, name)
     resolver = _Paths(base, name)
 
     source, is_checkpoint = _model_source(recipe, name, model, resolver)
@@ -245,6 +247,7 @@ def _datasets(recipe: Any, values: dict[str, Any], build: dict[str, Any], name: 
     plans = []
     for entry in entries:
         field = entry["field"]
+        _check_ranges(entry, field, name)
         data_field = field if field == "eval.data" else f"{field}.data"
         seq_len = entry.get("seq_len", values["seq_len"])
         if seq_len > build["max_seq_len"]:
@@ -286,6 +289,7 @@ def _scenarios(recipe: Any, values: dict[str, Any], build: dict[str, Any], name:
     plans = []
     for entry in entries:
         field = entry["field"]
+        _check_ranges(entry, field, name)
         dataset = None
         if entry.get("dataset") is not None:
             dataset = paths.existing_file(entry["dataset"], "bench.dataset", "a jsonl file of prompts")
@@ -314,6 +318,15 @@ def _scenarios(recipe: Any, values: dict[str, Any], build: dict[str, Any], name:
             max_tpot_ms=entry.get("max_tpot_ms"), max_e2e_ms=entry.get("max_e2e_ms"), baseline=baseline,
             tolerance=entry.get("tolerance", values["tolerance"]), baseline_metrics=metrics))
     return plans
+
+
+def _check_ranges(values: dict[str, Any], field: str, name: str) -> None:
+    """The numbers of one recipe section or entry within their ranges (common.limits), as the commands check."""
+    from llmx.common.limits import SETTING_LIMITS, out_of_range
+
+    problem = out_of_range(values, SETTING_LIMITS)
+    if problem is not None:
+        raise LlmxError(f"{name}: `{field}.{problem[0]}` {problem[1]}.")
 
 
 def _check_metric_names(names: list[str], where: str) -> None:

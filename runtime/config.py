@@ -157,3 +157,90 @@ class BuildConfig:
         d = dict(d)
         d["cuda_graph_batch_sizes"] = tuple(d.get("cuda_graph_batch_sizes") or ())
         return cls(**d)
+
+
+def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
+    """The first field of `model` the runtime could not run, as (field, "must be ..., got ..."), or None.
+    field is None for a problem of the sizes together (the parameter count).
+
+    Loaders of config.json, llmx.json and engine.json call it and name their file: a NaN or negative
+    value, an absurd size (common.limits), a layout the attention cannot split, an odd head_dim (RoPE
+    rotates pairs), a token id outside the vocabulary.
+    """
+    from llmx.common.limits import MAX_PARAMETERS, MODEL_LIMITS, ROPE_SCALING_LIMITS, check_number
+
+    for field_name, rule in MODEL_LIMITS.items():
+        value = getattr(model, field_name)
+        if value is None and field_name == "sliding_window":
+            continue
+        allowed = check_number(value, rule)
+        if allowed is not None:
+            return field_name, f"must be {allowed}, got {value!r}"
+    if model.num_heads % model.num_kv_heads:
+        return "num_kv_heads", f"must divide num_heads {model.num_heads}, got {model.num_kv_heads}"
+    if model.head_dim % 2:
+        return "head_dim", f"must be even (RoPE rotates pairs of dimensions), got {model.head_dim}"
+    for flag in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+        if not isinstance(getattr(model, flag), bool):
+            return flag, f"must be true or false, got {getattr(model, flag)!r}"
+    ids = ([("bos_token_id", model.bos_token_id)] if model.bos_token_id is not None else []) + [
+        ("eos_token_ids", i) for i in model.eos_token_ids]
+    for field_name, token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.vocab_size:
+            return field_name, f"must hold token ids from 0 to vocab_size - 1 ({model.vocab_size - 1:,}), got {token!r}"
+    scaling = model.rope_scaling
+    if scaling is not None:
+        if scaling.type not in ("llama3", "linear"):
+            return "rope_scaling.type", f"must be \"llama3\" or \"linear\", got {scaling.type!r}"
+        for field_name, rule in ROPE_SCALING_LIMITS.items():
+            allowed = check_number(getattr(scaling, field_name), rule)
+            if allowed is not None:
+                return f"rope_scaling.{field_name}", f"must be {allowed}, got {getattr(scaling, field_name)!r}"
+        if scaling.type == "llama3" and not scaling.high_freq_factor > scaling.low_freq_factor:
+            return ("rope_scaling.high_freq_factor", f"must be greater than low_freq_factor "
+                    f"{scaling.low_freq_factor}, got {scaling.high_freq_factor}")
+    parameters = parameter_count(model)
+    if parameters > MAX_PARAMETERS:
+        return (None, f"sizes describe {parameters:.3g} parameters ({parameters * 2 / 1e12:.3g} TB in bfloat16), "
+                f"more than the {MAX_PARAMETERS:.0e} llmx accepts: check vocab_size, hidden_size, "
+                "intermediate_size and the layer count")
+    return None
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Weights of the unquantized model (embedding, head unless tied, attention, MLP, norms)."""
+    h = model.hidden_size
+    attention = h * (model.q_size + 2 * model.kv_size) + model.q_size * h
+    mlp = 3 * h * model.intermediate_size
+    embeddings = model.vocab_size * h * (1 if model.tie_word_embeddings else 2)
+    return embeddings + model.num_layers * (attention + mlp + 2 * h) + h
+
+
+def build_config_problem(build: BuildConfig) -> tuple[str, str] | None:
+    """The first build setting outside what the runtime can run, as (field, "must be ..., got ..."), or None."""
+    from llmx.common.limits import SETTING_LIMITS, check_number
+
+    for field_name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
+        value = getattr(build, field_name)
+        allowed = check_number(value, SETTING_LIMITS[field_name])
+        if allowed is not None:
+            return field_name, f"must be {allowed}, got {value!r}"
+    for size in build.cuda_graph_batch_sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= build.max_batch_size:
+            return ("cuda_graph_batch_sizes", f"must hold sizes from 1 to max_batch_size {build.max_batch_size}, "
+                    f"got {size!r}")
+    if not isinstance(build.kernels, dict):
+        return "kernels", f"must be an object, got {build.kernels!r}"
+    return None
+
+
+def mapping_problem(mapping: Mapping) -> tuple[str, str] | None:
+    """tp and pp must be integers from 1 to 1,024: (field, "must be ..., got ...") or None."""
+    from llmx.common.limits import SETTING_LIMITS, check_number
+
+    for field_name in ("tp", "pp"):
+        value = getattr(mapping, field_name)
+        allowed = check_number(value, SETTING_LIMITS[field_name])
+        if allowed is not None:
+            return field_name, f"must be {allowed}, got {value!r}"
+    return None

@@ -202,8 +202,9 @@ def test_bad_build_inputs_leave_no_output(checkpoints, tmp_path):
     _fails("pp 3 exceeds the model's 2 layers", ckpt_dir=ck, out=out, build=BUILD, mapping=Mapping(pp=3))
     _fails("no llmx.json", ckpt_dir=tmp_path, out=out, build=BUILD)
     _fails("--device 'tpu' is not supported", ckpt_dir=ck, out=out, build=BuildConfig(device="tpu"))
-    _fails("`max_batch_size` must be a positive integer", ckpt_dir=ck, out=out, build=BuildConfig(max_batch_size=0))
-    _fails("`cuda_graph_batch_sizes` holds 128", ckpt_dir=ck, out=out,
+    _fails("`max_batch_size` must be an integer from 1 to 65,536, got 0", ckpt_dir=ck, out=out,
+           build=BuildConfig(max_batch_size=0))
+    _fails("`cuda_graph_batch_sizes` must hold sizes from 1 to max_batch_size 64, got 128", ckpt_dir=ck, out=out,
            build=BuildConfig(max_batch_size=64, cuda_graph_batch_sizes=(1, 128)))
     _fails("--kv-cache-dtype int8 needs calibrated KV scales", ckpt_dir=ck, out=out,
            build=BuildConfig(kv_cache_dtype="int8"))

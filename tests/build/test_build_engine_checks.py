@@ -100,7 +100,8 @@ def test_cuda_engine_on_another_gpu_architecture(built, tmp_path, monkeypatch):
     (lambda m: m["checkpoint"].pop("model"), "is malformed (field 'model' is missing)"),
     (lambda m: m["target"].update(device="tpu"), "`target.device` is 'tpu'"),
     (lambda m: m["checkpoint"].update(dtype="int4"), "`checkpoint.dtype` is 'int4'"),
-    (lambda m: m["checkpoint"]["model"].update(num_layers=-1), "`model.num_layers` must be a positive integer"),
+    (lambda m: m["checkpoint"]["model"].update(num_layers=-1),
+     "`checkpoint.model.num_layers` must be an integer from 1 to 1,024, got -1"),
 ])
 def test_malformed_engine_json(built, tmp_path, edit, message):
     path = _edited(built[1], tmp_path, edit)

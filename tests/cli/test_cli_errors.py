@@ -77,7 +77,7 @@ def test_run_on_something_that_is_not_an_engine(tmp_path, capsys):
 
 def test_bench_load_options(tmp_path, capsys):
     fails_with(capsys, ["bench", "engine", "--concurrency", "2", "--request-rate", "1"], "choose one")
-    fails_with(capsys, ["bench", "engine", "--request-rate", "-1"], "--request-rate must be a positive")
+    fails_with(capsys, ["bench", "engine", "--request-rate", "-1"], "--request-rate must be a finite number > 0")
     fails_with(capsys, ["bench", "engine", "--baseline", str(tmp_path / "b.json")], "no such baseline report")
 
 
