@@ -135,6 +135,8 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                                  if dist else ["n/a"] * (1 + len(PERCENTILES))))
     console.print(latency)
 
+    if "kv_cache" not in m:  # a server measured from outside (--endpoint): its memory is not seen
+        return
     kv = m["kv_cache"]
     memory = Table(title="memory", show_header=False, title_justify="left")
     memory.add_column(style="bold")

@@ -28,7 +28,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def bench_command(
-    engine: Annotated[Path, typer.Argument(metavar="ENGINE", show_default=False, help="Engine directory (from `llmx build`).")],
+    engine: Annotated[Path, typer.Argument(metavar="ENGINE", show_default=False, help=(
+        "Engine directory (from `llmx build`); with --endpoint, the engine whose tokenizer and limits make the "
+        "prompts (weights are not loaded)."))],
     isl: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help=f"Input (prompt) tokens per synthetic request [default: {DEFAULTS['isl']}].")] = None,
     osl: Annotated[Optional[int], typer.Option(
@@ -55,6 +57,14 @@ def bench_command(
         help="Run every ISL/OSL cell the file lists (requests all at once, optional max batch per cell), each next to "
              "the peer figure it gives, with the ratio; --json writes an llmx-bench-sweep/1 report. Example: "
              "benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(
+        metavar="URL", show_default=False,
+        help="Benchmark an OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000/v1, `llmx serve` or another) "
+             "with the same requests, timed from its streamed chunks, instead of running ENGINE here.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        show_default=False, help="With --endpoint: the model name to send [default: the first /v1/models lists].")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLMX_API_KEY", show_default=False, help="With --endpoint: the server's API key (also $LLMX_API_KEY).")] = None,
     seed: Annotated[Optional[int], typer.Option(
         min=0, show_default=False, help=f"Seed for synthetic prompts and arrivals [default: {DEFAULTS['seed']}].")] = None,
     json_path: Annotated[Optional[Path], typer.Option(
@@ -103,6 +113,12 @@ def bench_command(
         emit_json(settings.to_dict())
         return
     values = dict(settings.values)
+    if endpoint is not None:
+        from llmx.cli.bench_endpoint import endpoint_command
+
+        endpoint_command(engine, endpoint, model, api_key, values, settings, json_path=json_path, baseline=baseline,
+                         sweep=sweep)
+        return
     if sweep is not None:
         from llmx.cli.bench_sweep import sweep_command
 
