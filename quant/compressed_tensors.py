@@ -7,11 +7,15 @@ Imported (the tensors keep their values; llmx.quant.hf_import reads them):
   to its largest scale, as for any fp8 checkpoint.
 - FP8 `float-quantized`, per-channel (or per-tensor) weights and dynamic per-token activations (FP8_DYNAMIC)
   -> fp8_pc_pt; a per-tensor weight scale is repeated over the output channels.
+- int4 `pack-quantized`, symmetric, group-wise, weight-only (llm-compressor's W4A16, GPTQ without group
+  act-order) -> int4_wo: `weight_packed` int32 [N, K/8] holds inputs 8j..8j+7 from the low nibble up, each
+  plus 8, so its little-endian bytes are llmx's uint8 [N, K/2] (input 2j low, value + 8) as they are;
+  `weight_scale` [N, K/group] is cast to the activation dtype.
 - An FP8 KV-cache scheme (per-tensor, static) -> kv_cache_dtype fp8, with the `self_attn.k_scale` /
   `v_scale` tensors.
 - `ignore`: module names, and `re:` patterns matched against the model's Linears as compressed-tensors does.
-Every other scheme (int W8A8, pack-quantized int4, NVFP4, block FP8, several config groups) is refused in one
-sentence naming the field, rather than read wrongly.
+Every other scheme (asymmetric or act-ordered int4, int W8A8, NVFP4, block FP8, several config groups) is
+refused in one sentence naming the field, rather than read wrongly.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 
 QUANT_METHOD = "compressed-tensors"
 FLOAT_FORMAT = "float-quantized"
+PACK_FORMAT = "pack-quantized"
 
 
 def is_compressed_tensors(quantization_config: Any) -> bool:
@@ -52,14 +57,38 @@ def read_quant_config(config_path: Path, q: dict, model: "ModelConfig") -> "Quan
         raise LlmxError(f"{field}.targets is {group.get('targets')!r}; llmx imports schemes targeting every "
                         "Linear ([\"Linear\"]).")
     fmt = group.get("format") or q.get("format")
-    if fmt != FLOAT_FORMAT:
-        raise LlmxError(f"{field}: format {fmt!r} is not imported by llmx (it reads {FLOAT_FORMAT} FP8 "
-                        "checkpoints); quantize the unquantized model with `llmx quantize` instead.")
     if group.get("output_activations"):
         raise LlmxError(f"{field}.output_activations is set; llmx quantizes no Linear outputs.")
-    algo = _fp8_algo(group.get("weights"), group.get("input_activations"), field)
-    return QuantConfig(algo=algo, kv_cache_dtype=_kv_cache_dtype(q.get("kv_cache_scheme"), where),
+    if fmt == FLOAT_FORMAT:
+        algo, group_size = _fp8_algo(group.get("weights"), group.get("input_activations"), field), None
+    elif fmt == PACK_FORMAT:
+        algo, group_size = _int4_algo(group.get("weights"), group.get("input_activations"), field)
+    else:
+        raise LlmxError(f"{field}: format {fmt!r} is not imported by llmx (it reads {FLOAT_FORMAT} FP8 and "
+                        f"{PACK_FORMAT} int4 checkpoints); quantize the unquantized model with `llmx quantize`.")
+    return QuantConfig(algo=algo, group_size=group_size,
+                       kv_cache_dtype=_kv_cache_dtype(q.get("kv_cache_scheme"), where),
                        exclude=_exclude(q.get("ignore") or [], model, where))
+
+
+def _int4_algo(weights: Any, acts: Any, field: str) -> tuple[str, int]:
+    """int4_wo and its group size, for symmetric group-wise 4-bit weights without group act-order."""
+    ok = isinstance(weights, dict) and weights.get("type") == "int" and weights.get("num_bits") == 4 and \
+        weights.get("strategy") == "group" and isinstance(weights.get("group_size"), int) and \
+        weights["group_size"] > 0 and not weights.get("dynamic")
+    if not ok:
+        raise LlmxError(f"{field}.weights {_describe(weights)} is not an int4 format llmx imports (4-bit, "
+                        "group-wise, static).")
+    if weights.get("symmetric") is False:
+        raise LlmxError(f"{field}.weights are asymmetric (zero points); llmx's int4 kernels are symmetric: "
+                        "quantize the unquantized model with `llmx quantize --algo int4_awq`.")
+    if weights.get("actorder") == "group":
+        raise LlmxError(f"{field}.weights.actorder is 'group' (a g_idx permutation per input); llmx's int4 "
+                        "groups are contiguous: quantize the unquantized model with `llmx quantize --algo int4_gptq`.")
+    if acts is not None:
+        raise LlmxError(f"{field}: int4 weights with input_activations {_describe(acts)} match no llmx format "
+                        "(int4 is weight-only).")
+    return "int4_wo", weights["group_size"]
 
 
 def _fp8_algo(weights: Any, acts: Any, field: str) -> str:

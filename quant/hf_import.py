@@ -2,8 +2,8 @@
 NVIDIA's published FP8/NVFP4/AWQ checkpoints contain) into an llmx checkpoint, keeping its quantization.
 
 `llmx convert` calls `imported_format(hf_dir)` and, when it names a format, `import_checkpoint(hf_dir, out, ...)`.
-compressed-tensors FP8 checkpoints (llmx.quant.compressed_tensors) take the same path: same tensor names, their
-scheme read from config.json, KV-cache scales under `self_attn.k_scale` / `v_scale`.
+compressed-tensors checkpoints (llmx.quant.compressed_tensors) take the same path: their scheme is read from
+config.json, int4 weights are `weight_packed` int32 words, KV-cache scales are `self_attn.k_scale` / `v_scale`.
 
 Formats (hf_quant_config.json `quant_algo` -> llmx algo): FP8 -> fp8, FP8_PER_CHANNEL_PER_TOKEN -> fp8_pc_pt,
 W8A8_SQ_PER_CHANNEL -> int8_sq, W8A16 -> int8_wo, W4A16_AWQ -> int4_awq, W4A8_AWQ -> w4a8_awq, NVFP4 -> nvfp4,
@@ -67,7 +67,7 @@ def imported_format(hf_dir: Path | str) -> str | None:
     if is_compressed_tensors(quant):
         return "compressed-tensors"
     raise LlmxError(f"{hf_dir / 'config.json'}: quantization_config.quant_method {quant.get('quant_method')!r} is "
-                    "not a format llmx imports (ModelOpt, compressed-tensors FP8); convert the unquantized model "
+                    "not a format llmx imports (ModelOpt, compressed-tensors); convert the unquantized model "
                     "and quantize it with `llmx quantize`.")
 
 
@@ -294,7 +294,10 @@ def _folded_norm(reader: _Reader, norm_name: str, scale: "torch.Tensor") -> dict
 def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pre_quant_scale: bool):
     import torch
 
-    tensors = {"weight": reader.read(f"{name}.weight"), "weight_scale": reader.read(f"{name}.weight_scale")}
+    if f"{name}.weight_packed" in reader:  # compressed-tensors pack-quantized int4
+        tensors = {"weight": _ct_int4_weight(name, reader), "weight_scale": reader.read(f"{name}.weight_scale")}
+    else:
+        tensors = {"weight": reader.read(f"{name}.weight"), "weight_scale": reader.read(f"{name}.weight_scale")}
     for suffix in ("input_scale", "weight_scale_2", "pre_quant_scale"):
         if f"{name}.{suffix}" in reader and suffix not in _DROPPED.get(algo, ()):
             tensors[suffix] = reader.read(f"{name}.{suffix}")
@@ -302,6 +305,8 @@ def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pr
         tensors.pop("pre_quant_scale", None)
     if algo in ("int4_awq", "w4a8_awq"):
         tensors["weight"] = _repack_int4(tensors["weight"])
+        tensors["weight_scale"] = tensors["weight_scale"].to(getattr(torch, dtype))
+    elif algo == "int4_wo":
         tensors["weight_scale"] = tensors["weight_scale"].to(getattr(torch, dtype))
     elif algo == "int8_wo":
         tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).to(getattr(torch, dtype))
@@ -315,6 +320,19 @@ def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pr
     if algo == "fp8":
         tensors["weight_scale"] = tensors["weight_scale"].float().reshape(())
     return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
+
+
+def _ct_int4_weight(name: str, reader: "_Reader") -> "torch.Tensor":
+    """compressed-tensors int32 [N, K/8] (inputs 8j..8j+7 from the low nibble up, value + 8) -> llmx uint8
+    [N, K/2]: the same nibbles in the same order, so its little-endian bytes, checked against `weight_shape`."""
+    import torch
+
+    packed = reader.read(f"{name}.weight_packed")
+    rows, cols = (int(v) for v in reader.read(f"{name}.weight_shape").tolist())
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (rows, cols // 8) or cols % 8:
+        raise LlmxError(f"{reader.hf_dir}: `{name}` weight_packed {packed.dtype} {tuple(packed.shape)} does not hold "
+                        f"the [{rows}, {cols}] int4 weight its weight_shape names; re-save the checkpoint.")
+    return packed.contiguous().view(torch.uint8)
 
 
 def _repack_int4(packed_rows: "torch.Tensor") -> "torch.Tensor":

@@ -1,7 +1,7 @@
 """compressed-tensors checkpoints made by compressed-tensors itself, on CPU, from a tiny HF model.
 
 What llm-compressor does around compressed-tensors, in its smallest form: apply a preset scheme (FP8,
-FP8_DYNAMIC, ...) to the model's Linears, set the scales from min/max observations (weights; inputs over a
+FP8_DYNAMIC, W4A16, ...) to the model's Linears, set the scales from min/max observations (weights; inputs over a
 calibration batch for static activations; keys and values for a KV-cache scheme), compress the model with
 `ModelCompressor` and save it with the `quantization_config` it writes. The compressed model stays in memory:
 its forward decompresses it and runs compressed-tensors' own quantize-dequantize, the reference llmx's
@@ -44,6 +44,9 @@ def produce(hf_dir: Path, out: Path, scheme: str, calib_ids: torch.Tensor, *, ig
         if scheme_of.weights.strategy == "channel":
             _set_qparams(module, "weight", weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True),
                          scheme_of.weights)
+        elif scheme_of.weights.strategy == "group":
+            groups = weight.reshape(weight.shape[0], -1, scheme_of.weights.group_size)
+            _set_qparams(module, "weight", groups.amin(dim=2), groups.amax(dim=2), scheme_of.weights)
         else:
             _set_qparams(module, "weight", weight.amin().reshape(1), weight.amax().reshape(1), scheme_of.weights)
         acts = scheme_of.input_activations
@@ -51,7 +54,7 @@ def produce(hf_dir: Path, out: Path, scheme: str, calib_ids: torch.Tensor, *, ig
             amax = torch.tensor([input_amax[name]])
             _set_qparams(module, "input", -amax, amax, acts)
 
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model)  # the format compressed-tensors picks for the scheme
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(out)

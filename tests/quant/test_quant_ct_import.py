@@ -1,6 +1,6 @@
-"""compressed-tensors FP8 checkpoints, written by compressed-tensors' own compressors on CPU, imported by
-`llmx convert`: the llmx engine's logits equal those of the producer's quantized model within FP8's rounding, greedy
-tokens match, and schemes llmx does not run are refused in one sentence."""
+"""compressed-tensors checkpoints (FP8, FP8_DYNAMIC, W4A16), written by compressed-tensors' own compressors on CPU,
+imported by `llmx convert`: in float32 the llmx engine's logits equal those of the producer's dequantized model and
+greedy tokens match; schemes llmx does not run are refused in one sentence."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from llmx.runtime.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 
-ALGOS = {"FP8": "fp8", "FP8_DYNAMIC": "fp8_pc_pt"}
+ALGOS = {"FP8": "fp8", "FP8_DYNAMIC": "fp8_pc_pt", "W4A16": "int4_wo"}
+# The tiny model's Linears have 64 or 128 inputs: W4A16's groups of 128 become groups of 32.
+OVERRIDES = {"W4A16": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                   "symmetric": True, "dynamic": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +68,20 @@ def test_imported_engine_matches_the_producers_dequantized_model(hf_dir, tmp_pat
     """
     from transformers import AutoModelForCausalLM
 
-    produce(hf_dir, tmp_path / "ct", scheme, torch.tensor([_ids(48, 0), _ids(48, 1)]))
+    produce(hf_dir, tmp_path / "ct", scheme, torch.tensor([_ids(48, 0), _ids(48, 1)]),
+            scheme_overrides=OVERRIDES.get(scheme))
     ckpt = read_checkpoint(convert(tmp_path / "ct", tmp_path / "ckpt", dtype="float32"))
     verify_checkpoint(ckpt)
     assert ckpt.quant.algo == ALGOS[scheme] and ckpt.quant.exclude == ("lm_head",)
+    assert ckpt.quant.group_size == (32 if scheme == "W4A16" else None)
     assert ckpt.provenance["compressed_tensors_version"]
     llm = _engine(tmp_path / "ckpt", tmp_path)
 
     if scheme == "FP8":
         _share_group_scales(tmp_path / "ct")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
-    assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn  # loaded as FP8
+    if scheme != "W4A16":
+        assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn  # loaded as FP8
     ids = _ids(40, 2)
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
@@ -122,7 +128,7 @@ def _rewrite_quantization(ct_dir, **changes):
 
 @pytest.mark.parametrize("change, message", [
     ({"quantization_status": "frozen"}, "quantization_status is 'frozen'; llmx imports saved (compressed)"),
-    ({"format": "pack-quantized"}, "format 'pack-quantized' is not imported by llmx"),
+    ({"format": "int-quantized"}, "format 'int-quantized' is not imported by llmx"),
     ({"quant_method": "awq"}, "quant_method 'awq' is not a format llmx imports"),
     ({"kv_cache_scheme": {"type": "int", "num_bits": 8, "strategy": "tensor"}},
      "kv_cache_scheme {type: 'int', num_bits: 8, strategy: 'tensor'} is not a KV-cache format llmx imports"),
@@ -142,8 +148,14 @@ def test_formats_llmx_does_not_run_are_refused_in_one_sentence(hf_dir, tmp_path,
 
 
 def test_weight_only_fp8_is_refused(hf_dir, tmp_path):
+    """compressed-tensors 0.20 saves weight-only FP8 as naive-quantized; earlier versions wrote float-quantized."""
     produce(hf_dir, tmp_path / "ct", "FP8_DYNAMIC", torch.tensor([_ids(32, 0)]),
             scheme_overrides={"input_activations": None})
+    with pytest.raises(LlmxError, match="format 'naive-quantized' is not imported by llmx"):
+        convert(tmp_path / "ct", tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = "float-quantized"
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
     with pytest.raises(LlmxError, match="weight-only FP8 \\(no input_activations\\) is not a format llmx runs"):
         convert(tmp_path / "ct", tmp_path / "ckpt")
 
@@ -173,3 +185,32 @@ def test_fp8_kv_cache_scales_are_imported(hf_dir, tmp_path):
             assert value.dtype == torch.float32 and value == scales[f"model.layers.{i}.self_attn.{kv}_scale"].float()
     engine = _engine(tmp_path / "ckpt", tmp_path)
     assert engine.generate([_ids(8, 1)], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].output_token_ids
+
+
+def test_int4_weights_are_the_producers_bytes(hf_dir, tmp_path):
+    produce(hf_dir, tmp_path / "ct", "W4A16", torch.tensor([_ids(32, 0)]), scheme_overrides=OVERRIDES["W4A16"])
+    convert(tmp_path / "ct", tmp_path / "ckpt")  # bfloat16 activations: the scales stay bf16
+    source, got = load_file(tmp_path / "ct" / "model.safetensors"), load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    packed = source["model.layers.1.mlp.gate_proj.weight_packed"]
+    weight = got["layers.1.mlp.gate_proj.weight"]
+    assert weight.dtype == torch.uint8 and weight.shape == (128, 32)
+    assert weight.reshape(-1).tolist() == list(packed.numpy().astype("<i4").tobytes())
+    assert torch.equal(got["layers.1.mlp.gate_proj.weight_scale"], source["model.layers.1.mlp.gate_proj.weight_scale"])
+
+
+def test_int4_layouts_llmx_cannot_run_are_refused(hf_dir, tmp_path):
+    weights = {**OVERRIDES["W4A16"]["weights"], "symmetric": False}
+    produce(hf_dir, tmp_path / "ct", "W4A16", torch.tensor([_ids(32, 0)]), scheme_overrides={"weights": weights})
+    with pytest.raises(LlmxError) as info:
+        convert(tmp_path / "ct", tmp_path / "ckpt")
+    assert "weights are asymmetric (zero points); llmx's int4 kernels are symmetric" in info.value.message
+
+    # compressed-tensors before 0.20 wrote act-ordered GPTQ checkpoints with actorder "group" and a g_idx per Linear.
+    produce(hf_dir, tmp_path / "ct2", "W4A16", torch.tensor([_ids(32, 0)]), scheme_overrides=OVERRIDES["W4A16"])
+    config = json.loads((tmp_path / "ct2" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "ct2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmxError) as info:
+        convert(tmp_path / "ct2", tmp_path / "ckpt")
+    assert "weights.actorder is 'group' (a g_idx permutation per input)" in info.value.message
+    assert "\n" not in info.value.message
