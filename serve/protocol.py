@@ -102,6 +102,14 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_new_t
         raise bad_request(f"Invalid value for 'min_tokens': {req.min_tokens} is more than the "
                           f"{max_new_tokens} tokens the request may generate.", param="min_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
+    try:
+        return _sampling_params(req, max_new_tokens, temperature, stop, logprobs, prompt_logprobs)
+    except ValueError as exc:  # a combination the runtime refuses (each field alone was validated above)
+        raise bad_request(f"{exc}.") from None
+
+
+def _sampling_params(req, max_new_tokens: int, temperature: float, stop: list[str], logprobs: int | None,
+                     prompt_logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=max(req.top_k or 0, 0),
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(stop),

@@ -24,7 +24,7 @@ parser = pytest.importorskip("prometheus_client.parser", reason="the serve tests
 
 KEY = "test-key"
 MODEL = "tiny"
-BUILD = ["--device", "cpu", "--max-seq-len", "128", "--max-batch-size", "8", "--max-num-tokens", "64"]
+BUILD = ["--device", "cpu", "--max-seq-len", "128", "--max-batch-size", "16", "--max-num-tokens", "64"]
 PROMPT = "It was a truth universally acknowledged"
 
 
@@ -225,14 +225,14 @@ def test_64_concurrent_streams_complete_with_exact_usage(server):
         return text, usage
 
     async def all_of():
-        return await asyncio.gather(*(one(p, 4 + i % 9) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(one(p, 2 + i % 5) for i, p in enumerate(prompts)))
 
     results = asyncio.run(all_of())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(server_engine_dir(server)))
     for i, (text, usage) in enumerate(results):
-        assert usage.completion_tokens == 4 + i % 9
+        assert usage.completion_tokens == 2 + i % 5
         assert usage.prompt_tokens == len(tokenizer.encode(prompts[i]))
     wait_for_idle_kv(server)
 
@@ -348,15 +348,15 @@ def test_queue_limit_answers_429_and_sigterm_under_load_exits_cleanly(engine, tm
 
         async def load():
             client = srv.client(openai.AsyncOpenAI)
-            tasks = [asyncio.create_task(one(client, i)) for i in range(16)]
+            tasks = [asyncio.create_task(one(client, i)) for i in range(24)]
             deadline = time.monotonic() + 30
-            while srv.metrics()["llmx_requests_running"] < 8 and time.monotonic() < deadline:
+            while srv.metrics()["llmx_requests_running"] < 16 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             srv.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 
         outcomes = asyncio.run(load())
-        assert outcomes.count(429) == 6, outcomes  # 8 seats + 2 queued take 10 of the 16
+        assert outcomes.count(429) == 6, outcomes  # 16 seats + 2 queued take 18 of the 24
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
