@@ -60,7 +60,8 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
 
     out = Path(out)
     check_dtype(dtype)
-    hf_dir, hub = resolve_model_source(hf_dir, trust_remote_code=trust_remote_code, progress=progress)
+    hf_dir, hub = resolve_model_source(hf_dir, trust_remote_code=trust_remote_code, weights=not dummy_weights,
+                                       progress=progress)
     origin = hub.provenance() if hub is not None else {}
     check_model_dir(hf_dir)
     check_not_overlapping(hf_dir, out)

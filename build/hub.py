@@ -2,11 +2,11 @@
 
 Only the files `llmx convert` reads are fetched: config.json, the top-level safetensors shards and their
 index, the tokenizer files, generation config, chat template and a ModelOpt hf_quant_config.json (plus the
-tokenizer's .py files when remote code is trusted). Pickled weights (*.bin, *.pt) are never downloaded; a
-repository without safetensors is refused. huggingface_hub's own settings apply unchanged: HF_HOME /
-HF_HUB_CACHE (where the cache lives), HF_TOKEN (gated and private repositories), HF_HUB_OFFLINE (use the
-cache only). Files land in huggingface_hub's cache (models--ORG--NAME/{blobs,refs,snapshots}), so a second
-conversion, or transformers, reuses them.
+tokenizer's .py files when remote code is trusted; no weights for `--dummy-weights`). Pickled weights (*.bin,
+*.pt) are never downloaded; a repository without safetensors is refused. huggingface_hub's own settings apply
+unchanged: HF_HOME / HF_HUB_CACHE (where the cache lives), HF_TOKEN (gated and private repositories),
+HF_HUB_OFFLINE (use the cache only). Files land in huggingface_hub's cache (models--ORG--NAME/{blobs,refs,
+snapshots}), so a second conversion, or transformers, reuses them.
 
 A local path that exists always wins over a hub ID of the same spelling.
 """
@@ -25,7 +25,8 @@ from llmx.common.progress import Progress
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>\S+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # Files of a model repository that convert reads, besides the tokenizer files (build.tokenizer_files).
-_MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "hf_quant_config.json")
+_CONFIG_FILES = ("config.json", "hf_quant_config.json")
+_WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,14 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
-def resolve_model_source(spec: str | Path, *, trust_remote_code: bool = False,
+def resolve_model_source(spec: str | Path, *, trust_remote_code: bool = False, weights: bool = True,
                          progress: Progress | None = None) -> tuple[Path, HubModel | None]:
     """(local folder, hub repository or None) for a model folder or a hub ID.
 
     An existing local path is returned as is (with its hub identity when it is a snapshot folder of the hub
     cache); a spec spelled ORG/NAME[@REVISION] that is not a local path is fetched from the hub (or found in
     its cache); anything else is returned as a path for the caller's own "does not exist" message.
+    weights: False fetches the config and tokenizer only (`convert --dummy-weights`).
     """
     path = Path(spec).expanduser()
     if path.exists():
@@ -64,7 +66,7 @@ def resolve_model_source(spec: str | Path, *, trust_remote_code: bool = False,
     ref = parse_hub_id(str(spec))
     if ref is None:
         return path, None
-    hub = download_model(ref[0], ref[1], trust_remote_code=trust_remote_code, progress=progress)
+    hub = download_model(ref[0], ref[1], trust_remote_code=trust_remote_code, weights=weights, progress=progress)
     return hub.path, hub
 
 
@@ -79,21 +81,23 @@ def snapshot_identity(path: Path) -> HubModel | None:
     return HubModel(repo_id=rest.replace("--", "/"), revision=None, commit=resolved.name, path=path)
 
 
-def model_file_patterns(trust_remote_code: bool) -> list[str]:
+def model_file_patterns(trust_remote_code: bool, weights: bool = True) -> list[str]:
     """allow_patterns for snapshot_download: the files convert reads, never pickled weights."""
     from llmx.build.tokenizer_files import TOKENIZER_FILES
 
-    return [*_MODEL_FILES, *TOKENIZER_FILES, *(("*.py",) if trust_remote_code else ())]
+    return [*_CONFIG_FILES, *(_WEIGHT_FILES if weights else ()), *TOKENIZER_FILES,
+            *(("*.py",) if trust_remote_code else ())]
 
 
-def download_model(repo_id: str, revision: str | None, *, trust_remote_code: bool = False,
+def download_model(repo_id: str, revision: str | None, *, trust_remote_code: bool = False, weights: bool = True,
                    progress: Progress | None = None) -> HubModel:
-    """Fetch (or find in the cache) the files convert needs of `repo_id` at `revision`."""
+    """Fetch (or find in the cache) the files convert needs of `repo_id` at `revision` (without the weights
+    when `weights` is False)."""
     label = repo_id + (f"@{revision}" if revision else "")
     folder = Path(fetch_snapshot(repo_id, revision, repo_type="model", allow_patterns=model_file_patterns(
-        trust_remote_code), label=label, what="model", progress=progress))
+        trust_remote_code, weights), label=label, what="model", progress=progress))
     commit = folder.name
-    if not any(folder.glob("*.safetensors")):
+    if weights and not any(folder.glob("*.safetensors")):
         raise LlmxError(f"hub model {label} (commit {commit[:12]}) publishes no safetensors weights; llmx never "
                         "loads pickled *.bin/*.pt weights (loading them can run code), so pick a repository or "
                         "revision with *.safetensors files.")

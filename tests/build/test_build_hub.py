@@ -228,3 +228,12 @@ def test_smollm2_from_the_hub_cache_equals_the_local_folder(offline_cache, tmp_p
     assert hub_prov["source_hash"] == local_prov["source_hash"]
     for name in ("rank0.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (from_hub / name).read_bytes() == (from_local / name).read_bytes(), name
+
+
+def test_dummy_weights_fetch_no_weights(tiny_model_dir, hub, tmp_path):
+    src = tiny_model_dir("llama")
+    hub.add("org/tiny", src)
+    out = convert("org/tiny", tmp_path / "ckpt", dummy_weights=True)
+    assert not any(name.endswith(".safetensors") for name in hub.downloaded) and "config.json" in hub.downloaded
+    prov = read_checkpoint(out).provenance
+    assert prov["dummy_weights"] is True and prov["hub"]["repo_id"] == "org/tiny"
