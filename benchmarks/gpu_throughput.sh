@@ -4,6 +4,7 @@
 #   CELLS="2048/2048/400/512 128/128/4096/1024 ..."  benchmarks/step_breakdown.py --cell each (one loaded engine)
 #   SWEEP=FILE                                       llmx bench --sweep FILE
 #   HOST_BATCHES=256,512,1024                        benchmarks/host_overhead.py at those batch sizes
+#   KV_TOKENS=N                                      a KV cache of N tokens for the cells (e.g. an H100's on an H200)
 # Results under $OUT (breakdown.json/.txt, sweep.json/.txt, host.txt).
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
@@ -22,6 +23,7 @@ echo "checkpoint + engine took $((SECONDS-s)) s"
 if [ -n "$CELLS" ]; then
   args=(); for c in $CELLS; do args+=(--cell "$c"); done
   python3 benchmarks/step_breakdown.py /tmp/l8e "${args[@]}" --profile-steps ${PROFILE_STEPS:-5} \
+    ${KV_TOKENS:+--kv-cache-tokens $KV_TOKENS} \
     --json $OUT/breakdown.json 2>&1 | tee $OUT/breakdown.txt | grep -v "^    "
 fi
 if [ -n "$SWEEP" ]; then
