@@ -54,7 +54,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     it holds something other than an llmx checkpoint. trust_remote_code: allow (and copy) a tokenizer
     that needs the folder's custom Python code. progress: None or a `progress(stage, done_bytes,
     total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) or
-    compressed-tensors (FP8, int4) is imported with its quantization by llmx.quant.hf_import.
+    compressed-tensors (FP8, int8, int4) is imported with its quantization by llmx.quant.hf_import.
     """
     from llmx.build.hub import resolve_model_source
 

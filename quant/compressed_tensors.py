@@ -11,11 +11,15 @@ Imported (the tensors keep their values; llmx.quant.hf_import reads them):
   act-order) -> int4_wo: `weight_packed` int32 [N, K/8] holds inputs 8j..8j+7 from the low nibble up, each
   plus 8, so its little-endian bytes are llmx's uint8 [N, K/2] (input 2j low, value + 8) as they are;
   `weight_scale` [N, K/group] is cast to the activation dtype.
+- int8 `int-quantized`, symmetric static per-channel (or per-tensor) weights and dynamic per-token activations
+  (llm-compressor's W8A8, SmoothQuant already folded into the norms) -> int8_sq. Its activation scales are
+  absmax / 127.5 over [-128, 127], llmx's absmax / 127 over [-127, 127]: the weights are the producer's,
+  the activations round on a 0.4% different grid.
 - An FP8 KV-cache scheme (per-tensor, static) -> kv_cache_dtype fp8, with the `self_attn.k_scale` /
   `v_scale` tensors.
 - `ignore`: module names, and `re:` patterns matched against the model's Linears as compressed-tensors does.
-Every other scheme (asymmetric or act-ordered int4, int W8A8, NVFP4, block FP8, several config groups) is
-refused in one sentence naming the field, rather than read wrongly.
+Every other scheme (asymmetric or act-ordered int4, static int8 activations, NVFP4, block FP8, several config
+groups) is refused in one sentence naming the field, rather than read wrongly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 QUANT_METHOD = "compressed-tensors"
 FLOAT_FORMAT = "float-quantized"
+INT_FORMAT = "int-quantized"
 PACK_FORMAT = "pack-quantized"
 
 
@@ -61,14 +66,33 @@ def read_quant_config(config_path: Path, q: dict, model: "ModelConfig") -> "Quan
         raise LlmxError(f"{field}.output_activations is set; llmx quantizes no Linear outputs.")
     if fmt == FLOAT_FORMAT:
         algo, group_size = _fp8_algo(group.get("weights"), group.get("input_activations"), field), None
+    elif fmt == INT_FORMAT:
+        algo, group_size = _int8_algo(group.get("weights"), group.get("input_activations"), field), None
     elif fmt == PACK_FORMAT:
         algo, group_size = _int4_algo(group.get("weights"), group.get("input_activations"), field)
     else:
-        raise LlmxError(f"{field}: format {fmt!r} is not imported by llmx (it reads {FLOAT_FORMAT} FP8 and "
-                        f"{PACK_FORMAT} int4 checkpoints); quantize the unquantized model with `llmx quantize`.")
+        raise LlmxError(f"{field}: format {fmt!r} is not imported by llmx (it reads {FLOAT_FORMAT} FP8, "
+                        f"{INT_FORMAT} int8 and {PACK_FORMAT} int4 checkpoints); quantize the unquantized model "
+                        "with `llmx quantize`.")
     return QuantConfig(algo=algo, group_size=group_size,
                        kv_cache_dtype=_kv_cache_dtype(q.get("kv_cache_scheme"), where),
                        exclude=_exclude(q.get("ignore") or [], model, where))
+
+
+def _int8_algo(weights: Any, acts: Any, field: str) -> str:
+    """int8_sq for static symmetric int8 weights with dynamic per-token int8 activations (W8A8)."""
+    if not _is_int(weights, 8) or weights.get("dynamic") or weights.get("strategy") not in ("tensor", "channel"):
+        raise LlmxError(f"{field}.weights {_describe(weights)} is not an int8 format llmx imports (static, "
+                        "symmetric, per tensor or per channel).")
+    if _is_int(acts, 8) and acts.get("strategy") == "token" and acts.get("dynamic") is True:
+        return "int8_sq"
+    raise LlmxError(f"{field}: int8 weights with input_activations {_describe(acts)} match no llmx format "
+                    "(int8_sq quantizes activations per token at run time).")
+
+
+def _is_int(args: Any, bits: int) -> bool:
+    return isinstance(args, dict) and args.get("type") == "int" and args.get("num_bits") == bits and \
+        args.get("symmetric", True) is True and not args.get("group_size")
 
 
 def _int4_algo(weights: Any, acts: Any, field: str) -> tuple[str, int]:

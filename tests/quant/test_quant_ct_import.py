@@ -1,6 +1,7 @@
-"""compressed-tensors checkpoints (FP8, FP8_DYNAMIC, W4A16), written by compressed-tensors' own compressors on CPU,
-imported by `llmx convert`: in float32 the llmx engine's logits equal those of the producer's dequantized model and
-greedy tokens match; schemes llmx does not run are refused in one sentence."""
+"""compressed-tensors checkpoints (FP8, FP8_DYNAMIC, W4A16, W8A8), written by compressed-tensors' own compressors on
+CPU, imported by `llmx convert`: in float32 the llmx engine's logits equal those of the producer's dequantized model
+and greedy tokens match (W8A8: within its activation rounding); schemes llmx does not run are refused in one
+sentence."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def _rewrite_quantization(ct_dir, **changes):
 
 @pytest.mark.parametrize("change, message", [
     ({"quantization_status": "frozen"}, "quantization_status is 'frozen'; llmx imports saved (compressed)"),
-    ({"format": "int-quantized"}, "format 'int-quantized' is not imported by llmx"),
+    ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' is not imported by llmx"),
     ({"quant_method": "awq"}, "quant_method 'awq' is not a format llmx imports"),
     ({"kv_cache_scheme": {"type": "int", "num_bits": 8, "strategy": "tensor"}},
      "kv_cache_scheme {type: 'int', num_bits: 8, strategy: 'tensor'} is not a KV-cache format llmx imports"),
@@ -214,3 +215,44 @@ def test_int4_layouts_llmx_cannot_run_are_refused(hf_dir, tmp_path):
         convert(tmp_path / "ct2", tmp_path / "ckpt")
     assert "weights.actorder is 'group' (a g_idx permutation per input)" in info.value.message
     assert "\n" not in info.value.message
+
+
+def test_int8_w8a8_imports_the_producers_weights_and_rounds_activations_within_one_step(hf_dir, tmp_path):
+    """W8A8 maps onto int8_sq with the producer's int8 weights and scales as they are. Activations are quantized
+    per token by both, on grids of absmax / 127.5 (compressed-tensors) and absmax / 127 (llmx): each Linear's
+    outputs then differ by at most |W| times half a step of each grid, and the logits by that much noise."""
+    from transformers import AutoModelForCausalLM
+
+    from llmx.quant.methods import method_for
+
+    produce(hf_dir, tmp_path / "ct", "W8A8", torch.tensor([_ids(48, 0)]))
+    ckpt = read_checkpoint(convert(tmp_path / "ct", tmp_path / "ckpt", dtype="float32"))
+    assert ckpt.quant.algo == "int8_sq" and ckpt.quant.exclude == ("lm_head",)
+    source, got = load_file(tmp_path / "ct" / "model.safetensors"), load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+
+    llm = _engine(tmp_path / "ckpt", tmp_path)
+    ids = _ids(40, 2)
+    with torch.no_grad():  # the reference's first forward decompresses its weights
+        expected = reference(torch.tensor([ids])).logits[0]
+        unquantized = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    logits = llm.runner.prompt_logits(ids)
+    # as close to the producer as the producer is to the unquantized model (measured 0.088 against 0.093)
+    assert (logits - expected).abs().max() <= (expected - unquantized).abs().max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3.0, 6)[:, None]
+    for hf, name in (("model.layers.0.mlp.down_proj", "layers.0.mlp.down_proj"),
+                     ("model.layers.1.mlp.down_proj", "layers.1.mlp.down_proj")):
+        assert torch.equal(got[f"{name}.weight"], source[f"{hf}.weight"])
+        assert torch.equal(got[f"{name}.weight_scale"], source[f"{hf}.weight_scale"].float().reshape(-1))
+        own = {k.removeprefix(name + "."): v for k, v in got.items() if k.startswith(name + ".")}
+        method = method_for(ckpt.quant, name)
+        with torch.no_grad():
+            ours = method.apply(own, x, None)
+            theirs = reference.get_submodule(hf)(x[None])[0]  # [batch, tokens, hidden], as inside the model
+        amax = x.abs().amax(dim=1, keepdim=True)
+        half_steps = (amax / 127 + amax / 127.5) / 2  # [tokens, 1]
+        bound = half_steps * (method.dequantize_weight(own).abs().sum(dim=1)[None, :])
+        assert ((ours - theirs).abs() <= bound + 1e-5).all()
+        assert (ours - theirs).abs().max() > 0  # the grids do differ: the bound is what is tested
