@@ -46,6 +46,11 @@ QUANT_ALGOS = {
     None: "none",
 }
 KV_ALGOS = {"FP8": "fp8", "INT8": "int8", None: None}
+# What the int4 producers' checkpoints are, for the sentence refusing them.
+_NOT_IMPORTED = {
+    "awq": "AutoAWQ int4 with a zero point per group, which llmx's symmetric int4 kernels cannot run",
+    "gptq": "GPTQ int4 (qweight / qzeros / g_idx packing), which llmx does not import yet",
+}
 # Per-tensor HF tensors llmx does not store (it recomputes or does not need them).
 _DROPPED = {"int8_sq": ("input_scale",), "w4a8_awq": ("weight_scale_2",)}
 
@@ -66,9 +71,10 @@ def imported_format(hf_dir: Path | str) -> str | None:
         return None
     if is_compressed_tensors(quant):
         return "compressed-tensors"
-    raise LlmxError(f"{hf_dir / 'config.json'}: quantization_config.quant_method {quant.get('quant_method')!r} is "
-                    "not a format llmx imports (ModelOpt, compressed-tensors); convert the unquantized model "
-                    "and quantize it with `llmx quantize`.")
+    method = quant.get("quant_method")
+    why = _NOT_IMPORTED.get(str(method).lower(), "not a format llmx imports (ModelOpt, compressed-tensors)")
+    raise LlmxError(f"{hf_dir / 'config.json'}: quantization_config.quant_method {method!r} is {why}; convert the "
+                    "unquantized model and quantize it with `llmx quantize`.")
 
 
 def _config_quantization(hf_dir: Path) -> dict | None:

@@ -130,7 +130,9 @@ def _rewrite_quantization(ct_dir, **changes):
 @pytest.mark.parametrize("change, message", [
     ({"quantization_status": "frozen"}, "quantization_status is 'frozen'; llmx imports saved (compressed)"),
     ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' is not imported by llmx"),
-    ({"quant_method": "awq"}, "quant_method 'awq' is not a format llmx imports"),
+    ({"quant_method": "awq"}, "quant_method 'awq' is AutoAWQ int4 with a zero point per group, which llmx's "
+                              "symmetric int4 kernels cannot run; convert the unquantized model"),
+    ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not a format llmx imports"),
     ({"kv_cache_scheme": {"type": "int", "num_bits": 8, "strategy": "tensor"}},
      "kv_cache_scheme {type: 'int', num_bits: 8, strategy: 'tensor'} is not a KV-cache format llmx imports"),
 ])
