@@ -378,3 +378,43 @@ def test_llmx_bench_endpoint_measures_the_live_server(server, engine, load, caps
     wrong = run_cli(["bench", str(engine), "--endpoint", f"http://127.0.0.1:{server.port}/v1", "--api-key", "bad",
                      "--isl", "8", "--osl", "2", "--num-requests", "2", "--warmup", "0", "--model", MODEL])
     assert wrong == 2 and "HTTP 401" in capsys.readouterr().err
+
+
+def test_lm_eval_local_completions_scores_a_local_task_through_the_server(server, engine, tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model on a multiple-choice task from a local YAML + JSONL:
+    its per-choice log-likelihoods equal the engine's own scoring of the same tokens."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from llmx.runtime.engine import LLM
+
+    rows = [{"question": "Emma Woodhouse, handsome, clever, and", "choices": [" rich", " poor", " tall"], "answer": 0},
+            {"question": "She was the youngest of the two", "choices": [" sons", " daughters"], "answer": 1},
+            {"question": "Her mother had died too long", "choices": [" ago", " since", " before"], "answer": 0}]
+    data = tmp_path / "tiny_choice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = get_model("local-completions").create_from_arg_string(
+        f"model={MODEL},base_url=http://127.0.0.1:{server.port}/v1/completions,tokenizer={engine},"
+        "tokenized_requests=True,num_concurrent=2,max_retries=1")
+    results = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], task_manager=TaskManager(
+        include_path=str(tmp_path)), log_samples=True, batch_size=4)
+    acc = results["results"]["tiny_choice"]["acc,none"]
+    llm = LLM(engine)
+    correct = 0
+    for sample in results["samples"]["tiny_choice"]:
+        scores = []
+        for (context, continuation), [(loglikelihood, _)] in zip([a for a in sample["arguments"]], sample["resps"]):
+            ctx, cont = lm._encode_pair(context, continuation)
+            expected = sum(llm.runner.score(ctx + cont).tolist()[len(ctx) - 1:])
+            assert loglikelihood == pytest.approx(expected, abs=1e-3)
+            scores.append(expected)
+        correct += scores.index(max(scores)) == sample["doc"]["answer"]
+    assert acc == pytest.approx(correct / len(rows))
