@@ -21,10 +21,10 @@ def pipeline_command(
         "--recipe", metavar="FILE|FAMILY/TARGET", show_default=False,
         help="The recipe: every stage's settings, the eval datasets and bench scenarios with their gates "
              "(a YAML file, or a shipped one such as llama/h100).")],
-    model: Annotated[Optional[Path], typer.Option(
-        "--model", metavar="PATH", show_default=False,
-        help="Hugging Face model folder, or an llmx checkpoint (convert is then skipped) [default: the recipe's "
-             "model.source].")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", metavar="PATH|ORG/NAME", show_default=False,
+        help="Hugging Face model folder, hub model ID ORG/NAME[@REVISION] (fetched into the Hugging Face cache), "
+             "or an llmx checkpoint (convert is then skipped) [default: the recipe's model.source].")] = None,
     workdir: Annotated[Optional[Path], typer.Option(
         "--workdir", metavar="DIR", show_default=False,
         help="Where the stages write and remember their inputs; reuse it to skip unchanged stages "
