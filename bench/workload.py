@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llmx.common.errors import LlmxError
+from llmx.common.text import read_utf8
 from llmx.runtime.sequence import SamplingParams
 
 
@@ -66,7 +67,7 @@ def dataset_requests(path: Path, encode, *, default_output_len: int, num_request
     if not path.is_file():
         raise LlmxError(f"{path}: no such dataset file; pass a .jsonl file with one {{\"prompt\": ...}} per line.")
     requests = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(read_utf8(path, what="dataset").splitlines(), 1):
         if not line.strip():
             continue
         if num_requests is not None and len(requests) == num_requests:

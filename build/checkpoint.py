@@ -132,6 +132,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if dtype not in SUPPORTED_DTYPES:
         raise LlmxError(f"{meta_path}: field `dtype` is {dtype!r}; expected one of {', '.join(SUPPORTED_DTYPES)}.")
     quant = _parse(meta, meta_path, "quantization", QuantConfig.from_dict)
+    check_quant_config(quant, meta_path)
     mapping = _parse(meta, meta_path, "mapping", Mapping.from_dict)
     if not (isinstance(mapping.tp, int) and isinstance(mapping.pp, int) and mapping.tp >= 1 and mapping.pp >= 1):
         raise LlmxError(f"{meta_path}: field `mapping` must hold positive integers tp and pp, got {meta['mapping']!r}.")
@@ -161,6 +162,29 @@ def check_model_config(model: ModelConfig, source: Path, *, prefix: str = "model
         field, text = problem
         where = f"field `{prefix}{field}` " if field else "the model's "
         raise LlmxError(f"{source}: {where}{text}; {remedy}.")
+
+
+def check_quant_config(quant: QuantConfig | None, source: Path, *, prefix: str = "quantization.",
+                       remedy: str = "re-create the checkpoint with `llmx quantize`") -> None:
+    """Refuse a quantization record whose fields the runtime could not use: group size, KV dtype, exclude list."""
+    from llmx.common.limits import SETTING_LIMITS, check_number
+
+    if quant is None:
+        return
+    problem = None
+    if not isinstance(quant.algo, str):
+        problem = "algo", f"must be a format name, got {quant.algo!r}"
+    elif quant.group_size is not None and check_number(quant.group_size, SETTING_LIMITS["group_size"]):
+        problem = "group_size", (f"must be null or {check_number(quant.group_size, SETTING_LIMITS['group_size'])}, "
+                                 f"got {quant.group_size!r}")
+    elif quant.kv_cache_dtype not in (None, "fp8", "int8"):
+        problem = "kv_cache_dtype", f"must be null, \"fp8\" or \"int8\", got {quant.kv_cache_dtype!r}"
+    elif not all(isinstance(name, str) for name in quant.exclude):
+        problem = "exclude", f"must be a list of module names, got {list(quant.exclude)!r}"
+    elif not isinstance(quant.extra, dict):
+        problem = "extra", f"must be an object, got {quant.extra!r}"
+    if problem is not None:
+        raise LlmxError(f"{source}: field `{prefix}{problem[0]}` {problem[1]}; {remedy}.")
 
 
 def _read_json(path: Path, remedy: str) -> dict:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmx.build.checkpoint import (Checkpoint, check_model_config, checkpoint_tensor_specs, llmx_version,
-                                   package_version, rank_file, read_checkpoint, verify_checkpoint)
+from llmx.build.checkpoint import (Checkpoint, check_model_config, check_quant_config, checkpoint_tensor_specs,
+                                   llmx_version, package_version, rank_file, read_checkpoint, verify_checkpoint)
 from llmx.build.convert import check_not_overlapping
 from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
 from llmx.build.shard import (layout_summary, local_features, rank_holds, shard_spec, shard_tensor, split_name,
                               validate_mapping)
+from llmx.build.tokenizer_check import check_tokenizer_files
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.build.tune import TuneReport, gemm_shapes, tune_for_engine
 from llmx.common.atomic import atomic_output_dir, check_output_dir
@@ -97,6 +98,8 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
 
     check_output_dir(out, force=force, marker_files=(ENGINE_FILE,))
     verify_checkpoint(ckpt)
+    check_tokenizer_files(ckpt_dir, "re-create the checkpoint with `llmx convert` from a model folder whose "
+                                    "tokenizer files are intact")
     plan = _plan(ckpt, mapping)
     tokenizer_files = find_tokenizer_files(ckpt_dir, trust_remote_code=True)  # vetted when the checkpoint was made
     tuned = None
@@ -404,12 +407,17 @@ def read_engine(path: Path | str) -> Engine:
     except (TypeError, ValueError, AttributeError) as exc:
         raise LlmxError(f"{meta_path} is malformed ({exc}); {remedy}.") from None
     check_model_config(model, meta_path, prefix="checkpoint.model.", remedy=remedy)
+    check_quant_config(quant, meta_path, prefix="checkpoint.quantization.", remedy=remedy)
+    if not isinstance(meta.get("versions"), dict):
+        raise LlmxError(f"{meta_path}: field `versions` is missing or not an object (which llmx and engine format "
+                        f"built it); {remedy}.")
     for section, problem in (("build", build_config_problem(build)), ("mapping", mapping_problem(mapping))):
         if problem is not None:
             raise LlmxError(f"{meta_path}: field `{section}.{problem[0]}` {problem[1]}; {remedy}.")
     if target.get("device") not in DEVICES:
         raise LlmxError(f"{meta_path}: `target.device` is {target.get('device')!r}; {remedy}.")
     _check_rank_files(path, mapping.world_size, meta.get("files"), remedy)
+    check_tokenizer_files(path, remedy)
     if dtype not in SUPPORTED_DTYPES:
         raise LlmxError(f"{meta_path}: `checkpoint.dtype` is {dtype!r}; {remedy}.")
     return Engine(path=path, meta=meta, model=model, dtype=dtype, quant=quant, build=build, mapping=mapping,

@@ -13,6 +13,7 @@ from llmx.cli._console import emit_json, out, print_error, print_info
 from llmx.cli._options import JsonOption, KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import LlmxError
+from llmx.common.text import check_utf8_argument, read_utf8
 
 DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 128,
@@ -155,11 +156,11 @@ def _collect_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]
     if (prompt is None) == (prompts_file is None):
         raise LlmxError("pass exactly one of --prompt TEXT or --prompts-file FILE.")
     if prompt is not None:
-        return [prompt]
+        return [check_utf8_argument(prompt, option="--prompt")]
     if not prompts_file.is_file():
         raise LlmxError(f"{prompts_file}: no such file; pass a .jsonl file of {{\"prompt\": ...}} lines or a text "
                         "file with one prompt per line.")
-    lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(prompts_file, what="prompts file").splitlines()
     if prompts_file.suffix == ".jsonl":
         prompts = [_jsonl_prompt(prompts_file, n, line) for n, line in enumerate(lines, 1) if line.strip()]
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class LlmxError(Exception):
@@ -75,6 +76,11 @@ def describe_exception(exc: BaseException) -> str | None:
         return f"{where}{reason}{f' ({name})' if name else ''}{tail}."
     if isinstance(exc, MemoryError):
         return "out of memory: close other programs, or use a smaller model, batch or --kv-cache-tokens."
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        wanted = re.search(r"allocate (\d+) bytes", str(exc))
+        size = f" ({int(wanted.group(1)) / 2**30:,.1f} GiB at once)" if wanted else ""
+        return (f"the machine ran out of memory{size}: lower --kv-cache-tokens, --max-batch-size or --max-seq-len, "
+                "or use a smaller model.")
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, named without importing torch
         return ("the GPU ran out of memory: lower --kv-cache-fraction, --max-batch-size or --max-num-tokens, or "
                 "use a smaller model.")

@@ -137,3 +137,16 @@ def test_sigint_during_a_benchmark_exits_130_without_a_traceback(tiny_engine):
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_cpu_allocation_failure_is_one_sentence(monkeypatch, fails):
+    import torch
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: refused by the allocator without touching memory
+    except RuntimeError as exc:
+        allocation_failure = exc
+    else:
+        pytest.skip("this allocator accepted a 1 PiB request")
+    raise_in_eval(monkeypatch, allocation_failure)
+    fails(EVAL, "the machine ran out of memory (1,048,576.0 GiB at once): lower --kv-cache-tokens", code=2)

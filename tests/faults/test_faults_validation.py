@@ -74,6 +74,10 @@ def checkpoint(tiny_hf, tmp_path_factory) -> Path:
     (lambda m: m["model"].update(qkv_bias="yes"), "field `model.qkv_bias` must be true or false, got 'yes'"),
     (lambda m: m["model"].update(rope_scaling={"type": "yarn", "factor": 2.0}),
      "field `model.rope_scaling.type` must be \"llama3\" or \"linear\", got 'yarn'"),
+    (lambda m: m.update(quantization={"algo": "int4_awq", "group_size": -128}),
+     "field `quantization.group_size` must be null or an integer from 1 to 65,536, got -128"),
+    (lambda m: m.update(quantization={"algo": "none", "kv_cache_dtype": "fp4"}),
+     "field `quantization.kv_cache_dtype` must be null, \"fp8\" or \"int8\", got 'fp4'"),
 ])
 def test_build_refuses_a_damaged_llmx_json(checkpoint, tmp_path, fails, edit, fragment):
     ckpt = edited_json(checkpoint, tmp_path / "ckpt", "llmx.json", edit)
@@ -96,6 +100,9 @@ ENGINE_JSON_FAULTS = [
     (lambda m: m["build"].update(kv_block_size=0), "field `build.kv_block_size` must be an integer from 1 to 1,024"),
     (lambda m: m["mapping"].update(tp=0), "field `mapping.tp` must be an integer from 1 to 1,024, got 0"),
     (lambda m: m["files"].update({"rank0.safetensors": 1}), "holds"),
+    (lambda m: m.update(versions=["llmx", "0.1"]), "field `versions` is missing or not an object"),
+    (lambda m: m["checkpoint"].update(quantization={"algo": "int8_wo", "exclude": [3]}),
+     "field `checkpoint.quantization.exclude` must be a list of module names, got [3]"),
 ]
 
 
