@@ -40,6 +40,16 @@ def nan_engine(tiny_engine, tmp_path_factory) -> Path:
     return engine
 
 
+@pytest.fixture(scope="session")
+def nan_checkpoint(tiny_engine, tmp_path_factory) -> Path:
+    """The tiny engine's checkpoint with NaN final-norm weights: what a broken quantization would hand on."""
+    source = Path(json.loads((tiny_engine / "engine.json").read_text())["checkpoint_dir"])
+    ckpt = tmp_path_factory.mktemp("faults-nan-ckpt") / "ckpt"
+    shutil.copytree(source, ckpt)
+    poison_tensor(ckpt / "rank0.safetensors", "final_norm.weight")
+    return ckpt
+
+
 def poison_tensor(path: Path, name: str) -> None:
     """Overwrite the stored bytes of tensor `name` with NaN (bfloat16, float16 or float32)."""
     data = bytearray(path.read_bytes())

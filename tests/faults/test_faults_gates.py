@@ -236,3 +236,28 @@ def test_a_baseline_with_nan_in_a_recipe_is_refused_before_any_stage(tmp_path):
                                            "non_finite": {"perplexity": "NaN"}})
     with pytest.raises(LlmxError, match=r"^r: `eval.datasets.0.baseline`: .*b.json: field `perplexity` was NaN"):
         _check_schema(baseline, "llmx-eval/1", "r: `eval.datasets.0.baseline`")
+
+
+# ---- end to end: `llmx pipeline` on a checkpoint whose weights are NaN ----
+
+@pytest.mark.parametrize("dataset_gates", [{"max_perplexity": 1e9}, {}])
+def test_the_pipeline_fails_a_nan_model_with_exit_1(nan_checkpoint, heldout, tmp_path, capsys, dataset_gates):
+    import yaml
+
+    from llmx.cli.main import run_cli
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "family": "llama", "target": "cpu",
+        "build": {"max_batch_size": 2, "max_seq_len": 64, "max_num_tokens": 64, "device": "cpu"},
+        "eval": {"datasets": [{"name": "heldout", "data": str(heldout), "seq_len": 32, "windows": 2,
+                               **dataset_gates}]}}))
+    code = run_cli(["pipeline", "--recipe", str(recipe), "--model", str(nan_checkpoint), "--workdir",
+                    str(tmp_path / "work"), "--json"])
+    out = capsys.readouterr().out
+    assert code == 1
+    summary = json.loads(out, parse_constant=lambda word: pytest.fail(f"{word} in the pipeline's JSON"))
+    assert {s["name"]: s["status"] for s in summary["stages"]}["eval"] == "ran"
+    [gate] = summary["gates"]
+    assert gate["passed"] is False and gate["measured"] is None
+    assert summary["non_finite"]["gates[0].measured"] == "NaN" and summary["exit_code"] == 1
