@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping as MappingType
 
 from llmx.build.safetensors_stream import SafetensorsFile
 from llmx.common.errors import LlmxError
+from llmx.common.jsonio import dumps
 from llmx.quant.methods import TensorSpec, method_for
 from llmx.runtime.config import SUPPORTED_DTYPES, Mapping, ModelConfig, QuantConfig
 
@@ -97,7 +98,7 @@ def write_checkpoint_meta(out_dir: Path, model: ModelConfig, dtype: str, quant: 
         "mapping": mapping.to_dict(),
         "provenance": provenance,
     }
-    (Path(out_dir) / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (Path(out_dir) / CHECKPOINT_FILE).write_text(dumps(meta) + "\n")
     return meta
 
 

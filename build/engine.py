@@ -32,6 +32,7 @@ from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.build.tune import TuneReport, gemm_shapes, tune_for_engine
 from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
+from llmx.common.jsonio import dumps
 from llmx.common.hashing import hash_json
 from llmx.quant.methods import QuantMethod, TensorSpec, method_for
 from llmx.runtime.config import (SUPPORTED_DTYPES, BuildConfig, Mapping, ModelConfig, QuantConfig, build_config_problem,
@@ -126,7 +127,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
             "input_hash": input_hash,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / ENGINE_FILE).write_text(dumps(meta) + "\n")
     return BuildResult(out, False, time.perf_counter() - start, tuned)
 
 
