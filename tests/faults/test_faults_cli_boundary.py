@@ -150,3 +150,26 @@ def test_a_cpu_allocation_failure_is_one_sentence(monkeypatch, fails):
         pytest.skip("this allocator accepted a 1 PiB request")
     raise_in_eval(monkeypatch, allocation_failure)
     fails(EVAL, "the machine ran out of memory (1,048,576.0 GiB at once): lower --kv-cache-tokens", code=2)
+
+
+def test_ctrl_c_inside_a_pipeline_stage_is_not_swallowed(nan_checkpoint, heldout, tmp_path, monkeypatch, capsys):
+    """The runner reports a stage's exceptions as failures; Ctrl-C is not one of them: it exits 130 and a
+    second run can take the workdir's lock again."""
+    import yaml
+
+    import llmx.pipeline.stages as stages
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "family": "llama", "target": "cpu", "build": {"max_seq_len": 64, "device": "cpu"},
+        "eval": {"datasets": [{"name": "heldout", "data": str(heldout), "seq_len": 32, "windows": 1}]}}))
+    argv = ["pipeline", "--recipe", str(recipe), "--model", str(nan_checkpoint), "--workdir", str(tmp_path / "w")]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_build", interrupted)
+    assert run_cli(argv) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run_cli(argv) == 1  # the lock was released; the NaN model then fails its eval
