@@ -418,3 +418,34 @@ def test_lm_eval_local_completions_scores_a_local_task_through_the_server(server
             scores.append(expected)
         correct += scores.index(max(scores)) == sample["doc"]["answer"]
     assert acc == pytest.approx(correct / len(rows))
+
+
+def test_smollm2_chat_through_the_server_equals_the_engine_in_process(tmp_path):
+    """The real SmolLM2-135M-Instruct: its chat template over several turns, byte-level BPE text streamed."""
+    from helpers.smollm2 import smollm2_dir
+
+    from llmx.runtime.engine import LLM
+    from llmx.runtime.sequence import SamplingParams
+
+    assert run_cli(["convert", str(smollm2_dir()), "-o", str(tmp_path / "ckpt")]) == 0
+    assert run_cli(["build", str(tmp_path / "ckpt"), "-o", str(tmp_path / "engine"), "--device", "cpu",
+                    "--max-seq-len", "256", "--max-batch-size", "4", "--max-num-tokens", "256"]) == 0
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
+    llm = LLM(tmp_path / "engine")
+    [expected] = llm.generate([llm.encode_chat(messages)], SamplingParams(max_new_tokens=20))
+    assert expected.text.strip()
+    srv = Server(tmp_path / "engine", log=tmp_path / "server.log")
+    try:
+        client = srv.client()
+        plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+        assert plain.choices[0].message.content == expected.text
+        assert plain.usage.prompt_tokens == len(expected.prompt_token_ids)
+        assert plain.usage.completion_tokens == len(expected.output_token_ids)
+        assert plain.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    finally:
+        assert srv.stop() == 0
