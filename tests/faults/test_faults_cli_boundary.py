@@ -4,6 +4,7 @@ traceback, and --debug / LLMX_DEBUG=1 show the traceback of any error."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import signal
@@ -173,3 +174,26 @@ def test_ctrl_c_inside_a_pipeline_stage_is_not_swallowed(nan_checkpoint, heldout
     assert "Traceback" not in capsys.readouterr().err
     monkeypatch.undo()
     assert run_cli(argv) == 1  # the lock was released; the NaN model then fails its eval
+
+
+def test_a_full_disk_in_a_pipeline_stage_is_one_sentence(nan_checkpoint, heldout, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import llmx.pipeline.stages as stages
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"family": "llama", "target": "cpu", "build": {"max_seq_len": 64,
+                                                                                   "device": "cpu"}}))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "w" / "build" / "rank0.safetensors"))
+
+    monkeypatch.setattr(stages, "run_build", disk_full)
+    code = run_cli(["pipeline", "--recipe", str(recipe), "--model", str(nan_checkpoint), "--workdir",
+                    str(tmp_path / "w"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    [build] = [s for s in json.loads(captured.out)["stages"] if s["name"] == "build"]
+    assert build["status"] == "failed"
+    assert build["message"].endswith("rank0.safetensors: No space left on device (ENOSPC); free some space or write "
+                                     "the output to another disk.")
