@@ -49,6 +49,12 @@ class RequestHandle:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece))
 
 
+def _put_all(batch: list[tuple["RequestHandle", Piece]]) -> None:
+    """On the event loop: hand a step's pieces to their queues (one wake-up of the loop per step, not per piece)."""
+    for handle, piece in batch:
+        handle.queue.put_nowait((handle.index, piece))
+
+
 class EngineLoop:
     """Owns the LLM once started: `submit` and `abort` are the only ways in, safe from any thread."""
 
@@ -150,6 +156,7 @@ class EngineLoop:
 
     def _deliver(self, outputs) -> None:
         handles = self._handles
+        batch: list[tuple[RequestHandle, Piece]] = []
         for output in outputs:
             handle = handles.get(output.request_id)
             if handle is None:
@@ -164,14 +171,19 @@ class EngineLoop:
                 handle.first_piece = False
                 piece.prompt_logprobs = output.prompt_logprobs
             if output.finished:
-                self._end(handle, piece, output)
+                self._end(handle, piece, output, batch)
             else:
-                handle.put(piece)
+                batch.append((handle, piece))
+        if batch:
+            batch[0][0].loop.call_soon_threadsafe(_put_all, batch)  # the server runs one event loop
 
-    def _end(self, handle: RequestHandle, piece: Piece, output) -> None:
+    def _end(self, handle: RequestHandle, piece: Piece, output, batch: list | None = None) -> None:
         handle.done = True
         self._handles.pop(handle.request_id, None)
-        handle.put(piece)
+        if batch is None:
+            handle.put(piece)
+        else:
+            batch.append((handle, piece))
         self.metrics.request_finished(piece.finish_reason, output, time.perf_counter())
 
     def _abort_all(self) -> None:
