@@ -33,6 +33,7 @@ from llmx.build.checkpoint import llmx_version
 from llmx.build.shard import local_features
 from llmx.common import env
 from llmx.common.errors import LlmxError
+from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress
 from llmx.kernels import tuning
 from llmx.quant.methods import method_for
@@ -224,7 +225,7 @@ class TileCache:
         self.entries = merged
         document = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "device": self.device, "entries": merged}
         try:
-            _write_atomically(self.path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+            _write_atomically(self.path, dumps(document, indent=1, sort_keys=True) + "\n")
         except OSError as exc:
             self._write_failed = True
             self.warnings.append(f"could not write the GEMM tile cache {self.path} ({exc}); the tuned tiles are "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmx.common.hashing import hash_file
+from llmx.common.jsonio import dumps
 
 CACHE_VERSION = 1
 RACY_NS = 2_000_000_000  # file timestamps can be this coarse (FAT: 2 s; ext4/tmpfs: a clock tick)
@@ -86,7 +87,7 @@ class HashCache:
             return
         from llmx.pipeline.workdir import write_text_atomic
 
-        write_text_atomic(self.file, json.dumps({"version": CACHE_VERSION, "files": self._entries}, indent=0) + "\n")
+        write_text_atomic(self.file, dumps({"version": CACHE_VERSION, "files": self._entries}, indent=0) + "\n")
         self._dirty = False
 
 
