@@ -86,6 +86,15 @@ def gated_metrics(metrics: dict[str, Any]) -> dict[str, tuple[float | None, bool
     return gated
 
 
+def check_same_workload(config: dict[str, Any], baseline: dict[str, Any], baseline_name: str) -> None:
+    """Refuse a baseline measured on another workload (`config`: this run's report config, known before it runs)."""
+    differing = [k for k in WORKLOAD_KEYS if config.get(k) != baseline["config"].get(k)]
+    if differing:
+        details = ", ".join(f"{k} {baseline['config'].get(k)!r} -> {config.get(k)!r}" for k in differing)
+        raise LlmxError(f"{baseline_name}: was measured on another workload ({details}); rerun the baseline with "
+                        "the same options or compare against a matching report.")
+
+
 def check_percent(value: float, option: str) -> float:
     """A tolerance in percent from a flag or recipe: a finite number >= 0 (NaN would let every run pass)."""
     if not is_number(value) or not math.isfinite(value) or value < 0:
@@ -102,11 +111,7 @@ def compare_bench(current: dict[str, Any], baseline: dict[str, Any], tolerance_p
     """
     check_percent(tolerance_pct, "--tolerance")
     check_bench_baseline(baseline, baseline_name)
-    differing = [k for k in WORKLOAD_KEYS if current["config"].get(k) != baseline["config"].get(k)]
-    if differing:
-        details = ", ".join(f"{k} {baseline['config'].get(k)!r} -> {current['config'].get(k)!r}" for k in differing)
-        raise LlmxError(f"{baseline_name}: was measured on another workload ({details}); rerun the baseline with "
-                        "the same options or compare against a matching report.")
+    check_same_workload(current["config"], baseline, baseline_name)
     now, before = gated_metrics(current["metrics"]), gated_metrics(baseline["metrics"])
     comparisons = []
     for name, (value, higher_is_better) in now.items():

@@ -71,7 +71,7 @@ def run_benchmark(llm: Any, options: BenchOptions, *, recipe: str | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Warm up, measure, and return the `llmx-bench/1` report. progress: (stage, finished, total)."""
     metrics = measure(llm, options, progress=progress)
-    return build_report(engine=engine_description(llm.engine), config=_config(options, recipe), metrics=metrics,
+    return build_report(engine=engine_description(llm.engine), config=report_config(options, recipe), metrics=metrics,
                         environment=environment_description(llm.stats()))
 
 
@@ -100,7 +100,8 @@ def measure(llm: Any, options: BenchOptions, *, progress: Callable[[str, int, in
     return metrics
 
 
-def _config(options: BenchOptions, recipe: str | None) -> dict[str, Any]:
+def report_config(options: BenchOptions, recipe: str | None) -> dict[str, Any]:
+    """The report's `config`: what the workload is (a baseline's must match it, checked before running)."""
     from llmx.common.hashing import hash_files
 
     synthetic = options.dataset is None

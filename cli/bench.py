@@ -140,6 +140,11 @@ def bench_command(
                            concurrency=values["concurrency"], request_rate=values["request_rate"],
                            warmup=values["warmup"], dataset=Path(values["dataset"]) if values["dataset"] else None,
                            seed=values["seed"], kv_cache_tokens=values["kv_cache_tokens"])
+    if baseline_report is not None:  # a baseline of another workload is refused before the engine loads
+        from llmx.bench.regression import check_same_workload
+        from llmx.bench.runner import report_config
+
+        check_same_workload(report_config(options, settings.recipe), baseline_report, str(baseline))
     from llmx.runtime.engine import LLM
 
     llm = LLM(engine, kv_cache_tokens=options.kv_cache_tokens, kv_cache_fraction=values["kv_cache_fraction"],

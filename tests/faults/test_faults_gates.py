@@ -261,3 +261,20 @@ def test_the_pipeline_fails_a_nan_model_with_exit_1(nan_checkpoint, heldout, tmp
     [gate] = summary["gates"]
     assert gate["passed"] is False and gate["measured"] is None
     assert summary["non_finite"]["gates[0].measured"] == "NaN" and summary["exit_code"] == 1
+
+
+def test_bench_refuses_a_baseline_of_another_workload_before_running(tmp_path, fails):
+    baseline = write(tmp_path / "base.json", bench_report())  # isl 16, osl 4, 4 requests, seed 0
+    fails(["bench", tmp_path / "no-engine", "--baseline", baseline, "--isl", "16", "--osl", "4", "--num-requests",
+           "4", "--seed", "1"], "was measured on another workload (seed 0 -> 1)")
+
+
+def test_bench_accepts_its_own_report_as_a_baseline(tiny_engine, tmp_path, capsys):
+    from llmx.cli.main import run_cli
+
+    workload = ["--isl", "8", "--osl", "4", "--num-requests", "2", "--warmup", "0", "--kv-cache-tokens", "128"]
+    report = tmp_path / "bench.json"
+    assert run_cli(["bench", str(tiny_engine), *workload, "--json", str(report)]) == 0
+    # A CPU under load makes two runs' timings differ by more than any sane tolerance: the gate is not the point.
+    assert run_cli(["bench", str(tiny_engine), *workload, "--baseline", str(report), "--tolerance", "1000000"]) == 0
+    assert "no regression beyond" in capsys.readouterr().err
