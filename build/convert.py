@@ -10,6 +10,7 @@ the source is read once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
                                    verify_tensors, write_checkpoint_meta)
-from llmx.build.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config
+from llmx.build.families import fused_parts, hf_to_llmx_name, llmx_to_hf_name, read_hf_config
 from llmx.build.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
                                            TensorEntry)
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
@@ -41,6 +42,13 @@ class _Item:
     source: SafetensorsFile
     stored: StoredTensor
     name: str | None
+    parts: tuple[tuple[str, int, int], ...] = ()  # a fused weight written as row ranges (families.fused_parts)
+
+    def outputs(self) -> list[tuple[str, slice]]:
+        """(llmx name, rows of the stored tensor) for each tensor this item writes."""
+        if self.parts:
+            return [(name, slice(start, end)) for name, start, end in self.parts]
+        return [] if self.name is None else [(self.name, slice(None))]
 
 
 def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dummy_weights: bool = False,
@@ -185,10 +193,16 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
                                 "knows; check that config.json belongs to these weights.") from None
             if name == "lm_head.weight" and model.tie_word_embeddings:
                 name = None  # tied: the runtime reads the embedding, as transformers does
-            if name is not None:
+            parts = tuple(fused_parts(name, model) or ()) if name is not None else ()
+            if parts:
+                _check_fused(src.path, t, parts, model)
+                for part, start, end in parts:
+                    _check_tensor(src.path, _rows(t, start, end), part, expected, seen, model)
+                    seen[part] = src.path
+            elif name is not None:
                 _check_tensor(src.path, t, name, expected, seen, model)
                 seen[name] = src.path
-            items.append(_Item(src, t, name))
+            items.append(_Item(src, t, name, parts))
     missing = [n for n in expected if n not in seen]
     if missing:
         files = ", ".join(s.path.name for s in sources)
@@ -196,6 +210,18 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
                         f"({len(missing)} missing in all); the weights are incomplete or do not match config.json, "
                         "re-download the checkpoint.")
     return items
+
+
+def _rows(t: StoredTensor, start: int, end: int) -> StoredTensor:
+    """The stored tensor's header as a row range would have it (for shape checks of a fused weight's parts)."""
+    return dataclasses.replace(t, shape=(end - start, *t.shape[1:]))
+
+
+def _check_fused(path: Path, t: StoredTensor, parts: tuple[tuple[str, int, int], ...], model: ModelConfig) -> None:
+    rows = parts[-1][2]
+    if len(t.shape) != 2 or t.shape[0] != rows:
+        raise LlmxError(f"{path}: tensor `{t.name}` has shape {tuple(t.shape)} but config.json implies {rows} rows "
+                        f"(its fused parts); check that config.json belongs to these weights.")
 
 
 def _check_tensor(path: Path, t: StoredTensor, name: str, expected: dict, seen: dict[str, Path],
@@ -229,7 +255,9 @@ def _stream(items: list[_Item], hashed_files: list[Path], root: Path, out_file: 
     for item in items:
         per_file.setdefault(item.source.path, []).append(item)
     ordered = [i for path in hashed_files for i in sorted(per_file.get(path, []), key=lambda i: i.stored.start)]
-    entries = [TensorEntry(i.name, dtype, i.stored.shape) for i in ordered if i.name is not None]
+    entries = [TensorEntry(name, dtype, i.stored.shape if rows.stop is None else (rows.stop - rows.start,
+                                                                                 *i.stored.shape[1:]))
+               for i in ordered for name, rows in i.outputs()]
 
     hasher = hashlib.sha256()
     with SafetensorsStreamWriter(out_file, entries) as writer:
@@ -242,8 +270,8 @@ def _stream(items: list[_Item], hashed_files: list[Path], root: Path, out_file: 
             hasher.update(file_items[0].source.header_bytes)
             for item in file_items:
                 tensor = item.source.read(item.stored.name, hasher)
-                if item.name is not None:
-                    writer.write(item.name, tensor.to(target))
+                for name, rows in item.outputs():
+                    writer.write(name, tensor[rows].to(target).contiguous())
                 del tensor
                 progress.advance(item.stored.nbytes)
     return "sha256:" + hasher.hexdigest()

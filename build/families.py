@@ -9,12 +9,13 @@ transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", "factor", .
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from llmx.common.errors import LlmxError
-from llmx.runtime.config import ModelConfig, RopeScaling
+from llmx.runtime.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 
 # HF `architectures[0]` -> llmx family. Must match llmx.runtime.models' registry keys.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -22,8 +23,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_TYPES)
 _LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -65,13 +67,15 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
     else:
         head_dim = _positive_int(hf_config, "head_dim", source)
 
-    theta, scaling = _rope(hf_config, source)
+    rotary_dim = _rotary_dim(hf_config, family, head_dim, source)
+    theta, scaling = _rope(hf_config, source, rotary_dim)
     attention_bias = _bool(hf_config, "attention_bias", source, default=False)
     qkv_bias, o_bias = {
         "llama": (attention_bias, attention_bias),
         "mistral": (False, False),
         "qwen2": (True, False),  # Qwen2's modeling code hard-wires bias on q/k/v and none on o
         "qwen3": (attention_bias, attention_bias),
+        "phi3": (False, False),
     }[family]
     num_layers = _positive_int(hf_config, "num_hidden_layers", source)
 
@@ -95,6 +99,7 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         mlp_bias=_bool(hf_config, "mlp_bias", source, default=False) if family == "llama" else False,
         qk_norm=family == "qwen3",
         sliding_window=_sliding_window(hf_config, family, num_layers, source),
+        rotary_dim=rotary_dim if rotary_dim != head_dim else None,
         bos_token_id=_optional_token_id(hf_config, "bos_token_id", source),
         eos_token_ids=_eos_token_ids(hf_config, source),
     )
@@ -139,7 +144,7 @@ def _architecture(hf: dict[str, Any], source: Path) -> str:
     return arch
 
 
-def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
+def _rope(hf: dict[str, Any], source: Path, rotary_dim: int) -> tuple[float, RopeScaling | None]:
     params = hf.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise LlmxError(f"{source}: field `rope_parameters` must be an object, got {params!r}.")
@@ -159,24 +164,70 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
                         f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
     if rope_type == "default":
         return float(theta), None
-    needed = _LLAMA3_ROPE_FIELDS if rope_type == "llama3" else ("factor",)
-    values = {}
-    for name in needed:
-        v = scaling.get(name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise LlmxError(f"{source}: `{field}.{name}` must be a positive number for rope type "
-                            f"{rope_type!r}, got {v!r}.")
-        values[name] = v
-    if "original_max_position_embeddings" in values:
-        values["original_max_position_embeddings"] = int(values["original_max_position_embeddings"])
-    return float(theta), RopeScaling(type=rope_type, **{k: v for k, v in values.items()})
+    return float(theta), _rope_scaling(hf, scaling, rope_type, f"{source}: `{field}", rotary_dim, float(theta))
+
+
+def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], rope_type: str, where: str, rotary_dim: int,
+                  theta: float) -> RopeScaling:
+    """The scaling dict of config.json -> RopeScaling with every value transformers derives resolved
+    (original context, factor, YaRN / LongRoPE attention factor), so the runtime needs no other field."""
+    max_positions = hf.get("max_position_embeddings")
+
+    def number(name: str, default: float | None = None, positive: bool = True) -> float:
+        v = scaling.get(name, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (positive and v <= 0) or v != v:
+            raise LlmxError(f"{where}.{name}` must be a positive number for rope type {rope_type!r}, got {v!r}.")
+        return float(v)
+
+    values: dict[str, Any] = {}
+    if rope_type in ("linear", "dynamic", "llama3"):
+        values["factor"] = number("factor")
+    if rope_type == "llama3":
+        values.update(low_freq_factor=number("low_freq_factor"), high_freq_factor=number("high_freq_factor"),
+                      original_max_position_embeddings=int(number("original_max_position_embeddings")))
+    if rope_type == "dynamic":
+        # transformers scales from max_position_embeddings (the model's context, not a rope field).
+        values["original_max_position_embeddings"] = int(number("max_position_embeddings", max_positions))
+    if rope_type in ("yarn", "longrope"):
+        # Phi-3 keeps the pretraining context at the top level, and transformers prefers it there.
+        original = hf.get("original_max_position_embeddings") if rope_type == "longrope" else None
+        original = int(original or number("original_max_position_embeddings", max_positions))
+        factor = scaling.get("factor")
+        factor = number("factor") if factor is not None else float(max_positions) / original
+        values.update(original_max_position_embeddings=original, factor=factor)
+    if rope_type == "yarn":
+        values.update(beta_fast=number("beta_fast", 32.0), beta_slow=number("beta_slow", 1.0),
+                      truncate=bool(scaling.get("truncate", True)))
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                         if mscale and mscale_all_dim else _yarn_mscale(factor))
+        values["attention_factor"] = float(attention) if attention is not None else 1.0
+    if rope_type == "longrope":
+        for name in ("short_factor", "long_factor"):
+            factors = scaling.get(name)
+            if not isinstance(factors, list) or len(factors) != rotary_dim // 2:
+                raise LlmxError(f"{where}.{name}` must list {rotary_dim // 2} numbers (one per rotated pair), "
+                                f"got {factors!r:.80}.")
+            values[name] = tuple(float(f) for f in factors)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        values["attention_factor"] = float(attention)
+    return RopeScaling(type=rope_type, **values)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (its paper's eq. 21), as transformers computes it."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Path) -> int | None:
     window = hf.get("sliding_window")
     if family == "llama":
         return None
-    if family == "mistral":
+    if family in ("mistral", "phi3"):  # one window for every layer when set
         return None if window is None else _positive_int(hf, "sliding_window", source)
     # Qwen2/Qwen3: the window is used only when use_sliding_window is set, and then only by layers
     # >= max_window_layers (or as `layer_types` lists). ModelConfig has one window for all layers.
@@ -193,6 +244,22 @@ def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Pa
         return _positive_int(hf, "sliding_window", source)
     raise LlmxError(f"{source}: layers mix sliding-window and full attention (`use_sliding_window` with "
                     "`max_window_layers` / `layer_types`); llmx supports one attention kind for all layers.")
+
+
+def _rotary_dim(hf: dict[str, Any], family: str, head_dim: int, source: Path) -> int:
+    """Dims of each head RoPE rotates: Phi-3's `partial_rotary_factor` (top level or in rope_parameters) of
+    head_dim, rounded down as transformers does; the whole head for the other families."""
+    if family != "phi3":
+        return head_dim
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    fraction = hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise LlmxError(f"{source}: field `partial_rotary_factor` must be a number in (0, 1], got {fraction!r}.")
+    rotary_dim = int(head_dim * fraction)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise LlmxError(f"{source}: `partial_rotary_factor` {fraction} of head_dim {head_dim} rotates {rotary_dim} "
+                        "dims; RoPE needs an even number of at least 2, fix config.json.")
+    return rotary_dim
 
 
 def _positive_int(hf: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
@@ -274,8 +341,11 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
         hf["attention_bias"] = model.qkv_bias
     if family == "llama":
         hf["mlp_bias"] = model.mlp_bias
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         hf["sliding_window"] = model.sliding_window
+    if family == "phi3":
+        hf["partial_rotary_factor"] = (model.rotary_dim or model.head_dim) / model.head_dim
+        hf["pad_token_id"] = None  # Phi3Config's default 32000 lies outside smaller vocabularies
     if family in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = model.sliding_window is not None
         hf["sliding_window"] = model.sliding_window
@@ -286,8 +356,17 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
 def _rope_scaling_dict(scaling: RopeScaling | None) -> dict[str, Any] | None:
     if scaling is None:
         return None
-    if scaling.type == "linear":
-        return {"rope_type": "linear", "factor": scaling.factor}
+    if scaling.type in ("linear", "dynamic"):
+        return {"rope_type": scaling.type, "factor": scaling.factor}
+    if scaling.type == "yarn":
+        return {"rope_type": "yarn", "factor": scaling.factor, "beta_fast": scaling.beta_fast,
+                "beta_slow": scaling.beta_slow, "truncate": scaling.truncate,
+                "attention_factor": scaling.attention_factor,
+                "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    if scaling.type == "longrope":
+        return {"rope_type": "longrope", "factor": scaling.factor, "attention_factor": scaling.attention_factor,
+                "short_factor": list(scaling.short_factor), "long_factor": list(scaling.long_factor),
+                "original_max_position_embeddings": scaling.original_max_position_embeddings}
     return {"rope_type": scaling.type, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
             "high_freq_factor": scaling.high_freq_factor,
             "original_max_position_embeddings": scaling.original_max_position_embeddings}
@@ -317,7 +396,13 @@ def _pattern(template: str, slots: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(regex)
 
 
-_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
+# Phi-3 stores q/k/v and gate/up fused; convert splits them (fused_parts), so these read one way only:
+# llmx names its engine's fused tensors the same, and those have no single HF counterpart.
+_HF_FUSED_PAIRS = [
+    ("model.layers.{0}.self_attn.qkv_proj.weight", "layers.{0}.attn.qkv_proj.weight", (_LAYER,)),
+    ("model.layers.{0}.mlp.gate_up_proj.weight", "layers.{0}.mlp.gate_up_proj.weight", (_LAYER,)),
+]
+_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _NAME_PAIRS + _HF_FUSED_PAIRS]
 _LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
 # Buffers some exporters save next to the weights; they are recomputed, never loaded.
 _HF_SKIPPED = re.compile(r"(.*\.)?rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\..*")
@@ -344,3 +429,20 @@ def _translate(name: str, table: list[tuple[re.Pattern[str], str, int]]) -> str:
         if m:
             return template.format(*(m.group(f"g{i}") for i in range(num_slots)))
     raise ValueError(f"tensor `{name}` is not part of any supported model family")
+
+
+def fused_parts(name: str, model: ModelConfig) -> list[tuple[str, int, int]] | None:
+    """A fused HF weight's llmx parts as (name, first row, end row), or None for a tensor stored whole.
+
+    Phi-3's `qkv_proj` rows are q then k then v, its `gate_up_proj` rows gate then up (transformers' order).
+    """
+    m = re.fullmatch(r"layers\.(\d+)\.(attn\.qkv_proj|mlp\.gate_up_proj)\.weight", name)
+    if m is None:
+        return None
+    p = f"layers.{m.group(1)}"
+    if m.group(2) == "attn.qkv_proj":
+        q, kv = model.q_size, model.kv_size
+        return [(f"{p}.attn.q_proj.weight", 0, q), (f"{p}.attn.k_proj.weight", q, q + kv),
+                (f"{p}.attn.v_proj.weight", q + kv, q + 2 * kv)]
+    inter = model.intermediate_size
+    return [(f"{p}.mlp.gate_proj.weight", 0, inter), (f"{p}.mlp.up_proj.weight", inter, 2 * inter)]

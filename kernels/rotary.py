@@ -22,12 +22,18 @@ from llmx.kernels._triton_util import (FLOAT_DTYPES, QUANTIZED_KV_DTYPES, check_
                                       tl)
 from llmx.kernels.kv_cache_write import check_kv_write_inputs, quant_mode, quantize_for_cache, write_kv_cache_ref
 from llmx.kernels.pdl import pdl_launch, wait_and_release
-from llmx.runtime.config import RopeScaling
+from llmx.runtime.config import ROPE_SCALING_TYPES, RopeScaling
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] float32, op for op as transformers computes them (default, linear, llama3)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+def rope_inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None,
+                             seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim/2] float32, op for op as transformers computes them for each RoPE type.
+
+    seq_len: the sequence's length, for the types whose frequencies depend on it (dynamic, longrope); None
+    means "within the original context".
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
+    inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
         return inv_freq
     if scaling.factor <= 0:
@@ -36,7 +42,59 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
         return inv_freq / scaling.factor
     if scaling.type == "llama3":
         return _llama3_inverse_frequencies(inv_freq, scaling)
-    raise LlmxError(f"rope_scaling.type {scaling.type!r} is not supported; use 'llama3', 'linear' or no scaling.")
+    if scaling.type == "yarn":
+        return _yarn_inverse_frequencies(rotary_dim, theta, scaling)
+    if scaling.type == "longrope":
+        long = seq_len is not None and seq_len > scaling.original_max_position_embeddings
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        if factors.numel() != rotary_dim // 2:
+            raise LlmxError(f"rope_scaling: longrope needs {rotary_dim // 2} factors, got {factors.numel()}; "
+                            "fix the model config.")
+        return 1.0 / (factors * theta ** exponents)
+    if scaling.type == "dynamic":
+        if seq_len is None or seq_len <= scaling.original_max_position_embeddings:
+            return inv_freq
+        return dynamic_inverse_frequencies(rotary_dim, theta, scaling, torch.tensor([seq_len]))[0]
+    raise LlmxError(f"rope_scaling.type {scaling.type!r} is not supported; use one of "
+                    f"{', '.join(ROPE_SCALING_TYPES)} or no scaling.")
+
+
+def dynamic_inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling,
+                                seq_lens: torch.Tensor) -> torch.Tensor:
+    """Dynamic-NTK inverse frequencies [N, rotary_dim/2] for sequence lengths seq_lens [N] int64 (any device).
+
+    transformers' formula on a tensor length: the base grows as (factor * L / L0 - (factor - 1)) ** (d / (d - 2))
+    for L beyond the original context L0; shorter sequences keep the unscaled frequencies.
+    """
+    original = scaling.original_max_position_embeddings
+    lengths = torch.maximum(seq_lens.to(torch.int64), torch.tensor(original, device=seq_lens.device))
+    base = theta * ((scaling.factor * lengths / original) - (scaling.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=seq_lens.device).float() / rotary_dim
+    scaled = 1.0 / (base[:, None] ** exponents[None, :])
+    plain = 1.0 / (theta ** exponents)
+    return torch.where((seq_lens > original)[:, None], scaled, plain[None, :])
+
+
+def _yarn_inverse_frequencies(dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN: interpolated (divided by factor) for long wavelengths, extrapolated for short ones, a linear ramp
+    between the dims that rotate beta_slow and beta_fast times over the original context (transformers' code)."""
+    factor = scaling.factor
+    original = scaling.original_max_position_embeddings
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
 
 
 def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
@@ -60,19 +118,27 @@ def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) ->
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
-def rope_cos_sin_cache(head_dim: int, max_pos: int, theta: float,
-                       scaling: RopeScaling | None = None) -> torch.Tensor:
-    """[max_pos, head_dim] float32 on CPU: cos(p * f) in [:, :head_dim/2], sin(p * f) in [:, head_dim/2:]."""
-    if head_dim <= 0 or head_dim % 2:
-        raise LlmxError(f"rotary: head_dim must be a positive even number, got {head_dim}; check the model config.")
+def rope_cos_sin_cache(rotary_dim: int, max_pos: int, theta: float, scaling: RopeScaling | None = None,
+                       seq_len: int | None = None) -> torch.Tensor:
+    """[max_pos, rotary_dim] float32 on CPU: cos(p * f) in [:, :rotary_dim/2], sin(p * f) in [:, rotary_dim/2:],
+    both times the scaling's attention factor (YaRN, LongRoPE). seq_len: as in rope_inverse_frequencies."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise LlmxError(f"rotary: head_dim must be a positive even number, got {rotary_dim}; check the model config.")
     if max_pos <= 0:
         raise LlmxError(f"rotary: max_pos must be positive, got {max_pos}; check max_position_embeddings.")
     if theta <= 0:
         raise LlmxError(f"rotary: rope_theta must be positive, got {theta}; check the model config.")
-    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+    inv_freq = rope_inverse_frequencies(rotary_dim, theta, scaling, seq_len)
     # transformers: position_ids.float() * inv_freq, elementwise in float32.
     freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+    return cos_sin_rows(freqs, scaling)
+
+
+def cos_sin_rows(freqs: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:
+    """Angles [N, rotary_dim/2] -> [N, rotary_dim] rows of cos | sin, times the attention factor as transformers
+    applies it (after cos/sin)."""
+    factor = scaling.attention_factor if scaling is not None else 1.0
+    return torch.cat((freqs.cos() * factor, freqs.sin() * factor), dim=-1).contiguous()
 
 
 @jit
@@ -167,8 +233,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
                         f"{tuple(q.shape)} and {tuple(k.shape)}.")
     if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype:
         raise LlmxError(f"{op}: q and k must share a float16/bfloat16/float32 dtype, got {q.dtype} and {k.dtype}.")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2] or cos_sin_cache.dtype != torch.float32:
-        raise LlmxError(f"{op}: cos_sin_cache must be float32 [max_pos, head_dim={q.shape[2]}], got "
+    if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] > q.shape[2] or cos_sin_cache.shape[1] % 2
+            or cos_sin_cache.dtype != torch.float32):
+        raise LlmxError(f"{op}: cos_sin_cache must be float32 [max_pos, rotary_dim <= head_dim={q.shape[2]}], got "
                         f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}; build it with rope_cos_sin_cache.")
     if positions.dim() != 1 or positions.shape[0] != q.shape[0] or positions.dtype != torch.int64:
         raise LlmxError(f"{op}: positions must be int64 [tokens={q.shape[0]}], got {positions.dtype} "
@@ -182,14 +249,17 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     if positions.numel() and int(positions.max()) >= cos_sin_cache.shape[0]:
         raise LlmxError(f"apply_rotary: position {int(positions.max())} is beyond the rotary table's "
                         f"{cos_sin_cache.shape[0]} positions; raise max_position_embeddings or shorten the prompt.")
-    half = q.shape[2] // 2
+    rotary_dim = cos_sin_cache.shape[1]
+    half = rotary_dim // 2
     table = cos_sin_cache[positions]
     cos, sin = table[:, None, :half], table[:, None, half:]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
+        # Partial rotary (rotary_dim < head_dim, Phi-3): the dims past rotary_dim pass through unchanged.
         x32 = x.float()
-        first, second = x32[..., :half], x32[..., half:]
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+        first, second = x32[..., :half], x32[..., half:rotary_dim]
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1) if rotary_dim < x.shape[-1] else rotated
 
     return rotate(q), rotate(k)
 
@@ -199,6 +269,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Triton `apply_rotary`: one launch rotates q [T, Hq, D] and k [T, Hkv, D] (strided views allowed,
     head_dim contiguous) and returns new contiguous tensors. Positions are trusted to be < max_pos."""
     _check(q, k, positions, cos_sin_cache)
+    if cos_sin_cache.shape[1] != q.shape[2]:
+        raise LlmxError("rotary: the Triton kernels rotate whole heads; partial rotary runs the torch reference.")
     check_launch_device("apply_rotary", _rotary_kernel, q, k, positions, cos_sin_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -244,6 +316,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     through memory. q/k/v may be strided views of the fused qkv output (head_dim contiguous).
     """
     _check(q, k, positions, cos_sin_cache)
+    if cos_sin_cache.shape[1] != q.shape[2]:
+        raise LlmxError("rotary: the Triton kernels rotate whole heads; partial rotary runs the torch reference.")
     check_kv_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     quantized = k_cache.dtype in QUANTIZED_KV_DTYPES
     check_launch_device("rotary_write_kv", _rotary_write_kv_kernel, q, k, v, positions, cos_sin_cache, k_cache,

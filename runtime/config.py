@@ -15,15 +15,39 @@ from typing import Any
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: `type` "llama3" (Llama 3.1/3.2 wavelength-dependent) or "linear"."""
+    """RoPE frequency scaling, as transformers computes it for each `type` (ROPE_SCALING_TYPES):
+
+    linear: positions divided by `factor`. dynamic (NTK): the base grows with the sequence's length once it
+    passes `original_max_position_embeddings` (config.json's max_position_embeddings). yarn: frequencies
+    blended between interpolation and extrapolation by `beta_fast` / `beta_slow`, cos/sin times
+    `attention_factor`. llama3: Llama 3.1/3.2 wavelength-dependent. longrope: per-pair `short_factor` while
+    the sequence fits `original_max_position_embeddings`, `long_factor` beyond, cos/sin times
+    `attention_factor`.
+    """
 
     type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    attention_factor: float = 1.0  # yarn / longrope: cos and sin are multiplied by it (resolved at convert)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RopeScaling":
+        d = dict(d)
+        for key in ("short_factor", "long_factor"):
+            d[key] = tuple(d.get(key) or ())
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     sliding_window: int | None = None  # Mistral v0.1; None = full attention
+    rotary_dim: int | None = None  # Phi-3 partial rotary: only the first rotary_dim dims of a head; None = head_dim
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -74,7 +99,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
         return cls(**d)
 
@@ -180,6 +205,10 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
         return "num_kv_heads", f"must divide num_heads {model.num_heads}, got {model.num_kv_heads}"
     if model.head_dim % 2:
         return "head_dim", f"must be even (RoPE rotates pairs of dimensions), got {model.head_dim}"
+    rotary_dim = model.rotary_dim if model.rotary_dim is not None else model.head_dim
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not (
+            0 < rotary_dim <= model.head_dim and rotary_dim % 2 == 0):
+        return "rotary_dim", f"must be an even number of dimensions from 2 to head_dim {model.head_dim}, got {rotary_dim!r}"
     for flag in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
         if not isinstance(getattr(model, flag), bool):
             return flag, f"must be true or false, got {getattr(model, flag)!r}"
@@ -190,12 +219,19 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
             return field_name, f"must hold token ids from 0 to vocab_size - 1 ({model.vocab_size - 1:,}), got {token!r}"
     scaling = model.rope_scaling
     if scaling is not None:
-        if scaling.type not in ("llama3", "linear"):
-            return "rope_scaling.type", f"must be \"llama3\" or \"linear\", got {scaling.type!r}"
+        if scaling.type not in ROPE_SCALING_TYPES:
+            return "rope_scaling.type", f"must be one of {', '.join(ROPE_SCALING_TYPES)}, got {scaling.type!r}"
         for field_name, rule in ROPE_SCALING_LIMITS.items():
             allowed = check_number(getattr(scaling, field_name), rule)
             if allowed is not None:
                 return f"rope_scaling.{field_name}", f"must be {allowed}, got {getattr(scaling, field_name)!r}"
+        if scaling.type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                factors = getattr(scaling, name)
+                if len(factors) != rotary_dim // 2 or not all(
+                        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1e6 for f in factors):
+                    return (f"rope_scaling.{name}", f"must list {rotary_dim // 2} positive numbers (one per rotated "
+                            f"pair), got {len(factors)} values")
         if scaling.type == "llama3" and not scaling.high_freq_factor > scaling.low_freq_factor:
             return ("rope_scaling.high_freq_factor", f"must be greater than low_freq_factor "
                     f"{scaling.low_freq_factor}, got {scaling.high_freq_factor}")

@@ -64,7 +64,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q = rotary.rotate_and_cache(positions, q, k, v, self.k_cache, self.v_cache, meta.slot_mapping,
+        q = rotary.rotate_and_cache(positions, q, k, v, self.k_cache, self.v_cache, meta,
                                     self.k_scale, self.v_scale)
         out = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, k_scale=self.k_scale,

@@ -65,7 +65,9 @@ def rotary_write_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_ma
     """Rotate q and k, store the rotated k and v into the paged KV cache; returns the rotated q."""
     from llmx.kernels import rotary as r
 
-    fn = r.rotary_write_kv if use_kernels(q) else r.rotary_write_kv_ref
+    # Partial rotary (a table narrower than the head) runs the torch reference on GPU too.
+    whole_heads = cos_sin_cache.shape[1] == q.shape[2]
+    fn = r.rotary_write_kv if use_kernels(q) and whole_heads else r.rotary_write_kv_ref
     return fn(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
 

@@ -96,7 +96,8 @@ class DecoderModel(nn.Module):
         needs_embed = ctx.is_first_stage or (ctx.is_last_stage and tied)
         self.embed = VocabEmbedding(vocab_per_rank(config.vocab_size, ctx.tp_size)) if needs_embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, quant, ctx, i) for i in self.layer_indices})
-        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device)
+        self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, max_positions, config.rope_theta,
+                                      config.rope_scaling, device)
         if ctx.is_last_stage:
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = LMHead(config.vocab_size, vocab_per_rank(config.vocab_size, ctx.tp_size), config.hidden_size,

@@ -9,6 +9,7 @@ MODEL_REGISTRY: dict[str, type] = {
     "MistralForCausalLM": DecoderModel,
     "Qwen2ForCausalLM": DecoderModel,
     "Qwen3ForCausalLM": DecoderModel,
+    "Phi3ForCausalLM": DecoderModel,
 }
 
 

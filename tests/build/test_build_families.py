@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers.tiny_models import TINY_FAMILIES, tiny_hf_config
-from llmx.build.families import (hf_config_from_model_config, hf_to_llmx_name, llmx_to_hf_name,
+from helpers.tiny_models import ROPE_VARIANTS, TINY_FAMILIES, tiny_hf_config
+from llmx.build.families import (fused_parts, hf_config_from_model_config, hf_to_llmx_name, llmx_to_hf_name,
                                  model_config_from_hf)
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import RopeScaling
@@ -57,13 +58,14 @@ def test_transformers_configs_and_round_trip(family, tmp_path):
     hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
     hf.save_pretrained(tmp_path)
     model = model_config_from_hf(json.loads((tmp_path / "config.json").read_text()), tmp_path / "config.json")
-    expect = {"llama": "llama", "llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}[family]
+    expect = {"llama3": "llama", **{v: "llama" for v in ROPE_VARIANTS}}.get(family, family)
     assert model.family == expect
     assert model.qkv_bias == (family == "qwen2") and not model.o_bias
     assert model.qk_norm == (family == "qwen3")
     assert model.sliding_window == (32 if family == "mistral" else None)
     assert model.head_dim == (32 if family == "qwen3" else 16)
-    assert (model.rope_scaling is not None) == (family == "llama3")
+    assert model.rotary_dim == (8 if family == "phi3" else None)
+    assert (model.rope_scaling is not None) == (family in ("llama3", "phi3", *ROPE_VARIANTS))
 
     inverse = hf_config_from_model_config(model, "float32")
     assert model_config_from_hf(inverse, SRC) == model
@@ -71,7 +73,9 @@ def test_transformers_configs_and_round_trip(family, tmp_path):
     ref = AutoModelForCausalLM.from_config(hf)
     new = AutoModelForCausalLM.from_config(rebuilt)
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
-    assert rebuilt.rope_parameters == ref.config.rope_parameters
+    # Same rotary frequencies and attention factor (the written dict spells out what transformers derives).
+    assert torch.equal(new.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert new.model.rotary_emb.attention_scaling == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-12)
     if family == "mistral":
         assert rebuilt.sliding_window == 32
 
@@ -95,7 +99,10 @@ def test_qwen_sliding_window_rules():
     ({"architectures": None}, "config.json: field `architectures` is missing"),
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel is not supported; llmx supports LlamaForCausalLM"),
     ({"hidden_act": "gelu"}, "`hidden_act` is 'gelu'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "su", "factor": 4.0}}, "type 'su' is not supported; llmx supports default, "
+     "linear, dynamic, yarn, llama3, longrope"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0], "long_factor": [1.0]}},
+     "`rope_scaling.short_factor` must list 64 numbers"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "`rope_scaling.low_freq_factor` must be"),
     ({"num_key_value_heads": 5}, "not a multiple of `num_key_value_heads` 5"),
     ({"hidden_size": "4096"}, "`hidden_size` must be a positive integer"),
@@ -155,4 +162,8 @@ def test_every_transformers_weight_name_maps():
         names = AutoModelForCausalLM.from_config(tiny_hf_config(family)).state_dict().keys()
         for n in names:
             mapped = hf_to_llmx_name(n)
+            if n.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused weights, split at convert
+                assert family == "phi3" and fused_parts(mapped, model_config_from_hf(
+                    {**tiny_hf_config(family).to_dict(), "architectures": ["Phi3ForCausalLM"]}, SRC))
+                continue
             assert mapped is not None and llmx_to_hf_name(mapped) == n

@@ -9,6 +9,11 @@ intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 256, 512 positions. Famil
 - mistral: sliding_window 32, so prompts longer than 32 tokens exercise the window
 - qwen2:   q/k/v bias, no o bias
 - qwen3:   q_norm/k_norm, head_dim 32 (q_size 128 != hidden 64)
+- llama_linear, llama_dynamic, llama_yarn, llama_longrope: Llama with that RoPE scaling type and an original
+  context of 32 tokens (max_position_embeddings 32 for dynamic, whose scaling starts there), so prompts of
+  a few dozen tokens run past it
+- phi3:    fused qkv_proj / gate_up_proj, partial rotary (half of head_dim 16), LongRoPE over an original
+  context of 32 tokens
 
 Norm weights and biases are perturbed away from their 1 / 0 initialisation, so a test that swaps or
 drops one of them sees different logits.
@@ -24,7 +29,9 @@ import torch
 
 from helpers.corpus import CORPUS
 
-TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "llama_linear", "llama_dynamic", "llama_yarn",
+                 "llama_longrope", "phi3")
+ROPE_VARIANTS = ("llama_linear", "llama_dynamic", "llama_yarn", "llama_longrope")
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -54,15 +61,30 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "mistral": dict(rope_theta=10000.0, sliding_window=32),
     "qwen2": dict(rope_theta=1000000.0),
     "qwen3": dict(rope_theta=1000000.0, head_dim=32),
+    "llama_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "llama_dynamic": dict(max_position_embeddings=32,
+                          rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
+    "llama_yarn": dict(max_position_embeddings=128, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 32}),
+    # head_dim 16: 8 pairs, each with its own factor.
+    "llama_longrope": dict(rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32, "factor": 4.0,
+        "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0],
+        "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}),
+    # Phi-3 keeps the pretraining context at the top level; rotary_dim 8 -> 4 factors per set.
+    "phi3": dict(pad_token_id=0, original_max_position_embeddings=32, partial_rotary_factor=0.5,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                  "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0]},
+                 max_position_embeddings=128),
 }
 
 
 def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
     """The transformers config object of a tiny model of `family` (see TINY_FAMILIES)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-               "qwen3": Qwen3Config}
+               "qwen3": Qwen3Config, "phi3": Phi3Config, **{v: LlamaConfig for v in ROPE_VARIANTS}}
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")
     kwargs = {**_COMMON, **_VARIANTS[family], "tie_word_embeddings": tie, **overrides}

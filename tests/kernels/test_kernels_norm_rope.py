@@ -9,6 +9,8 @@ covered by the CUDA tests at the end, skipped on CPU-only machines.
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 
@@ -132,6 +134,17 @@ ROPE_SCALINGS = {
                            original_max_position_embeddings=256),
                {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 256}),
+    # transformers derives YaRN's attention factor 0.1 * ln(factor) + 1 (convert stores it resolved).
+    "yarn": (RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=256,
+                         attention_factor=0.1 * math.log(4.0) + 1.0),
+             {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    # Within the original context LongRoPE uses its short factors; its attention factor comes from factor.
+    "longrope": (RopeScaling(type="longrope", factor=4.0, original_max_position_embeddings=256,
+                             attention_factor=math.sqrt(1 + math.log(4.0) / math.log(256)),
+                             short_factor=tuple(1.0 + i / 8 for i in range(16)),
+                             long_factor=tuple(2.0 + i for i in range(16))),
+                 {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 256,
+                  "short_factor": [1.0 + i / 8 for i in range(16)], "long_factor": [2.0 + i for i in range(16)]}),
 }
 
 
@@ -140,8 +153,9 @@ def test_rope_cache_equals_transformers_rotary_embedding(scaling, hf_parameters)
     head_dim, theta, max_pos = 32, 500000.0, 3000
     positions = torch.arange(max_pos)
     cos, sin, hf_inv_freq = _hf_cos_sin(head_dim, positions, theta, hf_parameters)
-    assert torch.equal(rotary.rope_inverse_frequencies(head_dim, theta, scaling), hf_inv_freq)
-    cache = rotary.rope_cos_sin_cache(head_dim, max_pos, theta, scaling)
+    # transformers' forward sees max_pos positions: LongRoPE picks its long factors.
+    assert torch.equal(rotary.rope_inverse_frequencies(head_dim, theta, scaling, seq_len=max_pos), hf_inv_freq)
+    cache = rotary.rope_cos_sin_cache(head_dim, max_pos, theta, scaling, seq_len=max_pos)
     assert cache.shape == (max_pos, head_dim) and cache.dtype == torch.float32
     half = head_dim // 2
     assert torch.equal(cache[:, :half], cos[:, :half]) and torch.equal(cache[:, :half], cos[:, half:])
@@ -236,7 +250,7 @@ def test_rotary_rejects_bad_inputs():
     with pytest.raises(LlmxError, match="positions must be int64"):
         rotary.apply_rotary_ref(q, k, torch.tensor([3, 4], dtype=torch.int32), cache)
     with pytest.raises(LlmxError, match="not supported"):
-        rotary.rope_cos_sin_cache(32, 16, 10000.0, RopeScaling(type="yarn", factor=2.0))
+        rotary.rope_cos_sin_cache(32, 16, 10000.0, RopeScaling(type="su", factor=2.0))
     with pytest.raises(LlmxError, match="even"):
         rotary.rope_cos_sin_cache(33, 16, 10000.0)
 
