@@ -236,6 +236,8 @@ def checkpoint_tensor_specs(model: ModelConfig, dtype: str, quant: QuantConfig |
     Linears store what their QuantMethod declares; embeddings, norms and biases stay in `dtype`.
     out_dim/in_dim mark the axes tensor parallelism slices (embed rows follow the vocabulary).
     """
+    from llmx.build.gemma_config import GEMMA_FAMILIES
+
     h = model.hidden_size
     specs: dict[str, TensorSpec] = {"embed.weight": TensorSpec((model.vocab_size, h), dtype, out_dim=(0, 1))}
     linears = {m.name: m for m in linear_modules(model)}
@@ -250,7 +252,11 @@ def checkpoint_tensor_specs(model: ModelConfig, dtype: str, quant: QuantConfig |
         if quant is not None and quant.kv_cache_dtype is not None:
             for suffix in KV_SCALE_SUFFIXES:
                 specs[f"{p}.attn.{suffix}"] = TensorSpec((), "float32")
+        if model.family in GEMMA_FAMILIES:  # Gemma's norms after attention and after the MLP
+            specs[f"{p}.post_attn_norm.weight"] = TensorSpec((h,), dtype)
         specs[f"{p}.mlp_norm.weight"] = TensorSpec((h,), dtype)
+        if model.family in GEMMA_FAMILIES:
+            specs[f"{p}.post_mlp_norm.weight"] = TensorSpec((h,), dtype)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             _add_linear(specs, linears[f"{p}.mlp.{proj}"], dtype, quant)
     specs["final_norm.weight"] = TensorSpec((h,), dtype)

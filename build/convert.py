@@ -187,7 +187,7 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
     for src in sources:
         for t in src.tensors:
             try:
-                name = hf_to_llmx_name(t.name)
+                name = hf_to_llmx_name(t.name, model.family)
             except ValueError:
                 raise LlmxError(f"{src.path}: tensor `{t.name}` is not part of the {model.architecture} layout llmx "
                                 "knows; check that config.json belongs to these weights.") from None
@@ -206,7 +206,7 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
     missing = [n for n in expected if n not in seen]
     if missing:
         files = ", ".join(s.path.name for s in sources)
-        raise LlmxError(f"{hf_dir}: tensor `{llmx_to_hf_name(missing[0])}` is missing from {files} "
+        raise LlmxError(f"{hf_dir}: tensor `{llmx_to_hf_name(missing[0], model.family)}` is missing from {files} "
                         f"({len(missing)} missing in all); the weights are incomplete or do not match config.json, "
                         "re-download the checkpoint.")
     return items

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llmx.build.gemma_config import GEMMA_FAMILIES, gemma_fields, gemma_hf_fields, gemma_rope_source
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 
@@ -24,6 +25,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_TYPES)
 _LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -48,8 +51,9 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
     arch = _architecture(hf_config, source)
     family = SUPPORTED_ARCHITECTURES[arch]
 
+    gemma = family in GEMMA_FAMILIES
     act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and not gemma:
         raise LlmxError(f"{source}: field `hidden_act` is {act!r}; llmx supports only \"silu\" for {arch}.")
 
     hidden = _positive_int(hf_config, "hidden_size", source)
@@ -68,7 +72,7 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         head_dim = _positive_int(hf_config, "head_dim", source)
 
     rotary_dim = _rotary_dim(hf_config, family, head_dim, source)
-    theta, scaling = _rope(hf_config, source, rotary_dim)
+    theta, scaling = _rope(gemma_rope_source(hf_config, family) if gemma else hf_config, source, rotary_dim)
     attention_bias = _bool(hf_config, "attention_bias", source, default=False)
     qkv_bias, o_bias = {
         "llama": (attention_bias, attention_bias),
@@ -76,9 +80,13 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         "qwen2": (True, False),  # Qwen2's modeling code hard-wires bias on q/k/v and none on o
         "qwen3": (attention_bias, attention_bias),
         "phi3": (False, False),
+        "gemma2": (attention_bias, attention_bias),
+        "gemma3": (attention_bias, attention_bias),
     }[family]
     num_layers = _positive_int(hf_config, "num_hidden_layers", source)
 
+    extra = gemma_fields(hf_config, family, num_layers, source) if gemma else {
+        "qk_norm": family == "qwen3", "sliding_window": _sliding_window(hf_config, family, num_layers, source)}
     model = ModelConfig(
         architecture=arch,
         family=family,
@@ -93,13 +101,12 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         rms_norm_eps=_positive_float(hf_config, "rms_norm_eps", source, default=1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=_bool(hf_config, "tie_word_embeddings", source, default=False),
+        tie_word_embeddings=_bool(hf_config, "tie_word_embeddings", source, default=gemma),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=_bool(hf_config, "mlp_bias", source, default=False) if family == "llama" else False,
-        qk_norm=family == "qwen3",
-        sliding_window=_sliding_window(hf_config, family, num_layers, source),
         rotary_dim=rotary_dim if rotary_dim != head_dim else None,
+        **extra,
         bos_token_id=_optional_token_id(hf_config, "bos_token_id", source),
         eos_token_ids=_eos_token_ids(hf_config, source),
     )
@@ -313,7 +320,7 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
     family = model.family
     hf: dict[str, Any] = {
         "architectures": [model.architecture],
-        "model_type": family,
+        "model_type": {"gemma3": "gemma3_text"}.get(family, family),
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.intermediate_size,
@@ -339,6 +346,11 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
             raise ValueError(f"{model.architecture} has one `attention_bias` for q/k/v and o; "
                              f"got qkv_bias={model.qkv_bias}, o_bias={model.o_bias}")
         hf["attention_bias"] = model.qkv_bias
+    if family in GEMMA_FAMILIES:
+        hf.update(gemma_hf_fields(model))
+        del hf["hidden_act"]
+        if family == "gemma3":
+            del hf["rope_theta"], hf["rope_scaling"]
     if family == "llama":
         hf["mlp_bias"] = model.mlp_bias
     if family in ("mistral", "phi3"):
@@ -404,23 +416,33 @@ _HF_FUSED_PAIRS = [
 ]
 _HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _NAME_PAIRS + _HF_FUSED_PAIRS]
 _LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
+# Gemma's four norms per layer: its post_attention_layernorm follows attention (Llama's is in front of the
+# MLP, llmx's mlp_norm); pre_feedforward_layernorm is the norm in front of the MLP. Tried before the rows above.
+_GEMMA_PAIRS = [
+    ("model.layers.{0}.post_attention_layernorm.weight", "layers.{0}.post_attn_norm.weight", (_LAYER,)),
+    ("model.layers.{0}.pre_feedforward_layernorm.weight", "layers.{0}.mlp_norm.weight", (_LAYER,)),
+    ("model.layers.{0}.post_feedforward_layernorm.weight", "layers.{0}.post_mlp_norm.weight", (_LAYER,)),
+]
+_GEMMA_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _GEMMA_PAIRS] + _HF_TO_LLMX
+_GEMMA_LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _GEMMA_PAIRS] + _LLMX_TO_HF
 # Buffers some exporters save next to the weights; they are recomputed, never loaded.
 _HF_SKIPPED = re.compile(r"(.*\.)?rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\..*")
 
 
-def hf_to_llmx_name(hf_name: str) -> str | None:
+def hf_to_llmx_name(hf_name: str, family: str | None = None) -> str | None:
     """HF tensor name -> llmx checkpoint name; None for buffers that are not weights (rotary inv_freq).
+    family: the model's family (ModelConfig.family), which decides Gemma's norm names.
 
     Raises ValueError for a name no supported family uses (the caller names the file in its error).
     """
     if _HF_SKIPPED.fullmatch(hf_name):
         return None
-    return _translate(hf_name, _HF_TO_LLMX)
+    return _translate(hf_name, _GEMMA_HF_TO_LLMX if family in GEMMA_FAMILIES else _HF_TO_LLMX)
 
 
-def llmx_to_hf_name(name: str) -> str:
+def llmx_to_hf_name(name: str, family: str | None = None) -> str:
     """llmx checkpoint name -> HF tensor name (the inverse of hf_to_llmx_name). Raises ValueError if unknown."""
-    return _translate(name, _LLMX_TO_HF)
+    return _translate(name, _GEMMA_LLMX_TO_HF if family in GEMMA_FAMILIES else _LLMX_TO_HF)
 
 
 def _translate(name: str, table: list[tuple[re.Pattern[str], str, int]]) -> str:

@@ -62,3 +62,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4,
         **pdl_launch(x.device))
     return out
+
+
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """Gemma's gated MLP activation: x [T, 2I] = [gate | up] -> gelu_tanh(gate) * up [T, I] in x's dtype, as
+    transformers' `gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`."""
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise LlmxError(f"gelu_tanh_and_mul: x must be [tokens, 2 * intermediate], got shape {tuple(x.shape)}.")
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up

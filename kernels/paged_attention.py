@@ -331,7 +331,7 @@ def _prefill_kernel(
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
-                  sliding_window) -> None:
+                  sliding_window, softcap=None) -> None:
     op = "paged_attention"
     if q.dim() != 3:
         raise LlmxError(f"{op}: q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}.")
@@ -364,6 +364,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
                         f"{block_tables.dtype} {tuple(block_tables.shape)}.")
     if sliding_window is not None and sliding_window < 1:
         raise LlmxError(f"{op}: sliding_window must be None or a positive number of tokens, got {sliding_window}.")
+    if softcap is not None and not softcap > 0:
+        raise LlmxError(f"{op}: softcap must be None or a positive number, got {softcap}.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +382,12 @@ def _gather_sequence_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len:
     return kv * scale.float() if cache.dtype in QUANTIZED_KV_DTYPES else kv
 
 
-def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, sliding_window):
+def _soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention-logit soft cap: cap * tanh(score / cap), op for op as transformers applies it."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, sliding_window, softcap):
     """All sequences at one query token: one batched gather and softmax instead of a loop per sequence
     (the CPU runtime's decode steps)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -394,7 +401,7 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_s
 
     keys, values = gather(k_cache, k_scale), gather(v_cache, v_scale)
     queries = q.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bkgd,bnkd->bkgn", queries, keys) * scale
+    scores = _soft_cap(torch.einsum("bkgd,bnkd->bkgn", queries, keys) * scale, softcap)
     positions = torch.arange(keys.shape[1], device=q.device)[None, :]
     last = seq_lens.long()[:, None] - 1
     visible = positions <= last
@@ -409,10 +416,12 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_s
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, *,
                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                        sliding_window: int | None = None, max_query_len: int | None = None) -> torch.Tensor:
+                        sliding_window: int | None = None, max_query_len: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Pure-torch paged attention (same contract as `paged_attention`), one masked float32 softmax per
     sequence. `max_query_len` is accepted for signature parity and not needed."""
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window)
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window,
+                  softcap)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -425,7 +434,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             raise LlmxError(f"paged_attention: sequence {seq} has seq_len {seq_len} for {q_len} query tokens and "
                             f"{block_tables.shape[1]} table blocks; seq_lens must count this step's tokens.")
     if all(starts[i + 1] - starts[i] == 1 for i in range(len(lengths))):
-        return _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, sliding_window)
+        return _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, sliding_window,
+                           softcap)
     out = torch.zeros_like(q)
     for seq, seq_len in enumerate(lengths):
         q_begin, q_end = starts[seq], starts[seq + 1]
@@ -440,7 +450,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             chunk = min(_REF_QUERY_CHUNK, q_len - chunk_begin)
             first = q_begin + chunk_begin
             queries = q[first:first + chunk].float().reshape(chunk, num_kv_heads, group, head_dim)
-            scores = torch.einsum("qkgd,nkd->kgqn", queries, keys) * scale
+            scores = _soft_cap(torch.einsum("qkgd,nkd->kgqn", queries, keys) * scale, softcap)
             first_position = seq_len - q_len + chunk_begin
             positions = torch.arange(first_position, first_position + chunk, device=q.device)[:, None]
             visible = kv_positions <= positions

@@ -158,3 +158,11 @@ def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     [T, heads, head_dim] normalised over head_dim (Triton)."""
     _check("rms_norm_heads", x, weight, 3)
     return _launch("rms_norm_heads", x, None, weight, eps)[0]
+
+
+def gemma_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm, op for op as transformers computes it: normalise in float32, multiply by (1 + weight) in
+    float32, round once to x's dtype (Llama rounds before multiplying by weight). x [T, H], weight [H] -> [T, H]."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).type_as(x)

@@ -395,7 +395,7 @@ def build_calibration_model(model: Any, dtype: str, tensors: Iterator[tuple[str,
     params = dict(hf_model.named_parameters(remove_duplicate=False))
     missing = set(params)
     for name, tensor in tensors:
-        hf_name = llmx_to_hf_name(name)
+        hf_name = llmx_to_hf_name(name, model.family)
         with torch.no_grad():
             params[hf_name].copy_(tensor)
         missing.discard(hf_name)

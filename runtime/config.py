@@ -16,6 +16,8 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     sliding_window: int | None = None  # Mistral v0.1; None = full attention
     rotary_dim: int | None = None  # Phi-3 partial rotary: only the first rotary_dim dims of a head; None = head_dim
+    # Gemma: per-layer "sliding_attention" (window `sliding_window`) or "full_attention"; () = every layer alike.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (unscaled); None = rope_theta
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_pytorch_tanh (Gemma)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -93,6 +102,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"] = list(self.layer_types)
+        if self.rope_scaling is not None:
+            for key in ("short_factor", "long_factor"):
+                d["rope_scaling"][key] = list(self.rope_scaling.__dict__[key])
         return d
 
     @classmethod
@@ -101,6 +114,7 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["layer_types"] = tuple(d.get("layer_types") or ())
         return cls(**d)
 
 
@@ -208,7 +222,18 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
     rotary_dim = model.rotary_dim if model.rotary_dim is not None else model.head_dim
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not (
             0 < rotary_dim <= model.head_dim and rotary_dim % 2 == 0):
-        return "rotary_dim", f"must be an even number of dimensions from 2 to head_dim {model.head_dim}, got {rotary_dim!r}"
+        return "rotary_dim", f"must be an even number from 2 to head_dim {model.head_dim}, got {rotary_dim!r}"
+    if model.layer_types and (len(model.layer_types) != model.num_layers or not set(model.layer_types) <= set(
+            LAYER_TYPES) or ("sliding_attention" in model.layer_types and model.sliding_window is None)):
+        return ("layer_types", f"must name {', '.join(LAYER_TYPES)} once per layer ({model.num_layers}), with "
+                f"sliding_window set for sliding layers, got {list(model.layer_types)!r:.120}")
+    if model.hidden_act not in HIDDEN_ACTS:
+        return "hidden_act", f"must be one of {', '.join(HIDDEN_ACTS)}, got {model.hidden_act!r}"
+    for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(model, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < 1e12):
+            return name, f"must be a positive number or null, got {value!r}"
     for flag in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
         if not isinstance(getattr(model, flag), bool):
             return flag, f"must be true or false, got {getattr(model, flag)!r}"

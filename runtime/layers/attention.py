@@ -1,4 +1,4 @@
-"""Self-attention over the paged KV cache (GQA, optional q/k norm, sliding window, quantized KV)."""
+"""Self-attention over the paged KV cache (GQA, optional q/k norm, sliding window, logit soft-cap, quantized KV)."""
 
 from __future__ import annotations
 
@@ -32,19 +32,23 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 qkv: Linear, o_proj: Linear, qk_norm_eps: float | None, sliding_window: int | None):
-        """num_heads / num_kv_heads are this rank's counts; qkv's rows are [q | k | v] of this rank."""
+                 qkv: Linear, o_proj: Linear, qk_norm_eps: float | None, sliding_window: int | None,
+                 scale: float | None = None, softcap: float | None = None, norm_class: type[RMSNorm] = RMSNorm):
+        """num_heads / num_kv_heads are this rank's counts; qkv's rows are [q | k | v] of this rank.
+        scale: the scores' factor (default head_dim ** -0.5); softcap: Gemma 2's attention-logit cap;
+        norm_class: the q/k norm's kind (Gemma's (1 + w) RMSNorm)."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.qkv_proj = qkv
         self.o_proj = o_proj
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.q_norm = norm_class(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = norm_class(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.sliding_window = sliding_window
         # Set by the model runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache: torch.Tensor | None = None
@@ -69,5 +73,5 @@ class Attention(nn.Module):
         out = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, k_scale=self.k_scale,
                                   v_scale=self.v_scale, sliding_window=self.sliding_window,
-                                  max_query_len=meta.max_query_len)
+                                  max_query_len=meta.max_query_len, softcap=self.softcap)
         return self.o_proj(out.reshape(tokens, self.q_size))

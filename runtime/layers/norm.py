@@ -20,3 +20,13 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the stored weight w scales by (1 + w), computed in float32 (transformers' Gemma code).
+    Gemma adds residuals outside its norms, so there is no fused residual form."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            raise ValueError("GemmaRMSNorm takes no residual; add it outside the norm as Gemma does")
+        return ops.gemma_rms_norm(x, self.weight, self.eps)

@@ -78,10 +78,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return a.silu_and_mul(x) if use_kernels(x) else a.silu_and_mul_ref(x)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> gelu_tanh(gate) * up [T, I] (Gemma; torch on every device)."""
+    from llmx.kernels import activation as a
+
+    return a.gelu_tanh_and_mul_ref(x)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normed(x) * (1 + weight), in float32 (torch on every device)."""
+    from llmx.kernels import rms_norm as k
+
+    return k.gemma_rms_norm_ref(x, weight, eps)
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
-                    k_scale=None, v_scale=None, sliding_window=None, max_query_len=None):
+                    k_scale=None, v_scale=None, sliding_window=None, max_query_len=None, softcap=None):
     from llmx.kernels import paged_attention as a
 
     fn = a.paged_attention if use_kernels(q) else a.paged_attention_ref
+    kwargs = {"softcap": softcap} if softcap is not None else {}
     return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale,
-              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len)
+              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len, **kwargs)

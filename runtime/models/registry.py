@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmx.runtime.models.decoder import DecoderModel
+from llmx.runtime.models.gemma import GemmaModel
 
 MODEL_REGISTRY: dict[str, type] = {
     "LlamaForCausalLM": DecoderModel,
@@ -10,6 +11,8 @@ MODEL_REGISTRY: dict[str, type] = {
     "Qwen2ForCausalLM": DecoderModel,
     "Qwen3ForCausalLM": DecoderModel,
     "Phi3ForCausalLM": DecoderModel,
+    "Gemma2ForCausalLM": GemmaModel,
+    "Gemma3ForCausalLM": GemmaModel,
 }
 
 

@@ -55,17 +55,23 @@ def test_transformers_configs_and_round_trip(family, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = tiny_hf_config(family)
-    hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
+    hf.architectures = [type(hf).__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     hf.save_pretrained(tmp_path)
     model = model_config_from_hf(json.loads((tmp_path / "config.json").read_text()), tmp_path / "config.json")
     expect = {"llama3": "llama", **{v: "llama" for v in ROPE_VARIANTS}}.get(family, family)
     assert model.family == expect
     assert model.qkv_bias == (family == "qwen2") and not model.o_bias
-    assert model.qk_norm == (family == "qwen3")
-    assert model.sliding_window == (32 if family == "mistral" else None)
+    assert model.qk_norm == (family in ("qwen3", "gemma3"))
+    assert model.sliding_window == {"mistral": 32, "gemma2": 8, "gemma3": 8}.get(family)
     assert model.head_dim == (32 if family == "qwen3" else 16)
     assert model.rotary_dim == (8 if family == "phi3" else None)
-    assert (model.rope_scaling is not None) == (family in ("llama3", "phi3", *ROPE_VARIANTS))
+    assert (model.rope_scaling is not None) == (family in ("llama3", "phi3", "gemma3", *ROPE_VARIANTS))
+    gemma = family in ("gemma2", "gemma3")
+    assert model.layer_types == (("sliding_attention", "full_attention", "sliding_attention") if gemma else ())
+    assert model.hidden_act == ("gelu_pytorch_tanh" if gemma else "silu")
+    assert model.attn_logit_softcapping == model.final_logit_softcapping == (5.0 if family == "gemma2" else None)
+    assert model.local_rope_theta == (1e4 if family == "gemma3" else None)
+    assert model.query_pre_attn_scalar == (24 if gemma else None)
 
     inverse = hf_config_from_model_config(model, "float32")
     assert model_config_from_hf(inverse, SRC) == model
@@ -74,8 +80,13 @@ def test_transformers_configs_and_round_trip(family, tmp_path):
     new = AutoModelForCausalLM.from_config(rebuilt)
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
     # Same rotary frequencies and attention factor (the written dict spells out what transformers derives).
-    assert torch.equal(new.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
-    assert new.model.rotary_emb.attention_scaling == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-12)
+    ref_buffers = {k: v for k, v in ref.model.rotary_emb.named_buffers()}
+    assert ref_buffers and all(torch.equal(v, ref_buffers[k]) for k, v in new.model.rotary_emb.named_buffers())
+    for attr in ("attention_scaling", "full_attention_attention_scaling", "sliding_attention_attention_scaling"):
+        if hasattr(ref.model.rotary_emb, attr):
+            assert getattr(new.model.rotary_emb, attr) == pytest.approx(getattr(ref.model.rotary_emb, attr), rel=1e-12)
+    if gemma:
+        assert new.config.layer_types == ref.config.layer_types
     if family == "mistral":
         assert rebuilt.sliding_window == 32
 
@@ -160,10 +171,11 @@ def test_every_transformers_weight_name_maps():
 
     for family in TINY_FAMILIES:
         names = AutoModelForCausalLM.from_config(tiny_hf_config(family)).state_dict().keys()
+        llmx_family = {"gemma2": "gemma2", "gemma3": "gemma3"}.get(family)  # Gemma names its norms its own way
         for n in names:
-            mapped = hf_to_llmx_name(n)
+            mapped = hf_to_llmx_name(n, llmx_family)
             if n.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused weights, split at convert
                 assert family == "phi3" and fused_parts(mapped, model_config_from_hf(
                     {**tiny_hf_config(family).to_dict(), "architectures": ["Phi3ForCausalLM"]}, SRC))
                 continue
-            assert mapped is not None and llmx_to_hf_name(mapped) == n
+            assert mapped is not None and llmx_to_hf_name(mapped, llmx_family) == n

@@ -14,6 +14,10 @@ intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 256, 512 positions. Famil
   a few dozen tokens run past it
 - phi3:    fused qkv_proj / gate_up_proj, partial rotary (half of head_dim 16), LongRoPE over an original
   context of 32 tokens
+- gemma2:  3 layers, sliding (window 8) / global / sliding, query_pre_attn_scalar 24, attention and final
+  logits soft-capped at 5 (low enough to bend these tiny models' scores), tied embeddings
+- gemma3:  the same pattern with q/k norm, RoPE base 1e6 with linear scaling (factor 2) on the global layer
+  and 1e4 on the sliding ones, no soft-caps
 
 Norm weights and biases are perturbed away from their 1 / 0 initialisation, so a test that swaps or
 drops one of them sees different logits.
@@ -30,7 +34,7 @@ import torch
 from helpers.corpus import CORPUS
 
 TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "llama_linear", "llama_dynamic", "llama_yarn",
-                 "llama_longrope", "phi3")
+                 "llama_longrope", "phi3", "gemma2", "gemma3")
 ROPE_VARIANTS = ("llama_linear", "llama_dynamic", "llama_yarn", "llama_longrope")
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 CHAT_TEMPLATE = (
@@ -64,8 +68,8 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "llama_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "llama_dynamic": dict(max_position_embeddings=32,
                           rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
-    "llama_yarn": dict(max_position_embeddings=128, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                        "original_max_position_embeddings": 32}),
+    "llama_yarn": dict(max_position_embeddings=128, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
     # head_dim 16: 8 pairs, each with its own factor.
     "llama_longrope": dict(rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32, "factor": 4.0,
@@ -76,18 +80,29 @@ _VARIANTS: dict[str, dict[str, Any]] = {
                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                   "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0]},
                  max_position_embeddings=128),
+    "gemma2": dict(head_dim=16, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   attn_logit_softcapping=5.0, final_logit_softcapping=5.0, rope_theta=10000.0, pad_token_id=0),
+    "gemma3": dict(head_dim=16, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
+                   rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
+# Gemma ties its embeddings; the other families' tiny models do not unless asked.
+_TIED_BY_DEFAULT = ("gemma2", "gemma3")
 
 
 def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
     """The transformers config object of a tiny model of `family` (see TINY_FAMILIES)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-               "qwen3": Qwen3Config, "phi3": Phi3Config, **{v: LlamaConfig for v in ROPE_VARIANTS}}
+               "qwen3": Qwen3Config, "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig,
+               **{v: LlamaConfig for v in ROPE_VARIANTS}}
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")
-    kwargs = {**_COMMON, **_VARIANTS[family], "tie_word_embeddings": tie, **overrides}
+    kwargs = {**_COMMON, **_VARIANTS[family], "tie_word_embeddings": tie or family in _TIED_BY_DEFAULT, **overrides}
     return classes[family](**kwargs)
 
 

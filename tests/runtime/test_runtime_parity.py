@@ -18,7 +18,7 @@ from llmx.runtime.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", *ROPE_VARIANTS, "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", *ROPE_VARIANTS, "phi3", "gemma2", "gemma3"]
 
 
 def make_engine(hf_dir, tmp, dtype="float32", **build):
