@@ -155,17 +155,26 @@ def _merge_partials(partial_out_ptr, partial_lse_ptr, first_row, num_partials, o
 
 
 @jit
+def _soft_cap_log2(scores, softcap):
+    """Scores in log2 units (natural score * log2 e) -> cap * tanh(score / cap) in log2 units (Gemma 2).
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice call."""
+    natural = scores * (1.0 / 1.4426950408889634)
+    capped = softcap * (1.0 - 2.0 / (tl.exp(2.0 * natural / softcap) + 1.0))
+    return capped * 1.4426950408889634
+
+
+@jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, v_scale_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, arrivals_ptr,
-    qk_scale_log2, sliding_window,
+    qk_scale_log2, sliding_window, softcap,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, FEW_SPLITS_MAX_TILES: tl.constexpr,
-    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -225,6 +234,8 @@ def _decode_kernel(
             physical = _physical_blocks(block_tables_ptr, seq, next_positions, next_positions < kv_end,
                                         stride_table, BLOCK_SIZE)
             scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                scores = _soft_cap_log2(scores, softcap)
             scores = tl.where(kv_mask[None, :], scores, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, q.dtype, DOT_PRECISION)
 
@@ -263,13 +274,13 @@ def _decode_kernel(
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, v_scale_ptr, out_ptr,
-    qk_scale_log2, sliding_window,
+    qk_scale_log2, sliding_window, softcap,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     query_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -310,6 +321,8 @@ def _prefill_kernel(
             k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, kv_positions, kv_mask, dims, dim_mask,
                               stride_table, stride_k_block, stride_k_slot, stride_k_head, BLOCK_SIZE)
             scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                scores = _soft_cap_log2(scores, softcap)
             visible = ((kv_positions[None, :] <= positions[:, None])
                        & (kv_positions[None, :] > positions[:, None] - sliding_window)
                        & kv_mask[None, :])
@@ -528,9 +541,11 @@ def _prepare(q, k_cache, v_cache, block_tables):
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """Decode attention (one query per sequence) with split-K over the context; num_splits None = automatic."""
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window)
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window,
+                  softcap)
     device = check_launch_device("paged_attention", _decode_kernel, q, k_cache, v_cache, block_tables, seq_lens,
                                  query_start_loc)
     num_seqs = seq_lens.shape[0]
@@ -556,11 +571,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale_args, strides, constants = _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *scale_args, out, partial_out, partial_lse,
-        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, *strides,
+        arrivals, scale * _LOG2_E, sliding_window or _NO_WINDOW, softcap or 0.0, *strides,
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         MERGE_GROUP_PAD=next_power_of_2(group), BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits,
         SPLIT_CHUNK=min(MERGE_CHUNK, next_power_of_2(num_splits)), FEW_SPLITS_MAX_TILES=FEW_SPLITS_MAX_TILES,
-        **constants, num_warps=4, num_stages=3, **pdl_launch(q.device),
+        **constants, SOFTCAP=softcap is not None, num_warps=4, num_stages=3, **pdl_launch(q.device),
     )
     return out
 
@@ -569,9 +584,10 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             scale: float, *, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
-                            max_query_len: int | None = None) -> torch.Tensor:
+                            max_query_len: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Prefill / chunked-prefill / mixed-batch attention: tiles of queries x KV blocks, online softmax."""
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window)
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale, sliding_window,
+                  softcap)
     check_launch_device("paged_attention", _prefill_kernel, q, k_cache, v_cache, block_tables, seq_lens,
                         query_start_loc)
     q = _prepare(q, k_cache, v_cache, block_tables)
@@ -593,8 +609,8 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale_args, strides, constants = _common_launch_args(q, k_cache, v_cache, block_tables, k_scale, v_scale, out)
     _prefill_kernel[(cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *scale_args, out,
-        scale * _LOG2_E, sliding_window or _NO_WINDOW, *strides,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, **constants,
+        scale * _LOG2_E, sliding_window or _NO_WINDOW, softcap or 0.0, *strides,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, **constants, SOFTCAP=softcap is not None,
         num_warps=8 if rows >= 128 else 4, num_stages=2,
     )
     return out
@@ -609,14 +625,16 @@ def _max_query_len(query_start_loc: torch.Tensor) -> int:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, *,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    sliding_window: int | None = None, max_query_len: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, max_query_len: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Triton paged attention: the decode kernel when every sequence brings one query token, the prefill
-    kernel otherwise. Pass max_query_len (known to the scheduler) to avoid a device-to-host sync."""
+    kernel otherwise. Pass max_query_len (known to the scheduler) to avoid a device-to-host sync.
+    softcap: Gemma 2's attention-logit cap, scores -> cap * tanh(scores / cap) before the softmax."""
     if max_query_len is None:
         _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
-                      sliding_window)
+                      sliding_window, softcap)
         max_query_len = _max_query_len(query_start_loc)
-    kwargs = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window)
+    kwargs = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window, softcap=softcap)
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         return paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, **kwargs)
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,

@@ -97,6 +97,5 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     from llmx.kernels import paged_attention as a
 
     fn = a.paged_attention if use_kernels(q) else a.paged_attention_ref
-    kwargs = {"softcap": softcap} if softcap is not None else {}
     return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale,
-              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len, **kwargs)
+              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len, softcap=softcap)

@@ -164,6 +164,61 @@ def test_interpreted_kernel_matches_reference(case):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
+def dense_soft_capped_attention(batch: PagedBatch, sliding_window: int | None, softcap: float) -> torch.Tensor:
+    """Gemma 2's eager attention written out: scores * scale, cap * tanh(scores / cap), mask, softmax, @ V."""
+    out = torch.zeros(batch.q.shape, dtype=torch.float32)
+    starts = batch.query_start_loc.tolist()
+    group = batch.q.shape[1] // batch.keys[0].shape[1]
+    for seq, seq_len in enumerate(batch.seq_lens.tolist()):
+        begin, end = starts[seq], starts[seq + 1]
+        positions = torch.arange(seq_len - (end - begin), seq_len)[:, None]
+        kv_positions = torch.arange(seq_len)[None, :]
+        mask = kv_positions <= positions
+        if sliding_window is not None:
+            mask &= kv_positions > positions - sliding_window
+        k = batch.keys[seq].repeat_interleave(group, dim=1)  # [n, H, D]
+        v = batch.values[seq].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,nhd->hqn", batch.q[begin:end].float(), k) * batch.scale
+        scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out[begin:end] = torch.einsum("hqn,nhd->qhd", probs, v)
+    return out
+
+
+# (q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window, kv_dtype): cap 1.0 bends
+# these unit-scale scores hard, so a kernel that skipped or misplaced the cap would be far off.
+SOFTCAP_CASES = {
+    "prefill_window": ([25, 1], [60, 50], 4, 2, 32, 16, 7, None),
+    "decode_long_split": ([1, 1], [300, 6], 4, 1, 32, 16, None, None),
+    "mixed_fp8_cache": ([4, 1], [50, 21], 4, 2, 32, 16, 11, torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+def test_reference_soft_cap_matches_dense_attention(case):
+    q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window, kv_dtype = case
+    batch = make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, kv_dtype=kv_dtype)
+    out = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window, softcap=1.0)
+    torch.testing.assert_close(out, dense_soft_capped_attention(batch, window, 1.0), atol=2e-5, rtol=1e-5)
+    uncapped = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window)
+    assert (out - uncapped).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+@interpreted
+def test_interpreted_soft_capped_kernels_match_reference(case):
+    q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window, kv_dtype = case
+    batch = make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, kv_dtype=kv_dtype, seed=1)
+    expected = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window, softcap=1.0)
+    out = attention.paged_attention(*batch.args(), **batch.scales(), sliding_window=window,
+                                    max_query_len=max(q_lens), softcap=1.0)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    if max(q_lens) == 1:  # the decode kernel split across the context merges capped partials
+        split = attention.paged_attention_decode(*batch.args(), **batch.scales(), sliding_window=window,
+                                                 num_splits=4, softcap=1.0)
+        torch.testing.assert_close(split, expected, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8, None])
 @interpreted
 def test_interpreted_decode_split_k_merges_to_the_reference(num_splits):
