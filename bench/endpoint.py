@@ -186,7 +186,7 @@ def run_endpoint_benchmark(endpoint: Endpoint, engine_dir, options, *, recipe: s
     """Warm up, measure, and return the `llmx-bench/1` report of a server (options: bench.runner.BenchOptions)."""
     from llmx.bench.metrics import compute_metrics
     from llmx.bench.report import build_report, environment_description
-    from llmx.bench.runner import _config, make_requests
+    from llmx.bench.runner import make_requests, report_config
 
     requests, warmup = make_requests(workload_source(engine_dir), options)
 
@@ -202,7 +202,7 @@ def run_endpoint_benchmark(endpoint: Endpoint, engine_dir, options, *, recipe: s
     if failed:
         raise LlmxError(f"{len(failed)} of {len(records)} requests to {endpoint.base_url} failed (first: "
                         f"{failed[0].error}); the figures would be wrong, so none are reported.")
-    config = _config(options, recipe) | {"endpoint": endpoint.base_url, "model": model}
+    config = report_config(options, recipe) | {"endpoint": endpoint.base_url, "model": model}
     described = {"path": endpoint.base_url, "endpoint": endpoint.base_url, "model": model,
                  "workload_from": str(engine_dir)}
     environment = environment_description({"device": "client", "device_name": None})
