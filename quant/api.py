@@ -98,6 +98,10 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
         if ckpt.quant is not None:
             raise LlmxError(f"{src} is already quantized (algo {ckpt.quant.algo}); quantize the unquantized "
                             "checkpoint it was made from.")
+        if ckpt.model.family == "phi3":
+            raise LlmxError(f"{src}: quantizing {ckpt.model.architecture} is not supported yet (ModelOpt calibrates "
+                            "transformers' Phi-3, whose fused qkv_proj / gate_up_proj llmx stores split); build and "
+                            "run this checkpoint unquantized.")
         plan = plan_modules(ckpt.model, algo, exclude, group, quantize_lm_head=quantize_lm_head)
         if choose_group:
             group = presets.choose_group_size(_in_features(ckpt.model, plan))

@@ -119,7 +119,8 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
     prefix = f"layers.{layer}"
     for block, projs, norm in FUSED_GROUPS:
         names = [f"{prefix}.{block}.{p}" for p in projs]
-        out.update(_export_fused(names, f"{prefix}.{norm}.weight", dtype, quant, source, states))
+        out.update(_export_fused(names, f"{prefix}.{norm}.weight", dtype, quant, source, states,
+                                 norm_offset=1.0 if model.family in ("gemma2", "gemma3") else 0.0))
     for block, proj in UNFUSED:
         n = f"{prefix}.{block}.{proj}"
         if n not in states:
@@ -138,9 +139,11 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
 
 
 def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantConfig",
-                  source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
+                  source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState],
+                  norm_offset: float = 0.0) -> dict[str, "torch.Tensor"]:
     """Linears `names` reading the output of norm `norm_name`: packed, with any smoothing folded into the norm
-    (then the norm is among the tensors returned). Names not in `states` are left out (unquantized)."""
+    (then the norm is among the tensors returned). Names not in `states` are left out (unquantized).
+    norm_offset: 1 for Gemma's norms, which scale by (1 + weight)."""
     from llmx.quant.methods import method_for
 
     out: dict[str, "torch.Tensor"] = {}
@@ -149,7 +152,7 @@ def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantCon
         return out
     group = [states[n] for n in quantized]
     if any(s.pre_quant_scale is not None for s in group):
-        norm_weight, scale = _fold_into_norm(source(norm_name), group, dtype)
+        norm_weight, scale = _fold_into_norm(source(norm_name), group, dtype, norm_offset)
         out[norm_name] = norm_weight
         for n, s in zip(quantized, group):
             _rescale(s, source(f"{n}.weight"), scale)
@@ -159,16 +162,18 @@ def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantCon
     return out
 
 
-def _fold_into_norm(norm_weight: "torch.Tensor", group: list[LinearState], dtype: str):
-    """One smoothing vector for the group, folded into the norm: (new norm weight, the scale it realizes)."""
+def _fold_into_norm(norm_weight: "torch.Tensor", group: list[LinearState], dtype: str, offset: float = 0.0):
+    """One smoothing vector for the group, folded into the norm: (new norm weight, the scale it realizes).
+    The norm multiplies by (offset + weight): Gemma stores w and scales by 1 + w."""
     import torch
 
     scales = [s.pre_quant_scale if s.pre_quant_scale is not None else torch.ones_like(s.weight[0])
               for s in group]
     mean = torch.stack([sc.float() for sc in scales]).mean(dim=0)
-    norm = norm_weight.float()
-    folded = (norm * mean).to(getattr(torch, dtype))
-    realized = torch.where(norm != 0, folded.float() / torch.where(norm != 0, norm, torch.ones_like(norm)), mean)
+    norm = norm_weight.float() + offset
+    folded = (norm * mean - offset).to(getattr(torch, dtype))
+    realized = torch.where(norm != 0, (folded.float() + offset) / torch.where(norm != 0, norm, torch.ones_like(norm)),
+                           mean)
     return folded, realized
 
 
