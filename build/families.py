@@ -1,7 +1,8 @@
 """Supported model families: HF config.json -> ModelConfig, the inverse, and the tensor-name maps.
 
-Llama, Mistral, Qwen2 and Qwen3 share one decoder block and differ only in switches (biases, q/k norm,
-sliding window, RoPE scaling), so one reader serves all four. Both config.json spellings are read:
+Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one decoder block and differ only in switches (biases, q/k norm,
+sliding window, RoPE scaling, partial rotary), so one reader serves them; Gemma 2 / 3 add the fields
+build/gemma_config.py reads. Both config.json spellings are read:
 transformers <5 writes `rope_theta` + `rope_scaling` ({"type"|"rope_type": ..., "factor": ...}),
 transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", "factor", ...}).
 """

@@ -54,7 +54,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer (Llama/Mistral/Qwen2/Qwen3 families).
+    """Shape and numerics of a decoder-only transformer (Llama/Mistral/Qwen2/Qwen3/Phi-3; Gemma 2/3, whose
+    block runtime/models/gemma.py documents).
 
     Per layer: x += o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
                x += down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))

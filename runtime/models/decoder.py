@@ -1,8 +1,8 @@
-"""The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families.
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Phi-3 families.
 
 These families differ only in switches of ModelConfig (q/k/v bias, o bias, q/k norm, sliding window,
-RoPE scaling, tied embeddings), so one module implements them all; a family whose block structure
-differs gets a file of its own next to this one.
+RoPE scaling, partial rotary, tied embeddings), so one module implements them all; a family whose block
+structure differs gets a file of its own next to this one (gemma.py).
 
 Module names equal the engine's tensor names (`layers.3.attn.qkv_proj` holds `layers.3.attn.qkv_proj.weight`),
 so loading is a walk over named modules. With pipeline parallelism a model holds only its stage's
