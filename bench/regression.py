@@ -123,6 +123,15 @@ def compare_bench(current: dict[str, Any], baseline: dict[str, Any], tolerance_p
     return comparisons
 
 
+def check_metric_names(names: list[str] | None, baseline: dict[str, Any], baseline_name: str) -> None:
+    """Refuse a --baseline-metric that the baseline's gated metrics do not include (checked before the run)."""
+    known = gated_metrics(baseline["metrics"])
+    unknown = [name for name in names or () if name not in known]
+    if unknown:
+        raise LlmxError(f"--baseline-metric {unknown[0]!r} is not a gated metric of {baseline_name}; choose from "
+                        f"{', '.join(sorted(known))}.")
+
+
 def compare_perplexity(current: dict[str, Any], baseline: dict[str, Any], max_increase_pct: float, *,
                        baseline_name: str = "baseline") -> Comparison:
     """Perplexity against a previous `llmx eval --json` result measured on the same windows of the same text."""

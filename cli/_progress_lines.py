@@ -20,6 +20,7 @@ LINE_INTERVAL_S = 15.0
 @dataclass
 class _Stage:
     started: float
+    first_done: int  # what was done at the stage's first report: the rate counts progress made since then
     last_line: float
 
 
@@ -36,26 +37,26 @@ class ProgressLines:
         state = self.stages.get(stage)
         complete = total > 0 and done >= total
         if state is None:
-            state = self.stages[stage] = _Stage(started=now, last_line=now)
+            state = self.stages[stage] = _Stage(started=now, first_done=done, last_line=now)
         elif not complete and now - state.last_line < self.interval:
             return
         elif complete and state.last_line == -1.0:
             return  # completion already reported
         state.last_line = -1.0 if complete else now
-        self.stream.write(self._line(stage, done, total, now - state.started) + "\n")
+        self.stream.write(self._line(stage, done, total, done - state.first_done, now - state.started) + "\n")
         self.stream.flush()
 
     @staticmethod
-    def _line(stage: str, done: int, total: int, elapsed: float) -> str:
+    def _line(stage: str, done: int, total: int, progressed: int, elapsed: float) -> str:
+        """progressed: units done since the stage's first report, `elapsed` seconds ago."""
         parts = [f"llmx: {stage} {done}/{total}" if total > 0 else f"llmx: {stage} {done}"]
         if total > 0:
             parts[0] += f" ({100 * done / total:.0f}%)"
-        if elapsed > 0 and done > 0:
-            rate = done / elapsed
-            parts.append(f"{rate:.3g}/s")
+        if elapsed > 0 and progressed > 0:
+            parts.append(f"{progressed / elapsed:.3g}/s")
         parts.append(f"{_duration(elapsed)} elapsed")
-        if total > 0 and 0 < done < total and elapsed > 0:
-            parts.append(f"ETA {_duration(elapsed * (total - done) / done)}")
+        if total > 0 and done < total and elapsed > 0 and progressed > 0:
+            parts.append(f"ETA {_duration(elapsed * (total - done) / progressed)}")
         return ", ".join(parts)
 
 

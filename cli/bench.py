@@ -76,6 +76,10 @@ def bench_command(
     tolerance: Annotated[Optional[float], typer.Option(
         min=0.0, show_default=False,
         help=f"Allowed regression in percent of the baseline [default: {DEFAULTS['tolerance']}].")] = None,
+    baseline_metrics: Annotated[Optional[list[str]], typer.Option(
+        "--baseline-metric", metavar="METRIC", show_default=False,
+        help="Gate only this metric of the baseline (repeat for several), e.g. output_throughput_tok_s or "
+             "ttft_ms.p50 [default: every throughput and every latency mean/p50/p99].")] = None,
     kv_cache_tokens: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="KV-cache size in tokens (sizing on CPU) [default: the runtime's].")] = None,
     kv_cache_fraction: KvCacheFractionOption = None,
@@ -101,6 +105,8 @@ def bench_command(
       llmx bench engines/llama8b --isl 128 --osl 128 --concurrency 1
 
       llmx bench engines/llama8b --request-rate 4 --num-requests 100 --baseline bench.json --tolerance 5
+
+      llmx bench engines/llama8b --baseline bench.json --baseline-metric output_throughput_tok_s --tolerance 10
 
       llmx bench engines/llama8b --sweep benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml --json sweep.json
     """
@@ -132,10 +138,11 @@ def bench_command(
 
     baseline_report = None
     if baseline is not None:  # checked whole before the benchmark runs, not after
-        from llmx.bench.regression import check_percent, load_bench_baseline
+        from llmx.bench.regression import check_metric_names, check_percent, load_bench_baseline
 
         check_percent(values["tolerance"], "--tolerance")
         baseline_report = load_bench_baseline(baseline)
+        check_metric_names(baseline_metrics, baseline_report, str(baseline))
     options = BenchOptions(isl=values["isl"], osl=values["osl"], num_requests=values["num_requests"],
                            concurrency=values["concurrency"], request_rate=values["request_rate"],
                            warmup=values["warmup"], dataset=Path(values["dataset"]) if values["dataset"] else None,
@@ -160,13 +167,16 @@ def bench_command(
         if json_path is not None:
             print_info(f"report written to {json_path}")
     if baseline_report is not None:
-        _gate(report, baseline_report, values["tolerance"], baseline, show_table=not to_stdout)
+        _gate(report, baseline_report, values["tolerance"], baseline, baseline_metrics, show_table=not to_stdout)
 
 
-def _gate(report: dict, baseline_report: dict, tolerance: float, baseline: Path, *, show_table: bool) -> None:
+def _gate(report: dict, baseline_report: dict, tolerance: float, baseline: Path, metrics: list[str] | None = None,
+          *, show_table: bool) -> None:
     from llmx.bench.regression import compare_bench
 
     comparisons = compare_bench(report, baseline_report, tolerance, baseline_name=str(baseline))
+    if metrics:
+        comparisons = [c for c in comparisons if c.metric in metrics]
     regressed = [c for c in comparisons if c.regressed]
     if show_table:
         from rich.table import Table

@@ -105,6 +105,19 @@ def test_bench_json_report_and_baseline_gate(engine, tmp_path, capsys):
     assert json.loads(captured.out)["schema"] == "llmx-bench/1"  # `--json -`: stdout holds only the report
     assert "regressed beyond 50.0%" in captured.err and "output_throughput_tok_s" in captured.err
 
+    # --baseline-metric gates only the named metrics: the impossible throughput alone fails, a latency alone passes
+    only = ["--baseline", str(impossible_path), "--tolerance", "50"]
+    assert run_cli([*args, *only, "--baseline-metric", "output_throughput_tok_s"]) == 1
+    assert "1 metric(s) regressed" in capsys.readouterr().err
+    slow = json.loads(report_path.read_text())
+    slow["metrics"]["ttft_ms"]["p50"] *= 1000  # a baseline far slower in TTFT: no regression there
+    slow_path = tmp_path / "slow.json"
+    slow_path.write_text(json.dumps(slow))
+    assert run_cli([*args, "--baseline", str(slow_path), "--tolerance", "1000", "--baseline-metric", "ttft_ms.p50"]) == 0
+    assert "1 metrics compared" in capsys.readouterr().err
+    assert run_cli([*args, *only, "--baseline-metric", "tokens_per_joule"]) == 2
+    assert "--baseline-metric 'tokens_per_joule' is not a gated metric" in capsys.readouterr().err
+
 
 def test_bench_refuses_requests_longer_than_the_engine(engine, capsys):
     assert run_cli(["bench", str(engine / "engine"), "--isl", "90", "--osl", "10", "--num-requests", "2"]) == 2

@@ -45,6 +45,7 @@ def test_stages_are_independent_and_unknown_totals_show_a_count():
     lines = stream.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["load", "requests", "load"]
     assert lines[1] == "llmx: requests 3, 0 s elapsed"
+    assert lines[2] == "llmx: load 10/10 (100%), 4.5/s, 2 s elapsed"  # 9 done in 2 s since the first report
 
 
 def test_convert_with_stderr_to_a_file_prints_progress_lines(tiny_model_dir, tmp_path):
