@@ -10,6 +10,7 @@ import typer
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
 from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
+from llmx.common import env
 from llmx.common.errors import GateFailure
 
 DEFAULTS: dict[str, Any] = {
@@ -64,7 +65,8 @@ def bench_command(
     model: Annotated[Optional[str], typer.Option(
         show_default=False, help="With --endpoint: the model name to send [default: the first /v1/models lists].")] = None,
     api_key: Annotated[Optional[str], typer.Option(
-        envvar="LLMX_API_KEY", show_default=False, help="With --endpoint: the server's API key (also $LLMX_API_KEY).")] = None,
+        envvar=env.LLMX_API_KEY.name, show_default=False,
+        help="With --endpoint: the server's API key (also $LLMX_API_KEY).")] = None,
     seed: Annotated[Optional[int], typer.Option(
         min=0, show_default=False, help=f"Seed for synthetic prompts and arrivals [default: {DEFAULTS['seed']}].")] = None,
     json_path: Annotated[Optional[Path], typer.Option(
