@@ -128,3 +128,29 @@ def test_smollm2_bf16_logits_within_bf16_rounding(smollm2, tmp_path):
     assert (got - expected).abs().max().item() <= 0.05 * scale
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agree >= 0.9
+
+
+# ---- the real Gemma 3 270M (262k vocabulary, 18 layers: 5 sliding of window 512 per global) ------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    from helpers.gemma3 import gemma3_dir
+
+    hf_dir = gemma3_dir()
+    engine = make_engine(hf_dir, tmp_path_factory.mktemp("gemma3"), dtype="float32", max_batch_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return hf, LLM(engine)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_logits_and_greedy_tokens_match_transformers_fp32(gemma3):
+    hf, llm = gemma3
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    for ids in prompts:
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0].float()
+        assert (llm.runner.prompt_logits(ids) - expected).abs().max().item() <= 1e-4
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        assert out.output_token_ids == hf_greedy(hf, prompt, 16)
