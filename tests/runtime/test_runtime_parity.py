@@ -154,3 +154,26 @@ def test_gemma3_270m_logits_and_greedy_tokens_match_transformers_fp32(gemma3):
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):
         assert out.output_token_ids == hf_greedy(hf, prompt, 16)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_perplexity_equals_transformers_loss(tmp_path):
+    """520-token windows: past the 512-token sliding window, on held-out Austen."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from helpers.corpus import CORPUS
+    from helpers.gemma3 import gemma3_dir
+    from llmx.runtime.perplexity import evaluate_perplexity
+
+    hf_dir = gemma3_dir()
+    data = tmp_path / "text.txt"
+    data.write_text((CORPUS / "austen_persuasion.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    result = evaluate_perplexity(convert(hf_dir, tmp_path / "ckpt", dtype="float32"), data, seq_len=520, windows=2)
+    ids = AutoTokenizer.from_pretrained(hf_dir).encode(data.read_text(encoding="utf-8"), add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [model(w, labels=w).loss.item() for w in (torch.tensor([ids[i * 520:(i + 1) * 520]]) for i in (0, 1))]
+    assert result.num_windows == 2 and result.num_tokens == 2 * 519
+    assert result.perplexity == pytest.approx(math.exp(sum(losses) / 2), rel=1e-4)
