@@ -174,7 +174,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
 
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(SafetensorsFile.open(p)) for p in weight_files]
-        reader = _Reader(files, hf_dir)
+        reader = _Reader(files, hf_dir, model.family)
         act_dtype = dtype or reader.dtype_of("embed.weight")
         if act_dtype not in SUPPORTED_DTYPES:
             raise LlmxError(f"--dtype {act_dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}.")
@@ -208,8 +208,10 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
 class _Reader:
     """llmx tensor name -> the HF tensor, across the folder's shards (one tensor read at a time)."""
 
-    def __init__(self, files: list, hf_dir: Path):
+    def __init__(self, files: list, hf_dir: Path, family: str):
         from llmx.build.families import hf_to_llmx_name
+
+        self.family = family  # Gemma names its norms its own way
 
         self.where: dict[str, tuple[Any, str]] = {}
         for f in files:
@@ -217,7 +219,7 @@ class _Reader:
                 name = _kv_scale_name(t.name)
                 if name is None:
                     try:
-                        name = hf_to_llmx_name(t.name)
+                        name = hf_to_llmx_name(t.name, family)
                     except ValueError:
                         raise LlmxError(f"{f.path}: tensor `{t.name}` is not part of a layout llmx knows; check "
                                         "that config.json belongs to these weights.") from None
@@ -243,7 +245,7 @@ class _Reader:
         if name not in self.where:
             from llmx.build.families import llmx_to_hf_name
 
-            hf_name = name if name.endswith(("k_scale", "v_scale")) else llmx_to_hf_name(name)
+            hf_name = name if name.endswith(("k_scale", "v_scale")) else llmx_to_hf_name(name, self.family)
             raise LlmxError(f"{self.hf_dir}: tensor `{hf_name}` is missing; the ModelOpt checkpoint is incomplete "
                             "or does not match its hf_quant_config.json, re-export it.")
         return self.where[name]

@@ -92,3 +92,17 @@ def test_phi3_quantization_is_refused_in_one_sentence(tmp_path):
     ckpt = convert(make_tiny_hf_model("phi3", tmp_path / "hf"), tmp_path / "ckpt", dtype="bfloat16")
     with pytest.raises(LlmxError, match="quantizing Phi3ForCausalLM is not supported yet"):
         quantize(ckpt, tmp_path / "q", algo="int8_wo")
+
+
+def test_gemma_modelopt_hf_folder_round_trips_to_the_same_checkpoint(gemma):
+    """nvfp4 written as a ModelOpt HF folder (transformers' Gemma names, its four norms) and imported by convert:
+    bit for bit the checkpoint quantize writes directly (as for the dense families' nvfp4)."""
+    tmp, ckpt, make = gemma
+    hf = tmp / "nvfp4-hf"
+    quantize(ckpt, hf, algo="nvfp4", calib_data=str(tmp / "calib.txt"), calib_size=16, calib_seq_len=64,
+             batch_size=8, group_size=16, export_format="hf")
+    imported = load_file(convert(hf, tmp / "nvfp4-imported", dtype="bfloat16") / "rank0.safetensors")
+    native = load_file(make("nvfp4") / "rank0.safetensors")
+    assert set(imported) == set(native) and any("post_mlp_norm" in n for n in native)
+    for name, tensor in native.items():
+        assert imported[name].dtype == tensor.dtype and torch.equal(imported[name].float(), tensor.float()), name
