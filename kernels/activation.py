@@ -1,4 +1,5 @@
-"""SwiGLU's activation in one pass: silu(gate) * up from the fused gate|up projection's output.
+"""SwiGLU's activation in one pass: silu(gate) * up from the fused gate|up projection's output (and Gemma's
+gelu_tanh(gate) * up, the same kernel with GELU_TANH set).
 
 The MLP's gate_up projection returns x [T, 2 * I] = [gate | up]; `silu_and_mul(x)` returns
 silu(gate) * up [T, I]. In torch that is two elementwise kernels and a [T, I] intermediate in memory
@@ -35,7 +36,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 @jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, GELU_TANH: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
@@ -43,12 +44,18 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.
     wait_and_release(PDL)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + INTERMEDIATE + cols, mask=mask, other=0.0).to(tl.float32)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    if GELU_TANH:
+        # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        activated = (0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))).to(dtype).to(tl.float32)
+    else:
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (activated * up).to(dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """Triton: x [T, 2I] -> silu(x[:, :I]) * x[:, I:] [T, I] in x's dtype, one kernel."""
+def silu_and_mul(x: torch.Tensor, *, gelu_tanh: bool = False) -> torch.Tensor:
+    """Triton: x [T, 2I] -> silu(x[:, :I]) * x[:, I:] [T, I] in x's dtype, one kernel (gelu_tanh: Gemma's
+    gelu_tanh(gate) * up instead, the activation likewise rounded to x's dtype before the product)."""
     _check(x)
     check_launch_device("silu_and_mul", _silu_and_mul_kernel, x)
     if x.stride(1) != 1:
@@ -59,7 +66,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(_BLOCK, next_power_of_2(intermediate))
     _silu_and_mul_kernel[(tokens, -(-intermediate // block))](
-        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4,
+        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=block, GELU_TANH=gelu_tanh, num_warps=4,
         **pdl_launch(x.device))
     return out
 
@@ -67,7 +74,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """Gemma's gated MLP activation: x [T, 2I] = [gate | up] -> gelu_tanh(gate) * up [T, I] in x's dtype, as
     transformers' `gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`."""
-    if x.dim() != 2 or x.shape[1] % 2:
-        raise LlmxError(f"gelu_tanh_and_mul: x must be [tokens, 2 * intermediate], got shape {tuple(x.shape)}.")
+    _check(x)
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Triton: x [T, 2I] -> gelu_tanh(x[:, :I]) * x[:, I:] [T, I] in x's dtype, one kernel."""
+    return silu_and_mul(x, gelu_tanh=True)

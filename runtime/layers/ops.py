@@ -79,10 +79,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2I] = [gate | up] -> gelu_tanh(gate) * up [T, I] (Gemma; torch on every device)."""
+    """x [T, 2I] = [gate | up] -> gelu_tanh(gate) * up [T, I] (Gemma)."""
     from llmx.kernels import activation as a
 
-    return a.gelu_tanh_and_mul_ref(x)
+    return a.gelu_tanh_and_mul(x) if use_kernels(x) else a.gelu_tanh_and_mul_ref(x)
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

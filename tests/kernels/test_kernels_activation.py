@@ -40,6 +40,18 @@ def test_interpreted_silu_and_mul_matches_reference(tokens, intermediate, dtype)
     assert out.shape == (tokens, intermediate) and out.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,intermediate", [(1, 64), (7, 96), (3, 1500)])
+@interpreted
+def test_interpreted_gelu_tanh_and_mul_matches_reference(tokens, intermediate, dtype):
+    x = _rand(tokens, 2 * intermediate, dtype=dtype) * 3  # reach both tails of the tanh
+    out = activation.gelu_tanh_and_mul(x)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(out, activation.gelu_tanh_and_mul_ref(x), **tol)
+    assert out.shape == (tokens, intermediate) and out.dtype == dtype
+    assert not torch.allclose(out.float(), activation.silu_and_mul_ref(x).float(), atol=1e-2)
+
+
 def test_rejects_odd_width_and_integer_input():
     with pytest.raises(LlmxError, match="2 \\* intermediate"):
         activation.silu_and_mul_ref(torch.zeros(2, 7))
@@ -53,3 +65,5 @@ def test_rejects_odd_width_and_integer_input():
 def test_gpu_silu_and_mul_matches_reference_bf16(tokens):
     x = _rand(tokens, 2 * 14336, dtype=torch.bfloat16).cuda()
     torch.testing.assert_close(activation.silu_and_mul(x), activation.silu_and_mul_ref(x), atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(activation.gelu_tanh_and_mul(x), activation.gelu_tanh_and_mul_ref(x), atol=1e-2,
+                               rtol=1.6e-2)
