@@ -27,7 +27,7 @@ def _rms_norm_kernel(
     stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner,
     eps,
     N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, GEMMA: tl.constexpr = False,
 ):
     # Row r of the logical [n_rows, N_COLS] matrix sits at (r // rows_per_outer) * stride_outer +
     # (r % rows_per_outer) * stride_inner: a plain [T, H] matrix has rows_per_outer = 1, a per-head norm
@@ -52,9 +52,13 @@ def _rms_norm_kernel(
 
     mean_square = tl.sum(x * x, axis=1) / N_COLS
     inv_rms = tl.math.rsqrt(mean_square + eps)
-    normed = (x * inv_rms[:, None]).to(out_dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=cols < N_COLS, other=0.0).to(out_dtype).to(tl.float32)
-    tl.store(y_ptr + out_offsets, (normed * weight[None, :]).to(out_dtype), mask=mask)
+    if GEMMA:  # (1 + w) in float32 times the unrounded normalised row, one rounding (transformers' Gemma)
+        weight = 1.0 + tl.load(weight_ptr + cols, mask=cols < N_COLS, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out_offsets, (x * inv_rms[:, None] * weight[None, :]).to(out_dtype), mask=mask)
+    else:
+        normed = (x * inv_rms[:, None]).to(out_dtype).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=cols < N_COLS, other=0.0).to(out_dtype).to(tl.float32)
+        tl.store(y_ptr + out_offsets, (normed * weight[None, :]).to(out_dtype), mask=mask)
 
 
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor, expected_dim: int) -> None:
@@ -103,7 +107,7 @@ def rms_norm_heads_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def _launch(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalise the last dim of a 2-D or 3-D x (any strides with a contiguous last dim)."""
     check_launch_device(op, _rms_norm_kernel, x, residual, weight)
     if x.stride(-1) != 1:
@@ -132,7 +136,7 @@ def _launch(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight: tor
         n_rows, rows_per_outer,
         x.stride(0), inner_stride, residual_strides[0], residual_strides[1],
         float(eps),
-        N_COLS=n_cols, BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None,
+        N_COLS=n_cols, BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, GEMMA=gemma,
         num_warps=num_warps, **pdl_launch(x.device),
     )
     return y, new_residual
@@ -163,6 +167,13 @@ def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def gemma_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm, op for op as transformers computes it: normalise in float32, multiply by (1 + weight) in
     float32, round once to x's dtype (Llama rounds before multiplying by weight). x [T, H], weight [H] -> [T, H]."""
+    _check("gemma_rms_norm", x, weight, 2)
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * (1.0 + weight.float())).type_as(x)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm (Triton): x [T, H], weight [H] -> rmsnorm(x) * (1 + weight) [T, H] in x's dtype."""
+    _check("gemma_rms_norm", x, weight, 2)
+    return _launch("gemma_rms_norm", x, None, weight, eps, gemma=True)[0]

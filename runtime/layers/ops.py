@@ -86,10 +86,10 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm: normed(x) * (1 + weight), in float32 (torch on every device)."""
+    """Gemma's RMSNorm: normed(x) * (1 + weight), in float32."""
     from llmx.kernels import rms_norm as k
 
-    return k.gemma_rms_norm_ref(x, weight, eps)
+    return k.gemma_rms_norm(x, weight, eps) if use_kernels(x) else k.gemma_rms_norm_ref(x, weight, eps)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,

@@ -89,6 +89,29 @@ def test_interpreted_rms_norm_kernels_match_reference(rows, hidden, dtype):
     assert y.dtype == dtype and y.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemma_rms_norm_reference_equals_transformers(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    x, weight = _rand(7, 96, dtype=dtype), _rand(96, dtype=torch.float32, seed=1) * 0.1
+    hf = Gemma3RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(weight)
+        expected = hf.to(dtype)(x)
+    assert torch.equal(norm.gemma_rms_norm_ref(x, weight.to(dtype), 1e-6), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,hidden", NORM_SHAPES)
+@interpreted
+def test_interpreted_gemma_rms_norm_kernel_matches_reference(rows, hidden, dtype):
+    x, weight = _rand(rows, hidden, dtype=dtype), _rand(hidden, dtype=dtype, seed=2) * 0.1
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    out = norm.gemma_rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(out, norm.gemma_rms_norm_ref(x, weight, 1e-6), **tol)
+    assert not torch.allclose(out, norm.rms_norm_ref(x, weight, 1e-6), atol=1e-2)  # (1 + w), not w
+
+
 @pytest.mark.parametrize("heads,head_dim", [(4, 32), (5, 48), (40, 64)])
 @interpreted
 def test_interpreted_rms_norm_heads_kernel_on_strided_views(heads, head_dim):
