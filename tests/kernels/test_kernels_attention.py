@@ -468,6 +468,22 @@ def test_gpu_kernels_match_reference_bf16(kv_dtype, q_lens, seq_lens):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("q_lens,seq_lens,window", [([1, 1, 1], [900, 37, 4000], 4096),
+                                                    ([64, 1, 200], [64, 900, 700], 256)])
+def test_gpu_soft_capped_windowed_kernels_match_reference_bf16(kv_dtype, q_lens, seq_lens, window):
+    """Gemma-2-9B's attention: 16 query / 8 KV heads of 256, soft-cap 50 (scaled scores reach it here)."""
+    batch = make_batch(q_lens, seq_lens, 16, 8, 256, 16, dtype=torch.bfloat16, kv_dtype=kv_dtype, seed=5)
+    batch = batch.to("cuda")
+    batch.scale = 2.0  # large scores, so the cap bends them
+    expected = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window, softcap=50.0)
+    out = attention.paged_attention(*batch.args(), **batch.scales(), sliding_window=window,
+                                    max_query_len=max(q_lens), softcap=50.0)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 16, 64])
 def test_gpu_decode_short_live_lengths_in_a_wide_table(num_splits, kv_dtype):
     # Repeated launches: every split's partials must reach the last-arriving program on real, racing SMs.
