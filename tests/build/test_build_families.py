@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,43 @@ def test_every_transformers_weight_name_maps():
                     {**tiny_hf_config(family).to_dict(), "architectures": ["Phi3ForCausalLM"]}, SRC))
                 continue
             assert mapped is not None and llmx_to_hf_name(mapped, llmx_family) == n
+
+
+def _hf_dict(family: str) -> dict:
+    config = tiny_hf_config(family)
+    arch = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[family]
+    return {**config.to_dict(), "architectures": [arch]}
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("gemma3", {"hidden_activation": "gelu"}, "`hidden_activation` is 'gelu'; llmx runs gemma3 with"),
+    ("gemma3", {"layer_types": ["full_attention"]}, "`layer_types` must list sliding_attention, full_attention once "
+                                                    "per layer (3)"),
+    ("gemma2", {"sliding_window": 0}, "`sliding_window` must be a positive integer, got 0"),
+    ("gemma3", {"use_bidirectional_attention": True}, "`use_bidirectional_attention` is true"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "`rope_parameters.sliding_attention` type 'linear' is not supported"),
+    ("gemma2", {"query_pre_attn_scalar": -1}, "`query_pre_attn_scalar` must be a positive number, got -1"),
+    ("phi3", {"partial_rotary_factor": 1.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+     "`partial_rotary_factor` must be a number in (0, 1], got 1.5"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                  "long_factor": [1.0] * 3}}, "`rope_parameters.long_factor` must list 4 numbers"),
+])
+def test_gemma_and_phi3_config_errors_name_the_field(family, change, message):
+    with pytest.raises(LlmxError, match=re.escape(message)):
+        model_config_from_hf({**_hf_dict(family), **change}, SRC)
+
+
+@pytest.mark.parametrize("spelling", ["transformers 5", "older"])
+def test_gemma3_reads_both_rope_spellings(spelling):
+    hf = _hf_dict("gemma3")
+    if spelling == "older":  # rope_theta + rope_scaling for the global layers, rope_local_base_freq for the others
+        hf.pop("rope_parameters")
+        hf.pop("layer_types")
+        hf.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=1e4,
+                  sliding_window_pattern=2)
+    model = model_config_from_hf(hf, SRC)
+    assert model.rope_theta == 1e6 and model.local_rope_theta == 1e4
+    assert model.rope_scaling == RopeScaling(type="linear", factor=2.0)
+    assert model.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
