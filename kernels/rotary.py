@@ -67,7 +67,7 @@ def dynamic_inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScal
     for L beyond the original context L0; shorter sequences keep the unscaled frequencies.
     """
     original = scaling.original_max_position_embeddings
-    lengths = torch.maximum(seq_lens.to(torch.int64), torch.tensor(original, device=seq_lens.device))
+    lengths = seq_lens.to(torch.int64).clamp(min=original)  # no host-made tensor: safe inside a CUDA graph capture
     base = theta * ((scaling.factor * lengths / original) - (scaling.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=seq_lens.device).float() / rotary_dim
     scaled = 1.0 / (base[:, None] ** exponents[None, :])
