@@ -106,7 +106,7 @@ class ModelConfig:
         d["layer_types"] = list(self.layer_types)
         if self.rope_scaling is not None:
             for key in ("short_factor", "long_factor"):
-                d["rope_scaling"][key] = list(self.rope_scaling.__dict__[key])
+                d["rope_scaling"][key] = list(getattr(self.rope_scaling, key))
         return d
 
     @classmethod
@@ -251,6 +251,10 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
             allowed = check_number(getattr(scaling, field_name), rule)
             if allowed is not None:
                 return f"rope_scaling.{field_name}", f"must be {allowed}, got {getattr(scaling, field_name)!r}"
+        for name in ("attention_factor", "beta_fast", "beta_slow"):
+            value = getattr(scaling, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+                return f"rope_scaling.{name}", f"must be a positive number below 1e6, got {value!r}"
         if scaling.type == "longrope":
             for name in ("short_factor", "long_factor"):
                 factors = getattr(scaling, name)
