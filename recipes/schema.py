@@ -99,6 +99,14 @@ class RunSection(_Section):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: NonNegativeInt | None = None
     stop: list[str] | None = None
+    min_tokens: NonNegativeInt | None = None
+    ignore_eos: bool | None = None
+    # The ranges of runtime.sequence.SamplingParams (OpenAI's for the penalties and logprobs).
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    n: PositiveInt | None = None
     chat: bool | None = None
     kv_cache_tokens: PositiveInt | None = None
     kv_cache_fraction: Annotated[float, Field(gt=0, le=1)] | None = None

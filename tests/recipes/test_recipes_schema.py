@@ -77,6 +77,9 @@ def test_unknown_shipped_name_lists_the_shipped_recipes():
     ("run: {top_p: 1.5}", "`run.top_p`: Input should be less than or equal to 1"),
     ("convert: {dtype: float8}", "`convert.dtype`: Input should be"),
     ("run: {chat: 1}", "`run.chat`: Input should be a valid boolean"),
+    ("run: {presence_penalty: 3}", "`run.presence_penalty`: Input should be less than or equal to 2"),
+    ("run: {logprobs: 21}", "`run.logprobs`: Input should be less than or equal to 20"),
+    ("run: {n: 0}", "`run.n`: Input should be greater than 0"),
 ])
 def test_bad_values_are_refused_naming_the_field(tmp_path, body, fragment):
     path = write(tmp_path, f"family: llama\ntarget: cpu\n{body}\n")
