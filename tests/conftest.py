@@ -28,3 +28,13 @@ def tiny_model_dir(tmp_path):
 
     return make
 
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """huggingface_hub's cache in tmp_path/hf/hub, with HF_HUB_OFFLINE on (its constants are read per call)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -21,17 +21,6 @@ from llmx.common.errors import LlmxError
 
 
 @pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """huggingface_hub's cache in tmp_path/hf/hub, with HF_HUB_OFFLINE on (its constants are read per call)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-@pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A local stand-in for the hub, with an empty cache and HF_HUB_OFFLINE off."""
     from huggingface_hub import constants

@@ -13,16 +13,6 @@ from llmx.common.errors import LlmxError
 from llmx.pipeline.plan import make_plan
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_model_flag_and_model_source_take_hub_ids(project, offline_cache):
     main = add_to_hub_cache(offline_cache, "org/tiny", project.model)
     tagged = add_to_hub_cache(offline_cache, "org/tiny", project.model, commit="1" * 40, revisions=("v1",))

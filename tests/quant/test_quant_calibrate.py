@@ -227,16 +227,6 @@ def _hub_dataset(root, name, paragraphs):
     return root, rows
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("name", list(CALIBRATION_SETS))
 def test_known_sets_read_their_split_and_field_from_the_hub_cache(name, tmp_path, tokenizer, paragraphs,
                                                                   offline_cache):
