@@ -12,6 +12,7 @@ import typer
 from llmx.cli._console import emit_json, print_info
 from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption
 from llmx.cli._settings import resolve_settings
+from llmx.common import env
 from llmx.common.errors import LlmxError
 
 # The KV-cache settings come from the recipe's `run` section: serving runs the engine as `llmx run` does.
@@ -25,7 +26,7 @@ def serve_command(
     = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(
-        envvar="LLMX_API_KEY", show_default=False,
+        envvar=env.LLMX_API_KEY.name, show_default=False,
         help="Require `Authorization: Bearer KEY` on /v1 routes (also from $LLMX_API_KEY) [default: none].")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(
         show_default=False, help="The model name clients send and /v1/models lists [default: the engine "
@@ -71,7 +72,11 @@ def serve_command(
 
     from llmx.runtime.engine import LLM
 
-    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"], kv_cache_fraction=settings["kv_cache_fraction"])
+    # Requests to a server rarely give max_tokens (chat then defaults to the context left) and mostly end early on
+    # EOS: reserving KV for every request's limit would admit a few sequences at a time. So the server admits
+    # optimistically with a watermark and preempts when the cache runs out, as vLLM does.
+    llm = LLM(engine, kv_cache_tokens=settings["kv_cache_tokens"], kv_cache_fraction=settings["kv_cache_fraction"],
+              admission="watermark")
     serve(llm, host=host, port=port, model_name=name, api_key=api_key, max_queue=max_queue,
           grace_period=grace_period,
           on_ready=lambda: print_info(f"serving {name} on http://{host}:{port}/v1 "
