@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -75,9 +76,10 @@ def main() -> None:
     ap.add_argument("--algos", default=",".join(ALGOS), help="comma-separated; add ':fp8' for an fp8 KV cache")
     ap.add_argument("--calib", type=Path, default=CORPUS / "austen_prideprejudice.txt")
     ap.add_argument("--data", type=Path, default=CORPUS / "austen_emma.txt", help="held-out evaluation text")
-    ap.add_argument("--calib-size", type=int, default=64)
-    ap.add_argument("--calib-seq-len", type=int, default=512)
-    ap.add_argument("--group-size", type=int, default=64, help="int4 group (SmolLM2's hidden 576 needs 32 or 64)")
+    ap.add_argument("--calib-size", type=int, default=None, help="default: quantize's for the device")
+    ap.add_argument("--calib-seq-len", type=int, default=None, help="default: quantize's for the device")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="int4 group (default: quantize's choice, 64 for SmolLM2's hidden 576)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -113,21 +115,23 @@ def main() -> None:
 
         base = ppl(ckpt)
         size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
-        rows = [("bf16", "-", "bf16", f"{base:.3f}", "-", f"{size(ckpt) / 1e6:.1f}", "-")]
+        rows = [("bf16", "-", "bf16", f"{base:.3f}", "-", f"{size(ckpt) / 1e6:.1f}", "-", "-")]
+        shapes: set = set()  # (calibration samples x tokens, int4 group size) each algorithm used
         print(f"bf16{' (untied)' if untie else ''}: perplexity {base:.3f}", file=sys.stderr, flush=True)
         for spec in filter(None, args.algos.split(",")):
             algo, _, kv = spec.partition(":")
             for head in heads:
                 out = workdir / (spec.replace(":", "-kv-") + ("-lm-head" if head else ""))
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 result = quantize(ckpt, out, algo=algo, kv_cache_dtype=kv or None, calib_data=str(args.calib),
                                   calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
                                   group_size=args.group_size, device=device, force=True, quantize_lm_head=head)
-                seconds = time.perf_counter() - t0
+                seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+                shapes.add((result.calib_shape, result.group_size))
                 value = ppl(out)
                 rows.append((algo, kv or "-", algo if head else "bf16", f"{value:.3f}",
                              f"{(value / base - 1) * 100:+.2f}%", f"{result.size_after_bytes / 1e6:.1f}",
-                             f"{seconds:.1f}"))
+                             f"{seconds:.1f}", f"{cpu_seconds:.1f}"))
                 print(f"{spec}{' + lm_head' if head else ''}: perplexity {value:.3f} ({seconds:.1f} s to quantize)",
                       file=sys.stderr, flush=True)
     finally:
@@ -135,11 +139,14 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     name = args.model.name + (" (untied copy)" if untie else "")
+    calibrated = sorted({f"{c[0]} x {c[1]}" for c, _ in shapes if c}) or ["none"]
+    groups = sorted({str(g) for _, g in shapes if g}) or ["-"]
     print(f"Model: {name}; eval: {args.data.name}, {args.windows} windows x {args.seq_len} tokens, "
-          f"no BOS; calibration: {args.calib.name}, {args.calib_size} x {args.calib_seq_len} tokens, seed 0; "
-          f"int4 group size {args.group_size}; device {device}; torch {torch.__version__}.\n")
-    print("| algo | KV cache | lm_head | perplexity | vs bf16 | weights (MB) | quantize (s) |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+          f"no BOS; calibration: {args.calib.name}, {' / '.join(calibrated)} tokens, seed 0; "
+          f"int4/nvfp4 group size {' / '.join(groups)}; device {device} ({os.cpu_count()} cores); "
+          f"torch {torch.__version__}. quantize (s): wall clock of quantize(); CPU (s): its process CPU time.\n")
+    print("| algo | KV cache | lm_head | perplexity | vs bf16 | weights (MB) | quantize (s) | CPU (s) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
