@@ -49,9 +49,10 @@ def quantize_command(
              "hub dataset name [default: cnn_dailymail, which needs the hub or a cached copy].")] = None,
     calib_size: Annotated[Optional[int], typer.Option(
         min=1, show_default=False,
-        help="Calibration samples [default: 512 on a GPU, 64 on a CPU]. On a 2-core CPU, SmolLM2-135M calibrates "
-             "64 x 256 tokens in about a minute (int8_sq) to several minutes (int4_awq, int4_gptq); time grows "
-             "with samples x tokens x model size.")] = None,
+        help="Calibration samples [default: 512 on a GPU, 64 on a CPU]. What a CPU run costs: on 2 cores, "
+             "SmolLM2-135M at the CPU default (64 x 256 tokens) takes about 10 s with int8_sq, 30 s with fp8 and "
+             "5 min with int4_awq (its scale search forwards every batch 12 times); time grows with samples x "
+             "tokens x model size (QUANTIZATION.md).")] = None,
     calib_seq_len: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="Tokens per calibration sample [default: 512 on a GPU, 256 on a CPU].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
