@@ -25,22 +25,13 @@ from pathlib import Path
 
 import torch
 
-# First matching pattern names the group of a kernel (lower-cased kernel name).
-GROUPS = (
-    ("attention", r"_decode_kernel|_merge_splits|_prefill_kernel|flash|attention"),
-    ("kv_write", r"kv_cache|_write_kv"),
-    ("rope", r"rotary|rope"),
-    ("norm", r"rms_norm|_rms"),
-    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|_int8_|_w4a|_nvfp4|_fp8|scaled_mm|splitk|ampere|sm80"),
-    ("activation", r"silu|gelu|act_and_mul|mul_kernel|vectorized_elementwise"),
-    ("quantize_act", r"quantize|_quant"),
-    ("sampling", r"argmax|softmax|topk|sort|multinomial|gather|index|reduce"),
-)
+from llmx.bench.steps import KERNEL_GROUPS
 
 
 def group_of(name: str) -> str:
+    """The group of a kernel: the first of KERNEL_GROUPS whose pattern matches its lower-cased name."""
     lowered = name.lower()
-    for group, pattern in GROUPS:
+    for group, pattern in KERNEL_GROUPS:
         if re.search(pattern, lowered):
             return group
     return "other"

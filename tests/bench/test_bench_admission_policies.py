@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def policies():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        yield importlib.import_module("admission_policies")
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
-def test_reserve_never_recomputes_where_watermark_admission_thrashes(policies):
+def test_reserve_never_recomputes_where_watermark_admission_thrashes(tmp_path):
     # Sequences that each end with 127 tokens of KV (8 blocks) in a 64-block cache: about 8 fit at once.
-    shape = dict(isl=64, osl=64, num_requests=40, max_batch=16, kv_cache_tokens=1024, max_num_tokens=256)
-    reserve = policies.simulate("reserve", **shape)
-    greedy = policies.simulate("watermark=0", **shape)
+    out = tmp_path / "policies.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "admission_policies.py"), "--isl", "64", "--osl", "64",
+                           "--num-requests", "40", "--max-batch", "16", "--kv-cache-tokens", "1024",
+                           "--max-num-tokens", "256", "--policies", "reserve,watermark=0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reserve, greedy = json.loads(out.read_text())["results"]
     assert reserve["preemptions"] == reserve["tokens_recomputed"] == 0
     assert greedy["preemptions"] > 0 and greedy["tokens_recomputed"] > 0
     assert reserve["peak_running"] < greedy["peak_running"]

@@ -1,9 +1,9 @@
-"""benchmarks/step_breakdown.py: steps classified by type and timed from their tokens' return, the synthetic step
-of a type's median shape, and a whole run on a tiny CPU engine (step types, op groups, JSON)."""
+"""llmx.bench.steps and benchmarks/step_breakdown.py: steps classified by type and timed from their tokens'
+return, the synthetic step of a type's median shape, and a whole run on a tiny CPU engine (step types, op groups,
+JSON)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -20,11 +20,9 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def breakdown():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        yield importlib.import_module("step_breakdown")
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    from llmx.bench import steps
+
+    return steps
 
 
 class Clock:
