@@ -11,7 +11,7 @@ from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_c
 from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
 from llmx.common import env
-from llmx.common.errors import GateFailure
+from llmx.common.errors import GateFailure, LlmxError
 
 DEFAULTS: dict[str, Any] = {
     "isl": 2048,
@@ -121,11 +121,14 @@ def bench_command(
         emit_json(settings.to_dict())
         return
     values = dict(settings.values)
+    if baseline_metrics and baseline is None:
+        raise LlmxError("--baseline-metric names what --baseline gates; add --baseline FILE (a previous --json "
+                        "report).")
     if endpoint is not None:
         from llmx.cli.bench_endpoint import endpoint_command
 
         endpoint_command(engine, endpoint, model, api_key, values, settings, json_path=json_path, baseline=baseline,
-                         sweep=sweep)
+                         baseline_metrics=baseline_metrics, sweep=sweep)
         return
     if sweep is not None:
         from llmx.cli.bench_sweep import sweep_command

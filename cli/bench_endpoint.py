@@ -11,7 +11,8 @@ from llmx.common.errors import LlmxError
 
 
 def endpoint_command(engine: Path, url: str, model: str | None, api_key: str | None, values: dict[str, Any],
-                     settings: Settings, *, json_path: Path | None, baseline: Path | None, sweep: Path | None) -> None:
+                     settings: Settings, *, json_path: Path | None, baseline: Path | None,
+                     baseline_metrics: list[str] | None, sweep: Path | None) -> None:
     from llmx.bench.endpoint import Endpoint, run_endpoint_benchmark
     from llmx.bench.report import print_report, write_report
     from llmx.bench.runner import BenchOptions
@@ -22,10 +23,11 @@ def endpoint_command(engine: Path, url: str, model: str | None, api_key: str | N
         values["num_requests"] = None  # a dataset runs whole unless a count is asked for
     baseline_report = None
     if baseline is not None:
-        from llmx.bench.regression import check_percent, load_bench_baseline
+        from llmx.bench.regression import check_metric_names, check_percent, load_bench_baseline
 
         check_percent(values["tolerance"], "--tolerance")
         baseline_report = load_bench_baseline(baseline)
+        check_metric_names(baseline_metrics, baseline_report, str(baseline))
     options = BenchOptions(isl=values["isl"], osl=values["osl"], num_requests=values["num_requests"],
                            concurrency=values["concurrency"], request_rate=values["request_rate"],
                            warmup=values["warmup"], dataset=Path(values["dataset"]) if values["dataset"] else None,
@@ -41,4 +43,4 @@ def endpoint_command(engine: Path, url: str, model: str | None, api_key: str | N
     if baseline_report is not None:
         from llmx.cli.bench import _gate
 
-        _gate(report, baseline_report, values["tolerance"], baseline, show_table=not to_stdout)
+        _gate(report, baseline_report, values["tolerance"], baseline, baseline_metrics, show_table=not to_stdout)

@@ -117,6 +117,8 @@ def test_bench_json_report_and_baseline_gate(engine, tmp_path, capsys):
     assert "1 metrics compared" in capsys.readouterr().err
     assert run_cli([*args, *only, "--baseline-metric", "tokens_per_joule"]) == 2
     assert "--baseline-metric 'tokens_per_joule' is not a gated metric" in capsys.readouterr().err
+    assert run_cli([*args, "--baseline-metric", "output_throughput_tok_s"]) == 2
+    assert "--baseline-metric names what --baseline gates" in capsys.readouterr().err
 
 
 def test_bench_refuses_requests_longer_than_the_engine(engine, capsys):

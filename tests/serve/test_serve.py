@@ -370,7 +370,7 @@ def test_queue_limit_answers_429_and_sigterm_under_load_exits_cleanly(engine, tm
 
 
 @pytest.mark.parametrize("load", [["--concurrency", "4"], ["--request-rate", "50"]], ids=["concurrency", "rate"])
-def test_llmx_bench_endpoint_measures_the_live_server(server, engine, load, capsys):
+def test_llmx_bench_endpoint_measures_the_live_server(server, engine, load, capsys, tmp_path):
     args = ["bench", str(engine), "--endpoint", f"http://127.0.0.1:{server.port}/v1", "--api-key", KEY, "--isl", "8",
             "--osl", "4", "--num-requests", "8", "--warmup", "1", "--json", "-", *load]
     assert run_cli(args) == 0
@@ -380,6 +380,13 @@ def test_llmx_bench_endpoint_measures_the_live_server(server, engine, load, caps
     assert m["total_input_tokens"] == 64 and m["total_output_tokens"] == 32
     assert m["ttft_ms"]["p50"] > 0 and m["itl_ms"]["p50"] >= 0 and m["output_throughput_tok_s"] > 0
     assert report["engine"]["model"] == MODEL and report["config"]["endpoint"].endswith("/v1")
+    # --baseline-metric reaches the endpoint gate: an impossible throughput fails, the other metrics are not read
+    impossible = tmp_path / "impossible.json"
+    report["metrics"]["output_throughput_tok_s"] *= 1000
+    impossible.write_text(json.dumps(report))
+    gated = [a for a in args if a not in ("--json", "-")]
+    assert run_cli([*gated, "--baseline", str(impossible), "--baseline-metric", "output_throughput_tok_s"]) == 1
+    assert "1 metric(s) regressed" in capsys.readouterr().err
     wrong = run_cli(["bench", str(engine), "--endpoint", f"http://127.0.0.1:{server.port}/v1", "--api-key", "bad",
                      "--isl", "8", "--osl", "2", "--num-requests", "2", "--warmup", "0", "--model", MODEL])
     assert wrong == 2 and "HTTP 401" in capsys.readouterr().err
