@@ -22,6 +22,7 @@ class _Stage:
     started: float
     first_done: int  # what was done at the stage's first report: the rate counts progress made since then
     last_line: float
+    finished: bool = False  # its completion line is printed
 
 
 class ProgressLines:
@@ -40,9 +41,9 @@ class ProgressLines:
             state = self.stages[stage] = _Stage(started=now, first_done=done, last_line=now)
         elif not complete and now - state.last_line < self.interval:
             return
-        elif complete and state.last_line == -1.0:
-            return  # completion already reported
-        state.last_line = -1.0 if complete else now
+        elif complete and state.finished:
+            return
+        state.last_line, state.finished = now, complete
         self.stream.write(self._line(stage, done, total, done - state.first_done, now - state.started) + "\n")
         self.stream.flush()
 
