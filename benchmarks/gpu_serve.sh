@@ -8,13 +8,7 @@ source benchmarks/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-serve/*.whl
 OUT=${OUT:-/tmp/out}
 ulimit -n 65536
-mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json
-s=$SECONDS
-python3 benchmarks/dummy_quantize.py /tmp/l8 /tmp/l8q --from-config --algo fp8 --kv-cache-dtype fp8 2>&1 | tail -1
-python3 -m llmx build /tmp/l8q -o /tmp/l8e --device cuda --max-batch-size 1024 --max-seq-len 4096 \
-  --max-num-tokens 8192 --no-tune 2>&1 | tail -1
-rm -rf /tmp/l8q
-echo "checkpoint + engine took $((SECONDS-s)) s"
+source benchmarks/gpu_fp8_engine.sh
 RES=/tmp/res; mkdir -p $RES
 summarize() {  # one line per report, appended to $OUT/summary.txt as soon as it exists (a cut call keeps them)
   python3 - "$1" <<'PY' | tee -a $OUT/summary.txt

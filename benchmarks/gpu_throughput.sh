@@ -1,6 +1,4 @@
-# Device call: one FP8 Llama-3.1-8B-shaped engine (FP8 weights and activations, FP8 KV cache, dummy weights drawn
-# from benchmarks/configs/llama-3.1-8b.json by dummy_quantize.py --from-config, --no-tune), max batch MAX_BS
-# (default 1024), max seq len 4096, 8192 tokens a step. Then, on that engine:
+# Device call: the FP8 Llama-3.1-8B-shaped engine of gpu_fp8_engine.sh (max batch MAX_BS, default 1024). Then:
 #   CELLS="2048/2048/400/512 128/128/4096/1024 ..."  benchmarks/step_breakdown.py --cell each (one loaded engine)
 #   SWEEP=FILE                                       llmx bench --sweep FILE
 #   HOST_BATCHES=256,512,1024                        benchmarks/host_overhead.py at those batch sizes
@@ -8,18 +6,12 @@
 # Results under $OUT (breakdown.json/.txt, sweep.json/.txt, host.txt).
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
-mkdir -p /tmp/l8 && cp benchmarks/configs/llama-3.1-8b.json /tmp/l8/config.json
 if [ -n "$HOST_BATCHES" ]; then
   for gc in on off; do
     python3 benchmarks/host_overhead.py --batch $HOST_BATCHES --steps 20 --modes tokens --gc $gc >> $OUT/host.txt 2>&1
   done; cat $OUT/host.txt
 fi
-s=$SECONDS
-python3 benchmarks/dummy_quantize.py /tmp/l8 /tmp/l8q --from-config --algo fp8 --kv-cache-dtype fp8 2>&1 | tail -1
-python3 -m llmx build /tmp/l8q -o /tmp/l8e --device cuda --max-batch-size ${MAX_BS:-1024} --max-seq-len 4096 \
-  --max-num-tokens 8192 --no-tune 2>&1 | tail -1
-rm -rf /tmp/l8q
-echo "checkpoint + engine took $((SECONDS-s)) s"
+source benchmarks/gpu_fp8_engine.sh
 if [ -n "$CELLS" ]; then
   args=(); for c in $CELLS; do args+=(--cell "$c"); done
   python3 benchmarks/step_breakdown.py /tmp/l8e "${args[@]}" --profile-steps ${PROFILE_STEPS:-5} \
