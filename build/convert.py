@@ -19,7 +19,7 @@ from typing import Any
 
 from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
                                    verify_tensors, write_checkpoint_meta)
-from llmx.build.families import fused_parts, hf_to_llmx_name, llmx_to_hf_name, read_hf_config
+from llmx.build.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config, split_parts
 from llmx.build.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
                                            TensorEntry)
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
@@ -42,13 +42,13 @@ class _Item:
     source: SafetensorsFile
     stored: StoredTensor
     name: str | None
-    parts: tuple[tuple[str, int, int], ...] = ()  # a fused weight written as row ranges (families.fused_parts)
+    parts: tuple[tuple[str, tuple], ...] = ()  # a fused tensor written in parts (families.split_parts)
 
-    def outputs(self) -> list[tuple[str, slice]]:
-        """(llmx name, rows of the stored tensor) for each tensor this item writes."""
+    def outputs(self) -> list[tuple[str, tuple]]:
+        """(llmx name, index into the stored tensor) for each tensor this item writes."""
         if self.parts:
-            return [(name, slice(start, end)) for name, start, end in self.parts]
-        return [] if self.name is None else [(self.name, slice(None))]
+            return list(self.parts)
+        return [] if self.name is None else [(self.name, ())]
 
 
 def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dummy_weights: bool = False,
@@ -72,7 +72,6 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
                                        progress=progress)
     origin = hub.provenance() if hub is not None else {}
     check_model_dir(hf_dir)
-    check_not_overlapping(hf_dir, out)
     if dummy_weights:
         from llmx.build.dummy import write_dummy_checkpoint
 
@@ -89,7 +88,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     _, model = read_hf_config(config_path)
     tokenizer_files = find_tokenizer_files(hf_dir, trust_remote_code=trust_remote_code)
     weight_files, index_file = find_weight_files(hf_dir)
-    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,))
+    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,), inputs=(hf_dir,))
 
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(SafetensorsFile.open(p)) for p in weight_files]
@@ -120,13 +119,6 @@ def check_model_dir(hf_dir: Path) -> None:
         raise LlmxError(f"{hf_dir} is not a directory; pass a Hugging Face model folder (config.json + *.safetensors).")
     if not (hf_dir / "config.json").is_file():
         raise LlmxError(f"{hf_dir / 'config.json'} is missing; a Hugging Face model folder needs its config.json.")
-
-
-def check_not_overlapping(src: Path, out: Path) -> None:
-    """Refuse an output path that is the source folder or contains it: replacing it would delete the input."""
-    src_r, out_r = src.resolve(), out.resolve()
-    if src_r == out_r or out_r in src_r.parents:
-        raise LlmxError(f"output {out} would replace the input folder {src}; choose another output directory.")
 
 
 def find_weight_files(hf_dir: Path) -> tuple[list[Path], Path | None]:
@@ -193,11 +185,11 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
                                 "knows; check that config.json belongs to these weights.") from None
             if name == "lm_head.weight" and model.tie_word_embeddings:
                 name = None  # tied: the runtime reads the embedding, as transformers does
-            parts = tuple(fused_parts(name, model) or ()) if name is not None else ()
+            parts = tuple(split_parts(name, model) or ()) if name is not None else ()
             if parts:
-                _check_fused(src.path, t, parts, model)
-                for part, start, end in parts:
-                    _check_tensor(src.path, _rows(t, start, end), part, expected, seen, model)
+                _check_fused(src.path, t, parts)
+                for part, index in parts:
+                    _check_tensor(src.path, _part(t, index), part, expected, seen, model)
                     seen[part] = src.path
             elif name is not None:
                 _check_tensor(src.path, t, name, expected, seen, model)
@@ -212,16 +204,26 @@ def plan_items(model: ModelConfig, dtype: str, sources: list[SafetensorsFile], h
     return items
 
 
-def _rows(t: StoredTensor, start: int, end: int) -> StoredTensor:
-    """The stored tensor's header as a row range would have it (for shape checks of a fused weight's parts)."""
-    return dataclasses.replace(t, shape=(end - start, *t.shape[1:]))
+def _part_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    import torch
+
+    return tuple(torch.empty(shape, device="meta")[index].shape)
 
 
-def _check_fused(path: Path, t: StoredTensor, parts: tuple[tuple[str, int, int], ...], model: ModelConfig) -> None:
-    rows = parts[-1][2]
-    if len(t.shape) != 2 or t.shape[0] != rows:
-        raise LlmxError(f"{path}: tensor `{t.name}` has shape {tuple(t.shape)} but config.json implies {rows} rows "
-                        f"(its fused parts); check that config.json belongs to these weights.")
+def _part(t: StoredTensor, index: tuple) -> StoredTensor:
+    """The stored tensor's header as one part would have it (for shape checks of a fused tensor's parts)."""
+    return dataclasses.replace(t, shape=_part_shape(tuple(t.shape), index))
+
+
+def _check_fused(path: Path, t: StoredTensor, parts: tuple[tuple[str, tuple], ...]) -> None:
+    """The parts (disjoint by construction) must cover the stored tensor exactly: nothing left over, nothing past it."""
+    import math
+
+    sizes = [_part_shape(tuple(t.shape), index) for _, index in parts]
+    if len(t.shape) < 2 or sum(math.prod(s) for s in sizes) != math.prod(t.shape) or any(0 in s for s in sizes):
+        raise LlmxError(f"{path}: tensor `{t.name}` has shape {tuple(t.shape)}, which does not split into the "
+                        f"{len(parts)} tensors config.json implies (its fused parts); check that config.json belongs "
+                        "to these weights.")
 
 
 def _check_tensor(path: Path, t: StoredTensor, name: str, expected: dict, seen: dict[str, Path],
@@ -255,9 +257,8 @@ def _stream(items: list[_Item], hashed_files: list[Path], root: Path, out_file: 
     for item in items:
         per_file.setdefault(item.source.path, []).append(item)
     ordered = [i for path in hashed_files for i in sorted(per_file.get(path, []), key=lambda i: i.stored.start)]
-    entries = [TensorEntry(name, dtype, i.stored.shape if rows.stop is None else (rows.stop - rows.start,
-                                                                                 *i.stored.shape[1:]))
-               for i in ordered for name, rows in i.outputs()]
+    entries = [TensorEntry(name, dtype, _part_shape(tuple(i.stored.shape), index))
+               for i in ordered for name, index in i.outputs()]
 
     hasher = hashlib.sha256()
     with SafetensorsStreamWriter(out_file, entries) as writer:
@@ -270,8 +271,8 @@ def _stream(items: list[_Item], hashed_files: list[Path], root: Path, out_file: 
             hasher.update(file_items[0].source.header_bytes)
             for item in file_items:
                 tensor = item.source.read(item.stored.name, hasher)
-                for name, rows in item.outputs():
-                    writer.write(name, tensor[rows].to(target).contiguous())
+                for name, index in item.outputs():
+                    writer.write(name, tensor[index].to(target).contiguous())
                 del tensor
                 progress.advance(item.stored.nbytes)
     return "sha256:" + hasher.hexdigest()

@@ -47,7 +47,7 @@ def write_dummy_checkpoint(config_json_path_or_dir: Path | str, out: Path | str,
     _, model = read_hf_config(config_path)
     tokenizer_files = find_tokenizer_files(config_path.parent, trust_remote_code=trust_remote_code)
     specs = checkpoint_tensor_specs(model, dtype, None)
-    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,))
+    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,), inputs=(config_path.parent,))
 
     entries = [TensorEntry(name, spec.dtype, tuple(spec.shape)) for name, spec in specs.items()]
     bar = ByteProgress(progress, "dummy weights", sum(e.nbytes for e in entries))

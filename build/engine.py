@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from llmx.build.checkpoint import (Checkpoint, check_model_config, check_quant_config, checkpoint_tensor_specs,
-                                   llmx_version, package_version, rank_file, read_checkpoint, verify_checkpoint)
-from llmx.build.convert import check_not_overlapping
+                                   llmx_version, mlp_prefixes, package_version, rank_file, read_checkpoint,
+                                   verify_checkpoint)
 from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
 from llmx.build.shard import (layout_summary, local_features, rank_holds, shard_spec, shard_tensor, split_name,
                               validate_mapping)
@@ -86,7 +86,6 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     if ckpt.mapping.world_size != 1:
         raise LlmxError(f"{ckpt_dir}/llmx.json declares mapping tp={ckpt.mapping.tp}, pp={ckpt.mapping.pp}; "
                         "`llmx build` shards unsharded checkpoints (tp=pp=1): re-create it with `llmx convert`.")
-    check_not_overlapping(ckpt_dir, out)
     build = resolve_build_config(build, ckpt)
     validate_mapping(ckpt.model, mapping, ckpt.quant, ckpt.dtype)
     target = detect_target(build.device)
@@ -97,7 +96,7 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     if not force and _reusable(out, input_hash, mapping.world_size):
         return BuildResult(out, True, time.perf_counter() - start)
 
-    check_output_dir(out, force=force, marker_files=(ENGINE_FILE,))
+    check_output_dir(out, force=force, marker_files=(ENGINE_FILE,), inputs=(ckpt_dir,))
     verify_checkpoint(ckpt)
     check_tokenizer_files(ckpt_dir, "re-create the checkpoint with `llmx convert` from a model folder whose "
                                     "tokenizer files are intact")
@@ -288,8 +287,8 @@ def _plan(ckpt: Checkpoint, mapping: Mapping) -> list[_Group]:
     for i in range(model.num_layers):
         fused_of[f"layers.{i}.attn.q_proj"] = (f"layers.{i}.attn.qkv_proj",
                                                tuple(f"layers.{i}.attn.{p}_proj" for p in "qkv"))
-        fused_of[f"layers.{i}.mlp.gate_proj"] = (f"layers.{i}.mlp.gate_up_proj",
-                                                 tuple(f"layers.{i}.mlp.{p}_proj" for p in ("gate", "up")))
+        for mlp in mlp_prefixes(model, i):  # the dense MLP, or each expert of a sparse layer
+            fused_of[f"{mlp}.gate_proj"] = (f"{mlp}.gate_up_proj", (f"{mlp}.gate_proj", f"{mlp}.up_proj"))
     absorbed = {m for _, modules in fused_of.values() for m in modules[1:]}
     groups, done = [], set()
     for name in specs:

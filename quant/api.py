@@ -30,6 +30,7 @@ from llmx.quant.methods.kv_cache import check_kv_cache_dtype
 
 if TYPE_CHECKING:
     from llmx.build.checkpoint import Checkpoint
+    from llmx.quant.gptq import GptqSettings
     from llmx.quant.export_llmx import LinearState
     from llmx.runtime.config import ModelConfig, QuantConfig
 
@@ -66,6 +67,46 @@ class ModulePlan:
     warnings: list[str]
 
 
+@dataclass(frozen=True)
+class _Options:
+    """quantize()'s options, validated and resolved (canonical algorithm, calibration size for the device)."""
+    algo: str
+    kv_cache_dtype: str | None
+    calib_data: str | None
+    calib_size: int
+    calib_seq_len: int
+    batch_size: int
+    group_size: int | None  # None: chosen for the model when choose_group_size
+    choose_group_size: bool
+    calibrates: bool
+    exclude: tuple[str, ...]
+    device: str
+    seed: int
+    quantize_lm_head: bool
+
+
+@dataclass
+class CalibratedModel:
+    """The transformers model ModelOpt calibrated (fake-quantized), with what quantize() exports it by."""
+    model: Any
+    src: Path  # what quantize() was given: an llmx checkpoint or an HF folder converted on the fly
+    ckpt: "Checkpoint"
+    quant: "QuantConfig"
+    plan: ModulePlan
+    calib: Any  # llmx.quant.calibrate.CalibrationSet, or None when the algorithm takes no data
+    source_hash: str
+    options: _Options
+
+    def write_llmx(self, out: Path, *, recipe: str | None = None, progress: Progress | None = None) -> None:
+        """Export the calibrated model as a quantized llmx checkpoint at `out` (written atomically)."""
+        _write_llmx(self.model, self.ckpt, self.quant, self.plan, Path(out), self.provenance(recipe), progress)
+
+    def provenance(self, recipe: str | None) -> dict:
+        o = self.options
+        return _provenance(self.src, self.source_hash, self.calib, o.calib_data, o.calib_size, o.calib_seq_len, o.seed,
+                           recipe)
+
+
 def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
              calib_size: int | None = None, calib_seq_len: int | None = None, batch_size: int = 8,
              group_size: int | None = None,
@@ -74,26 +115,75 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
              quantize_lm_head: bool = False) -> QuantizeResult:
     started = time.perf_counter()
     src, out = Path(src), Path(out)
+    options = _resolve_options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
+                               calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
+                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head)
+    if export_format not in EXPORT_FORMATS:
+        raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
+    _check_output(src, out, export_format, force)
+    if options.quantize_lm_head:
+        _check_untied_head(src)
+
+    with _calibrated(src, options, progress) as calibrated:
+        if export_format == "llmx":
+            calibrated.write_llmx(out, recipe=recipe, progress=progress)
+        else:
+            _write_hf(calibrated.model, calibrated.ckpt, out)
+        size_before = calibrated.ckpt.rank_path(0).stat().st_size
+        plan, calib, group = calibrated.plan, calibrated.calib, calibrated.quant.group_size
+    warnings = plan.warnings + (calib.warnings if calib is not None else [])
+    return QuantizeResult(path=out, algo=options.algo, quantized_modules=plan.quantized,
+                          skipped_modules=plan.skipped, size_before_bytes=size_before,
+                          size_after_bytes=_weights_size(out), seconds=time.perf_counter() - started,
+                          calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings,
+                          calib_shape=(calib.num_samples, options.calib_seq_len) if calib is not None else None,
+                          group_size=group, group_size_chosen=options.choose_group_size)
+
+
+@contextlib.contextmanager
+def calibrated_model(src: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
+                     calib_size: int | None = None, calib_seq_len: int | None = None, batch_size: int = 8,
+                     group_size: int | None = None, exclude: tuple[str, ...] = (), device: str = "cpu",
+                     seed: int = 0, quantize_lm_head: bool = False,
+                     progress: Progress | None = None) -> Iterator[CalibratedModel]:
+    """ModelOpt's calibrated model for `src`, exactly as quantize() calibrates it with the same options.
+
+    The model is transformers' with ModelOpt's fake quantizers: scoring it measures the algorithm alone
+    (benchmarks/quant_reference.py), and `write_llmx` exports the very same calibration.
+    """
+    options = _resolve_options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
+                               calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
+                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head)
+    if options.quantize_lm_head:
+        _check_untied_head(Path(src))
+    with _calibrated(Path(src), options, progress) as calibrated:
+        yield calibrated
+
+
+def _resolve_options(*, algo: str, kv_cache_dtype: str | None, calib_data: str | None, calib_size: int | None,
+                     calib_seq_len: int | None, batch_size: int, group_size: int | None, exclude: tuple[str, ...],
+                     device: str, seed: int, quantize_lm_head: bool) -> _Options:
+    """Every option checked (one sentence each) before any heavy work, and the defaults filled in."""
     algo = presets.resolve_algo(algo)
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
     if algo == presets.KV_ONLY and kv_cache_dtype is None:
         raise LlmxError("--algo none quantizes nothing: add --kv-cache-dtype fp8|int8 to quantize only the KV "
                         f"cache, or choose an algorithm ({', '.join(presets.ALGOS)}).")
-    if export_format not in EXPORT_FORMATS:
-        raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
     group = presets.effective_group_size(algo, group_size)
-    choose_group = presets.chooses_group_size(algo, group_size)
-    calibrates = presets.needs_calibration(algo, kv_cache_dtype)
     device = _check_device(device)
     default_size, default_seq_len = CALIBRATION_DEFAULTS["cpu" if device == "cpu" else "cuda"]
-    calib_size = default_size if calib_size is None else calib_size
-    calib_seq_len = default_seq_len if calib_seq_len is None else calib_seq_len
     exclude = tuple(exclude)
-    quantize_lm_head = _check_lm_head_options(quantize_lm_head, algo, exclude)
-    _check_output(src, out, export_format, force)
-    if quantize_lm_head:
-        _check_untied_head(src)
+    return _Options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data,
+                    calib_size=default_size if calib_size is None else calib_size,
+                    calib_seq_len=default_seq_len if calib_seq_len is None else calib_seq_len,
+                    batch_size=batch_size, group_size=group,
+                    choose_group_size=presets.chooses_group_size(algo, group_size),
+                    calibrates=presets.needs_calibration(algo, kv_cache_dtype), exclude=exclude, device=device,
+                    seed=seed, quantize_lm_head=_check_lm_head_options(quantize_lm_head, algo, exclude))
 
+
+@contextlib.contextmanager
+def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[CalibratedModel]:
     with _source_checkpoint(src) as ckpt:
         if ckpt.quant is not None:
             raise LlmxError(f"{src} is already quantized (algo {ckpt.quant.algo}); quantize the unquantized "
@@ -102,31 +192,21 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
             raise LlmxError(f"{src}: quantizing {ckpt.model.architecture} is not supported yet (ModelOpt calibrates "
                             "transformers' Phi-3, whose fused qkv_proj / gate_up_proj llmx stores split); build and "
                             "run this checkpoint unquantized.")
-        plan = plan_modules(ckpt.model, algo, exclude, group, quantize_lm_head=quantize_lm_head)
-        if choose_group:
+        group = o.group_size
+        plan = plan_modules(ckpt.model, o.algo, o.exclude, group, quantize_lm_head=o.quantize_lm_head)
+        if o.choose_group_size:
             group = presets.choose_group_size(_in_features(ckpt.model, plan))
-        quant = _quant_config(algo, group, kv_cache_dtype, exclude, plan, quantize_lm_head=quantize_lm_head)
+        quant = _quant_config(o.algo, group, o.kv_cache_dtype, o.exclude, plan, quantize_lm_head=o.quantize_lm_head)
         calib = None
-        if calibrates:
+        if o.calibrates:
             from llmx.quant.calibrate import build_calibration_set
 
-            calib = build_calibration_set(calib_data, _tokenizer(ckpt.path), calib_size=calib_size,
-                                          seq_len=calib_seq_len, batch_size=batch_size, seed=seed)
-        model, source_hash = _load_model(ckpt, device, progress)
-        _calibrate(model, algo, quant, plan, calib, progress)
-        provenance = _provenance(src, source_hash, calib, calib_data, calib_size, calib_seq_len, seed, recipe)
-        if export_format == "llmx":
-            _write_llmx(model, ckpt, quant, plan, out, provenance, progress)
-        else:
-            _write_hf(model, ckpt, out)
-        size_before = ckpt.rank_path(0).stat().st_size
-    warnings = plan.warnings + (calib.warnings if calib is not None else [])
-    return QuantizeResult(path=out, algo=algo, quantized_modules=plan.quantized, skipped_modules=plan.skipped,
-                          size_before_bytes=size_before, size_after_bytes=_weights_size(out),
-                          seconds=time.perf_counter() - started,
-                          calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings,
-                          calib_shape=(calib.num_samples, calib_seq_len) if calib is not None else None,
-                          group_size=group, group_size_chosen=choose_group)
+            calib = build_calibration_set(o.calib_data, _tokenizer(ckpt.path), calib_size=o.calib_size,
+                                          seq_len=o.calib_seq_len, batch_size=o.batch_size, seed=o.seed)
+        model, source_hash = _load_model(ckpt, o.device, progress)
+        _calibrate(model, o.algo, quant, plan, calib, progress)
+        yield CalibratedModel(model=model, src=src, ckpt=ckpt, quant=quant, plan=plan, calib=calib, source_hash=source_hash,
+                              options=o)
 
 
 def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None, *,
@@ -248,11 +328,8 @@ def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None
     from llmx.common.atomic import check_output_dir
     from llmx.quant.export_hf import HF_QUANT_CONFIG
 
-    src_r, out_r = src.resolve(), out.resolve()
-    if src_r == out_r or out_r in src_r.parents:
-        raise LlmxError(f"output {out} would replace the input {src}; choose another output directory.")
     markers = (CHECKPOINT_FILE,) if export_format == "llmx" else (HF_QUANT_CONFIG,)
-    check_output_dir(out, force=force, marker_files=markers)
+    check_output_dir(out, force=force, marker_files=markers, inputs=(src,))
 
 
 @contextlib.contextmanager
@@ -312,9 +389,10 @@ def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
     return model, "sha256:" + hasher.hexdigest()
 
 
-def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, progress: Progress | None) -> None:
+def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, progress: Progress | None,
+               gptq: "GptqSettings | None" = None) -> None:
     from llmx.quant.calibrate import make_forward_loop
-    from llmx.quant.modelopt import calibrate_module, quantize_model, quantized_linear_names
+    from llmx.quant.modelopt import gptq_layerwise, gptq_module, quantize_model, quantized_linear_names
 
     disabled = [_hf_module(n) for n in plan.skipped]
     head = LM_HEAD in plan.quantized
@@ -322,11 +400,19 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
                                          disabled_modules=disabled, quantize_lm_head=head)
     use_cache = algo == presets.KV_ONLY or presets.PRESETS[algo].calib_use_cache
     loop = make_forward_loop(calib, use_cache=use_cache, progress=progress) if calib is not None else None
-    quantize_model(model, mtq_config, loop)
-    if head and presets.PRESETS[algo].layerwise:
-        # Layerwise calibration (GPTQ) visits the decoder layers only and leaves the head uncalibrated: run the
-        # same algorithm on the head, fed by the whole (now quantized) model.
-        calibrate_module(model, _hf_module(LM_HEAD), mtq_config["algorithm"], loop)
+    if algo != presets.KV_ONLY and presets.PRESETS[algo].layerwise:
+        # GPTQ is llmx's own (llmx.quant.gptq) in ModelOpt's layerwise pass: ModelOpt only inserts the quantizers.
+        from llmx.quant.gptq import GptqSettings
+
+        settings = (gptq or GptqSettings()).check(quant.group_size)
+        quantize_model(model, {**mtq_config, "algorithm": None}, loop)
+        gptq_layerwise(model, loop, group_size=quant.group_size, settings=settings)
+        if head:
+            # The layerwise pass visits the decoder layers only: the head runs last, fed by the quantized model.
+            gptq_module(model.get_submodule(_hf_module(LM_HEAD)), lambda _head: loop(model),
+                        group_size=quant.group_size, settings=settings)
+    else:
+        quantize_model(model, mtq_config, loop)
     expected = sorted(_hf_module(n) for n in plan.quantized)
     got = sorted(quantized_linear_names(model))
     if got != expected:

@@ -153,7 +153,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
     """
     from llmx.build.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
                                        verify_tensors, write_checkpoint_meta)
-    from llmx.build.convert import check_model_dir, check_not_overlapping, find_weight_files
+    from llmx.build.convert import check_model_dir, find_weight_files
     from llmx.build.families import read_hf_config
     from llmx.build.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
     from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
@@ -165,12 +165,11 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_model_dir(hf_dir)
-    check_not_overlapping(hf_dir, out)
     _, model = read_hf_config(hf_dir / "config.json")
     quant, _ = read_quant_config(hf_dir, model)
     tokenizer_files = find_tokenizer_files(hf_dir, trust_remote_code=trust_remote_code)
     weight_files, index_file = find_weight_files(hf_dir)
-    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,))
+    check_output_dir(out, force=force, marker_files=(CHECKPOINT_FILE,), inputs=(hf_dir,))
 
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(SafetensorsFile.open(p)) for p in weight_files]
