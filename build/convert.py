@@ -119,6 +119,25 @@ def check_model_dir(hf_dir: Path) -> None:
         raise LlmxError(f"{hf_dir} is not a directory; pass a Hugging Face model folder (config.json + *.safetensors).")
     if not (hf_dir / "config.json").is_file():
         raise LlmxError(f"{hf_dir / 'config.json'} is missing; a Hugging Face model folder needs its config.json.")
+    for entry in hf_dir.iterdir():
+        if entry.is_symlink():
+            check_inside_model_dir(hf_dir, entry)
+
+
+def check_inside_model_dir(hf_dir: Path, path: Path) -> None:
+    """Refuse a file of the model folder that resolves outside it through a symlink.
+
+    What convert reads from the folder is copied or converted into its output, so a link to /etc/passwd or
+    another user's files must not be followed. A Hugging Face hub cache links `snapshots/<rev>/<file>` to
+    `../../blobs/<hash>`: inside a snapshot, the repository's cache folder (`models--<org>--<name>`) is the bound.
+    """
+    root = hf_dir.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        root = root.parent.parent
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        raise LlmxError(f"{path} points outside the model folder (to {target}); llmx does not follow links out of "
+                        "the folder it converts: copy the file into the folder instead.")
 
 
 def find_weight_files(hf_dir: Path) -> tuple[list[Path], Path | None]:

@@ -93,3 +93,42 @@ def test_the_leftovers_of_a_killed_writer_are_removed_by_the_next_run(tiny_hf, t
     assert run_cli(["convert", str(tiny_hf), "-o", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt-other.tmp-abcdefgh", "ckpt"]
     assert json.loads((out / "llmx.json").read_text())["format"] == "llmx-checkpoint"
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_symlink_out_of_the_model_folder_is_refused_with_the_link_named(tiny_hf, tmp_path, fails):
+    secret = tmp_path / "elsewhere" / "secret.json"
+    secret.parent.mkdir()
+    secret.write_text('{"not": "a tokenizer"}')
+    model = _copy_model(tiny_hf, tmp_path / "model")
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").symlink_to(secret)
+    line = fails(["convert", model, "-o", tmp_path / "ckpt"], "points outside the model folder", code=2)
+    assert str(model / "tokenizer_config.json") in line
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_link_inside_the_model_folder_is_followed(tiny_hf, tmp_path):
+    model = _copy_model(tiny_hf, tmp_path / "model")
+    (model / "weights").mkdir()
+    (model / "model.safetensors").rename(model / "weights" / "model.safetensors")
+    (model / "model.safetensors").symlink_to(Path("weights") / "model.safetensors")
+    assert run_cli(["convert", str(model), "-o", str(tmp_path / "ckpt")]) == 0
+
+
+def test_an_index_entry_leaving_the_model_folder_is_refused(tiny_hf, tmp_path, fails):
+    model = _copy_model(tiny_hf, tmp_path / "model")
+    (model / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    names = json.loads(subprocess.run(
+        [sys.executable, "-c", "import sys, json; from safetensors import safe_open; "
+         "print(json.dumps(list(safe_open(sys.argv[1], 'pt').keys())))", str(tmp_path / "outside.safetensors")],
+        capture_output=True, text=True, check=True).stdout)
+    index = {"metadata": {}, "weight_map": {name: "../outside.safetensors" for name in names}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    fails(["convert", model, "-o", tmp_path / "ckpt"], "must be a file name in the same folder", code=2)
