@@ -2,12 +2,15 @@
 
 The runtime loads the tokenizer with `transformers.AutoTokenizer.from_pretrained(engine_dir)`, so every
 file that call may read is copied. A tokenizer that needs custom Python code (`auto_map` in
-tokenizer_config.json) is copied, with its .py files, only when the user trusts remote code.
+tokenizer_config.json) is copied only when the user trusts remote code, with the modules its `auto_map` names
+and the folder's modules they import: never the model's own code (modeling_*.py, configuration_*.py), which llmx
+does not run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -37,8 +40,50 @@ def find_tokenizer_files(src_dir: Path, *, trust_remote_code: bool) -> list[Path
             raise LlmxError(f"{src_dir / 'tokenizer_config.json'} declares a custom tokenizer class (`auto_map`), "
                             "which runs Python code from the model folder; pass --trust-remote-code if you trust "
                             "its source.")
-        files += sorted(src_dir.glob("*.py"))
+        files += tokenizer_code_files(src_dir)
     return files
+
+
+# `from .tokenization_base import X` / `from . import helpers` / `import tokenization_base` in a tokenizer module
+_LOCAL_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w*)\s+import\s+([\w, ]+)|import\s+(\w+))", re.MULTILINE)
+
+
+def tokenizer_code_files(src_dir: Path) -> list[Path]:
+    """The .py files the tokenizer's `auto_map` names, plus the folder's modules they import (transitively)."""
+    config_path = src_dir / "tokenizer_config.json"
+    entries = json.loads(config_path.read_text())["auto_map"]
+    refs = entries.get("AutoTokenizer", []) if isinstance(entries, dict) else []
+    refs = refs if isinstance(refs, list) else [refs]
+    pending = []
+    for ref in refs:
+        if ref is None:
+            continue
+        if not isinstance(ref, str) or "." not in ref:
+            raise LlmxError(f"{config_path}: `auto_map.AutoTokenizer` entry {ref!r} is not 'module.ClassName'; fix "
+                            "the tokenizer config.")
+        if "--" in ref:
+            raise LlmxError(f"{config_path}: `auto_map.AutoTokenizer` entry {ref!r} loads code from another "
+                            "repository; llmx carries only code from the model folder: copy that module into it.")
+        pending.append(ref.rsplit(".", 1)[0])
+    for module in pending:
+        if not (src_dir / f"{module}.py").is_file():
+            raise LlmxError(f"{config_path} names the tokenizer module {module!r} but {src_dir / module}.py is "
+                            "missing; re-download the model folder.")
+    found: dict[str, Path] = {}
+    while pending:
+        module = pending.pop()
+        path = src_dir / f"{module}.py"
+        if module in found or not path.is_file():  # a module outside the folder (json, transformers, ...)
+            continue
+        found[module] = path
+        for relative, names, plain in _LOCAL_IMPORT.findall(path.read_text(encoding="utf-8", errors="replace")):
+            if relative:
+                pending.append(relative)
+            elif names:  # `from . import a, b`: each name may be a sibling module
+                pending.extend(n.strip() for n in names.split(",") if n.strip())
+            else:
+                pending.append(plain)
+    return sorted(found.values())
 
 
 def _needs_custom_code(tokenizer_config: Path) -> bool:

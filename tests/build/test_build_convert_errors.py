@@ -167,11 +167,23 @@ def test_bad_dtype_and_custom_tokenizer_code(tiny_model_dir, tmp_path):
     cfg = json.loads((hf / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
     (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (hf / "tokenization_custom.py").write_text("raise SystemExit('never imported by convert')\n")
+    (hf / "tokenization_custom.py").write_text("import json\nfrom .vocab_helpers import load\n"
+                                               "raise SystemExit('never imported by convert')\n")
+    (hf / "vocab_helpers.py").write_text("from . import normalizers\n")
+    (hf / "normalizers.py").write_text("import unicodedata\n")
+    (hf / "modeling_custom.py").write_text("raise SystemExit('model code: llmx runs its own')\n")
+    (hf / "configuration_custom.py").write_text("raise SystemExit('model code: llmx runs its own')\n")
     _convert_fails(hf, out, "tokenizer_config.json", "auto_map", "--trust-remote-code")
     _assert_no_output(out)
     convert(hf, out, trust_remote_code=True)
-    assert (out / "tokenization_custom.py").exists()
+    assert sorted(p.name for p in out.glob("*.py")) == ["normalizers.py", "tokenization_custom.py",
+                                                         "vocab_helpers.py"]
+    cfg["auto_map"] = {"AutoTokenizer": ["other-org/repo--tokenization_custom.CustomTokenizer", None]}
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _convert_fails(hf, tmp_path / "out2", "loads code from another repository", trust_remote_code=True)
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_gone.CustomTokenizer", None]}
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _convert_fails(hf, tmp_path / "out2", "tokenization_gone.py is missing", trust_remote_code=True)
 
 
 def test_failure_while_streaming_leaves_no_partial_directory(tiny_model_dir, tmp_path, monkeypatch):
