@@ -210,9 +210,22 @@ def _parse(meta: dict, meta_path: Path, field: str, parse):
                         "with `llmx convert`.") from None
 
 
+def mlp_prefixes(model: ModelConfig, layer: int) -> list[str]:
+    """The gated MLPs of a layer, each holding gate_proj / up_proj / down_proj: `layers.{i}.mlp` for a dense layer;
+    `layers.{i}.mlp.experts.{e}` per expert (then `layers.{i}.mlp.shared_expert`, Qwen2-MoE) for a sparse one."""
+    p = f"layers.{layer}.mlp"
+    if not model.is_moe_layer(layer):
+        return [p]
+    shared = [f"{p}.shared_expert"] if model.shared_expert_intermediate_size else []
+    return [f"{p}.experts.{e}" for e in range(model.num_experts)] + shared
+
+
 def linear_modules(model: ModelConfig) -> list[LinearModule]:
-    """Every Linear of the checkpoint in layer order; lm_head last unless tied to the embedding."""
-    h, inter = model.hidden_size, model.intermediate_size
+    """Every Linear of the checkpoint in layer order; lm_head last unless tied to the embedding.
+
+    A sparse layer's router (and Qwen2-MoE's shared-expert gate) is no Linear here: it stays in the checkpoint
+    dtype, never quantized."""
+    h = model.hidden_size
     modules = []
     for i in range(model.num_layers):
         p = f"layers.{i}"
@@ -221,10 +234,14 @@ def linear_modules(model: ModelConfig) -> list[LinearModule]:
             LinearModule(f"{p}.attn.k_proj", model.kv_size, h, model.qkv_bias),
             LinearModule(f"{p}.attn.v_proj", model.kv_size, h, model.qkv_bias),
             LinearModule(f"{p}.attn.o_proj", h, model.q_size, model.o_bias),
-            LinearModule(f"{p}.mlp.gate_proj", inter, h, model.mlp_bias),
-            LinearModule(f"{p}.mlp.up_proj", inter, h, model.mlp_bias),
-            LinearModule(f"{p}.mlp.down_proj", h, inter, model.mlp_bias),
         ]
+        for mlp in mlp_prefixes(model, i):
+            inter = model.mlp_intermediate_size(f"{mlp}.gate_proj")
+            modules += [
+                LinearModule(f"{mlp}.gate_proj", inter, h, model.mlp_bias),
+                LinearModule(f"{mlp}.up_proj", inter, h, model.mlp_bias),
+                LinearModule(f"{mlp}.down_proj", h, inter, model.mlp_bias),
+            ]
     if not model.tie_word_embeddings:
         modules.append(LinearModule("lm_head", model.vocab_size, h, False))
     return modules
@@ -257,8 +274,13 @@ def checkpoint_tensor_specs(model: ModelConfig, dtype: str, quant: QuantConfig |
         specs[f"{p}.mlp_norm.weight"] = TensorSpec((h,), dtype)
         if model.family in GEMMA_FAMILIES:
             specs[f"{p}.post_mlp_norm.weight"] = TensorSpec((h,), dtype)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            _add_linear(specs, linears[f"{p}.mlp.{proj}"], dtype, quant)
+        if model.is_moe_layer(i):  # replicated over tensor-parallel ranks (no out_dim)
+            specs[f"{p}.mlp.router.weight"] = TensorSpec((model.num_experts, h), dtype)
+            if model.shared_expert_intermediate_size:
+                specs[f"{p}.mlp.shared_expert_gate.weight"] = TensorSpec((1, h), dtype)
+        for mlp in mlp_prefixes(model, i):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                _add_linear(specs, linears[f"{mlp}.{proj}"], dtype, quant)
     specs["final_norm.weight"] = TensorSpec((h,), dtype)
     if "lm_head" in linears:
         _add_linear(specs, linears["lm_head"], dtype, quant)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmx.build.gemma_config import GEMMA_FAMILIES, gemma_fields, gemma_hf_fields, gemma_rope_source
+from llmx.build.moe_config import EXPERTS_KEY, MOE_FAMILIES, moe_fields, moe_hf_fields
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 
@@ -28,6 +29,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_TYPES)
 _LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -83,11 +87,17 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         "phi3": (False, False),
         "gemma2": (attention_bias, attention_bias),
         "gemma3": (attention_bias, attention_bias),
+        "mixtral": (False, False),
+        "qwen2_moe": (_bool(hf_config, "qkv_bias", source, default=True), False),
+        "qwen3_moe": (attention_bias, attention_bias),
     }[family]
     num_layers = _positive_int(hf_config, "num_hidden_layers", source)
 
     extra = gemma_fields(hf_config, family, num_layers, source) if gemma else {
-        "qk_norm": family == "qwen3", "sliding_window": _sliding_window(hf_config, family, num_layers, source)}
+        "qk_norm": family in ("qwen3", "qwen3_moe"),
+        "sliding_window": _sliding_window(hf_config, family, num_layers, source)}
+    if family in MOE_FAMILIES:
+        extra.update(moe_fields(hf_config, family, num_layers, source))
     model = ModelConfig(
         architecture=arch,
         family=family,
@@ -130,6 +140,8 @@ def _check_ranges(model: ModelConfig, hf: dict[str, Any], source: Path) -> None:
     field, text = problem
     if field is None:
         raise LlmxError(f"{source}: the model's {text}.")
+    if model.family in MOE_FAMILIES:
+        field = {"num_experts": EXPERTS_KEY[model.family], "sparse_layers": "mlp_only_layers"}.get(field, field)
     if field.startswith("rope_scaling.") and not hf.get("rope_scaling"):
         field = "rope_parameters." + field.removeprefix("rope_scaling.")
     elif field == "rope_theta" and "rope_theta" not in hf:
@@ -235,7 +247,7 @@ def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Pa
     window = hf.get("sliding_window")
     if family == "llama":
         return None
-    if family in ("mistral", "phi3"):  # one window for every layer when set
+    if family in ("mistral", "phi3", "mixtral"):  # one window for every layer when set
         return None if window is None else _positive_int(hf, "sliding_window", source)
     # Qwen2/Qwen3: the window is used only when use_sliding_window is set, and then only by layers
     # >= max_window_layers (or as `layer_types` lists). ModelConfig has one window for all layers.
@@ -342,7 +354,7 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
         "torch_dtype": dtype,  # transformers 4 spelling
         "use_cache": True,
     }
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "qwen3_moe"):
         if model.qkv_bias != model.o_bias:
             raise ValueError(f"{model.architecture} has one `attention_bias` for q/k/v and o; "
                              f"got qkv_bias={model.qkv_bias}, o_bias={model.o_bias}")
@@ -354,12 +366,16 @@ def hf_config_from_model_config(model: ModelConfig, dtype: str) -> dict[str, Any
             del hf["rope_theta"], hf["rope_scaling"]
     if family == "llama":
         hf["mlp_bias"] = model.mlp_bias
-    if family in ("mistral", "phi3"):
+    if family in ("mistral", "phi3", "mixtral"):
         hf["sliding_window"] = model.sliding_window
     if family == "phi3":
         hf["partial_rotary_factor"] = (model.rotary_dim or model.head_dim) / model.head_dim
         hf["pad_token_id"] = None  # Phi3Config's default 32000 lies outside smaller vocabularies
-    if family in ("qwen2", "qwen3"):
+    if family == "qwen2_moe":
+        hf["qkv_bias"] = model.qkv_bias
+    if family in MOE_FAMILIES:
+        hf.update(moe_hf_fields(model))
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         hf["use_sliding_window"] = model.sliding_window is not None
         hf["sliding_window"] = model.sliding_window
         hf["max_window_layers"] = 0 if model.sliding_window is not None else model.num_layers
@@ -398,6 +414,14 @@ _NAME_PAIRS: list[tuple[str, str, tuple[str, ...]]] = [
     ("model.layers.{0}.self_attn.{1}_proj.{2}", "layers.{0}.attn.{1}_proj.{2}", (_LAYER, "[qkvo]", _SUFFIX)),
     ("model.layers.{0}.self_attn.{1}_norm.weight", "layers.{0}.attn.{1}_norm.weight", (_LAYER, "[qk]")),
     ("model.layers.{0}.mlp.{1}_proj.{2}", "layers.{0}.mlp.{1}_proj.{2}", (_LAYER, "gate|up|down", _SUFFIX)),
+    # Mixtures of experts as the hub stores them (Qwen2-MoE, Qwen3-MoE; Mixtral's own names below): the router,
+    # one gated MLP per expert, Qwen2-MoE's shared expert and its gate.
+    ("model.layers.{0}.mlp.gate.weight", "layers.{0}.mlp.router.weight", (_LAYER,)),
+    ("model.layers.{0}.mlp.experts.{1}.{2}_proj.{3}", "layers.{0}.mlp.experts.{1}.{2}_proj.{3}",
+     (_LAYER, _LAYER, "gate|up|down", _SUFFIX)),
+    ("model.layers.{0}.mlp.shared_expert.{1}_proj.{2}", "layers.{0}.mlp.shared_expert.{1}_proj.{2}",
+     (_LAYER, "gate|up|down", _SUFFIX)),
+    ("model.layers.{0}.mlp.shared_expert_gate.weight", "layers.{0}.mlp.shared_expert_gate.weight", (_LAYER,)),
 ]
 
 
@@ -414,6 +438,10 @@ def _pattern(template: str, slots: tuple[str, ...]) -> re.Pattern[str]:
 _HF_FUSED_PAIRS = [
     ("model.layers.{0}.self_attn.qkv_proj.weight", "layers.{0}.attn.qkv_proj.weight", (_LAYER,)),
     ("model.layers.{0}.mlp.gate_up_proj.weight", "layers.{0}.mlp.gate_up_proj.weight", (_LAYER,)),
+    # transformers 5 holds a layer's experts as 3-D parameters ([experts, 2 * inter, hidden] with each expert's
+    # gate rows then up rows, and [experts, hidden, inter]); a folder saved from its state dict stores them so.
+    ("model.layers.{0}.mlp.experts.gate_up_proj", "layers.{0}.mlp.experts.gate_up_proj", (_LAYER,)),
+    ("model.layers.{0}.mlp.experts.down_proj", "layers.{0}.mlp.experts.down_proj", (_LAYER,)),
 ]
 _HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _NAME_PAIRS + _HF_FUSED_PAIRS]
 _LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _NAME_PAIRS]
@@ -426,6 +454,19 @@ _GEMMA_PAIRS = [
 ]
 _GEMMA_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _GEMMA_PAIRS] + _HF_TO_LLMX
 _GEMMA_LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _GEMMA_PAIRS] + _LLMX_TO_HF
+# Mixtral's hub names: `block_sparse_moe`, experts' w1 (gate), w2 (down), w3 (up). transformers 5 renames the
+# module `mlp` in memory, which the rows above read. Tried first for Mixtral, and written back this way.
+_MIXTRAL_PAIRS = [
+    ("model.layers.{0}.block_sparse_moe.gate.weight", "layers.{0}.mlp.router.weight", (_LAYER,)),
+    ("model.layers.{0}.block_sparse_moe.experts.{1}.w1.{2}", "layers.{0}.mlp.experts.{1}.gate_proj.{2}",
+     (_LAYER, _LAYER, _SUFFIX)),
+    ("model.layers.{0}.block_sparse_moe.experts.{1}.w2.{2}", "layers.{0}.mlp.experts.{1}.down_proj.{2}",
+     (_LAYER, _LAYER, _SUFFIX)),
+    ("model.layers.{0}.block_sparse_moe.experts.{1}.w3.{2}", "layers.{0}.mlp.experts.{1}.up_proj.{2}",
+     (_LAYER, _LAYER, _SUFFIX)),
+]
+_MIXTRAL_HF_TO_LLMX = [(_pattern(hf, slots), llmx, len(slots)) for hf, llmx, slots in _MIXTRAL_PAIRS] + _HF_TO_LLMX
+_MIXTRAL_LLMX_TO_HF = [(_pattern(llmx, slots), hf, len(slots)) for hf, llmx, slots in _MIXTRAL_PAIRS] + _LLMX_TO_HF
 # Buffers some exporters save next to the weights; they are recomputed, never loaded.
 _HF_SKIPPED = re.compile(r"(.*\.)?rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\..*")
 
@@ -438,12 +479,14 @@ def hf_to_llmx_name(hf_name: str, family: str | None = None) -> str | None:
     """
     if _HF_SKIPPED.fullmatch(hf_name):
         return None
-    return _translate(hf_name, _GEMMA_HF_TO_LLMX if family in GEMMA_FAMILIES else _HF_TO_LLMX)
+    return _translate(hf_name, _GEMMA_HF_TO_LLMX if family in GEMMA_FAMILIES else
+                      _MIXTRAL_HF_TO_LLMX if family == "mixtral" else _HF_TO_LLMX)
 
 
 def llmx_to_hf_name(name: str, family: str | None = None) -> str:
     """llmx checkpoint name -> HF tensor name (the inverse of hf_to_llmx_name). Raises ValueError if unknown."""
-    return _translate(name, _GEMMA_LLMX_TO_HF if family in GEMMA_FAMILIES else _LLMX_TO_HF)
+    return _translate(name, _GEMMA_LLMX_TO_HF if family in GEMMA_FAMILIES else
+                      _MIXTRAL_LLMX_TO_HF if family == "mixtral" else _LLMX_TO_HF)
 
 
 def _translate(name: str, table: list[tuple[re.Pattern[str], str, int]]) -> str:
@@ -469,3 +512,23 @@ def fused_parts(name: str, model: ModelConfig) -> list[tuple[str, int, int]] | N
                 (f"{p}.attn.v_proj.weight", q + kv, q + 2 * kv)]
     inter = model.intermediate_size
     return [(f"{p}.mlp.gate_proj.weight", 0, inter), (f"{p}.mlp.up_proj.weight", inter, 2 * inter)]
+
+
+def split_parts(name: str, model: ModelConfig) -> list[tuple[str, tuple]] | None:
+    """A fused HF tensor's llmx parts as (name, index into the stored tensor), or None for a tensor stored whole.
+
+    Phi-3's fused rows (fused_parts), and transformers 5's 3-D experts: `experts.gate_up_proj` [experts, 2 * inter,
+    hidden] gives each expert's gate_proj (rows :inter) and up_proj (rows inter:), `experts.down_proj`
+    [experts, hidden, inter] each expert's down_proj.
+    """
+    rows = fused_parts(name, model)
+    if rows is not None:
+        return [(part, (slice(start, end),)) for part, start, end in rows]
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+    if m is None:
+        return None
+    p, inter = f"layers.{m.group(1)}.mlp.experts", model.moe_intermediate_size
+    if m.group(2) == "down_proj":
+        return [(f"{p}.{e}.down_proj.weight", (e,)) for e in range(model.num_experts)]
+    return [part for e in range(model.num_experts) for part in (
+        (f"{p}.{e}.gate_proj.weight", (e, slice(0, inter))), (f"{p}.{e}.up_proj.weight", (e, slice(inter, 2 * inter))))]

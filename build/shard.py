@@ -3,7 +3,9 @@
 Rank r of a Mapping has tp_rank = r % tp and pp_rank = r // tp.
 
 Tensor parallelism, per module (weights [out, in]):
-- column-parallel (q/k/v, gate/up): the output features are split; biases follow them.
+- column-parallel (q/k/v, gate/up): the output features are split; biases follow them. Each expert of a
+  mixture of experts (and the shared expert) is split like the dense MLP, over its own intermediate size; the
+  router and the shared-expert gate are replicated.
 - row-parallel (o_proj, down_proj): the input features are split. Their bias is stored whole on every
   rank; the runtime adds it once, after the all-reduce of the partial products.
 - vocab-parallel (embed, lm_head): vocabulary rows are split into tp slices of ceil(vocab / tp) rows;
@@ -99,11 +101,11 @@ def local_features(module: str, model: ModelConfig, tp: int) -> tuple[int, int]:
         return model.hidden_size, stop - start
     if style is None:
         raise ValueError(f"{module} is not a Linear of the model")
-    start, stop = _feature_range(style, model, tp, 0)
+    start, stop = _feature_range(style, model, tp, 0, module)
     return stop - start, model.hidden_size
 
 
-def _feature_range(style: str, model: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+def _feature_range(style: str, model: ModelConfig, tp: int, tp_rank: int, module: str = "") -> tuple[int, int]:
     """[start, stop) of the layer features (output, or input for "row") this tp rank holds."""
     if style == "q":
         size = model.q_size // tp
@@ -112,7 +114,7 @@ def _feature_range(style: str, model: ModelConfig, tp: int, tp_rank: int) -> tup
         start = kv_head_start(model.num_kv_heads, tp, tp_rank) * model.head_dim
         return start, start + kv_heads_per_rank(model.num_kv_heads, tp) * model.head_dim
     if style == "column":
-        size = model.intermediate_size // tp
+        size = model.mlp_intermediate_size(module) // tp
         return tp_rank * size, (tp_rank + 1) * size
     if style == "vocab":
         size = vocab_per_rank(model.vocab_size, tp)
@@ -127,7 +129,7 @@ def _sliced_axis(style: str | None, spec: TensorSpec) -> tuple[int, int] | None:
 
 
 def _row_range(module: str, model: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
-    in_features = model.q_size if module.endswith("o_proj") else model.intermediate_size
+    in_features = model.q_size if module.endswith("o_proj") else model.mlp_intermediate_size(module)
     size = in_features // tp
     return tp_rank * size, (tp_rank + 1) * size
 
@@ -145,7 +147,7 @@ def _element_range(name: str, spec: TensorSpec, model: ModelConfig, mapping: Map
     if style == "row":
         start, stop = _row_range(module, model, mapping.tp, tp_rank)
     else:
-        start, stop = _feature_range(style, model, mapping.tp, tp_rank)
+        start, stop = _feature_range(style, model, mapping.tp, tp_rank, module)
     return axis, start // per_element, stop // per_element
 
 
@@ -196,9 +198,14 @@ def validate_mapping(model: ModelConfig, mapping: Mapping, quant: QuantConfig | 
     if kv % tp and tp % kv:
         raise LlmxError(f"tp {tp} neither divides the {kv} KV heads nor is a multiple of them, so KV heads can be "
                         f"neither split nor replicated evenly; choose a tp among {_valid_tps(model)}.")
-    if model.intermediate_size % tp:
-        raise LlmxError(f"tp {tp} does not divide intermediate_size {model.intermediate_size:,} "
-                        f"({model.intermediate_size:,} / {tp} = {model.intermediate_size / tp:,.2f}); choose another tp.")
+    sizes = {"intermediate_size": model.intermediate_size} if len(model.sparse_layers) < model.num_layers else {}
+    sizes.update({"moe_intermediate_size": model.moe_intermediate_size} if model.sparse_layers else {})
+    sizes.update({"shared_expert_intermediate_size": model.shared_expert_intermediate_size}
+                 if model.sparse_layers and model.shared_expert_intermediate_size else {})
+    for field, size in sizes.items():
+        if size % tp:
+            raise LlmxError(f"tp {tp} does not divide {field} {size:,} ({size:,} / {tp} = {size / tp:,.2f}); "
+                            "choose another tp.")
     if pp > model.num_layers:
         raise LlmxError(f"pp {pp} exceeds the model's {model.num_layers} layers; choose pp <= {model.num_layers}.")
     if tp == 1:
@@ -216,7 +223,7 @@ def validate_mapping(model: ModelConfig, mapping: Mapping, quant: QuantConfig | 
                 total, kind = m.in_features, "row-parallel shard"
                 what = f"{total:,} / {tp} = {stop - start:,} input features"
             else:
-                start, stop = _feature_range(style, model, tp, 0)
+                start, stop = _feature_range(style, model, tp, 0, m.name)
                 total, kind = m.out_features, "column-parallel shard"
                 what = f"{stop - start:,} of the {total:,} output features"
             if (stop - start) % per_element:
@@ -244,6 +251,7 @@ def layout_summary(model: ModelConfig, mapping: Mapping) -> dict[str, Any]:
         "kv_heads_per_rank": kv_heads_per_rank(model.num_kv_heads, mapping.tp),
         "kv_heads_replicated": model.num_kv_heads % mapping.tp != 0,
         "intermediate_per_rank": model.intermediate_size // mapping.tp,
+        **({"moe_intermediate_per_rank": model.moe_intermediate_size // mapping.tp} if model.sparse_layers else {}),
         "stage_layers": [[r.start, r.stop] for r in
                          (stage_layers(model.num_layers, mapping.pp, p) for p in range(mapping.pp))],
     }

@@ -89,6 +89,15 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_pytorch_tanh (Gemma)
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; runtime/models/moe.py). The layers in `sparse_layers`
+    # route each token to `num_experts_per_tok` of `num_experts` gated MLPs of `moe_intermediate_size`; the
+    # other layers keep the dense MLP of `intermediate_size`. num_experts 0 = a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (Mixtral always does)
+    sparse_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: an always-on expert behind a sigmoid gate
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -100,10 +109,23 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.sparse_layers
+
+    def mlp_intermediate_size(self, module: str) -> int:
+        """The intermediate size of an MLP Linear named `module` (`layers.3.mlp.experts.5.gate_proj`: an expert's;
+        `...mlp.shared_expert.up_proj`: the shared expert's; any other: the dense MLP's)."""
+        if ".mlp.experts." in module:
+            return self.moe_intermediate_size
+        if ".mlp.shared_expert." in module:
+            return self.shared_expert_intermediate_size
+        return self.intermediate_size
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["layer_types"] = list(self.layer_types)
+        d["sparse_layers"] = list(self.sparse_layers)
         if self.rope_scaling is not None:
             for key in ("short_factor", "long_factor"):
                 d["rope_scaling"][key] = list(getattr(self.rope_scaling, key))
@@ -116,6 +138,7 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
         d["layer_types"] = tuple(d.get("layer_types") or ())
+        d["sparse_layers"] = tuple(d.get("sparse_layers") or ())
         return cls(**d)
 
 
@@ -235,7 +258,10 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < 1e12):
             return name, f"must be a positive number or null, got {value!r}"
-    for flag in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+    moe = moe_config_problem(model)
+    if moe is not None:
+        return moe
+    for flag in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "norm_topk_prob"):
         if not isinstance(getattr(model, flag), bool):
             return flag, f"must be true or false, got {getattr(model, flag)!r}"
     ids = ([("bos_token_id", model.bos_token_id)] if model.bos_token_id is not None else []) + [
@@ -273,13 +299,48 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
     return None
 
 
+def moe_config_problem(model: ModelConfig) -> tuple[str, str] | None:
+    """The first mixture-of-experts field the runtime could not run, as (field, "must be ..., got ..."), or None."""
+    from llmx.common.limits import MODEL_LIMITS, check_number
+
+    def count(value, low: int, high: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+    if not count(model.num_experts, 0, 1 << 14):
+        return "num_experts", f"must be an integer from 0 (dense) to {1 << 14}, got {model.num_experts!r}"
+    if model.num_experts == 0:
+        if model.sparse_layers or model.num_experts_per_tok:
+            return "num_experts", "must be positive when sparse_layers or num_experts_per_tok are set, got 0"
+        return None
+    if not count(model.num_experts_per_tok, 1, model.num_experts):
+        return ("num_experts_per_tok", f"must be from 1 to the {model.num_experts} experts (top-k cannot pick more "
+                f"experts than there are), got {model.num_experts_per_tok!r}")
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        value = getattr(model, name)
+        if value is None and name == "shared_expert_intermediate_size":
+            continue
+        allowed = check_number(value, MODEL_LIMITS["intermediate_size"])
+        if allowed is not None:
+            return name, f"must be {allowed}, got {value!r}"
+    layers = model.sparse_layers
+    if not layers or list(layers) != sorted(set(layers)) or not all(count(i, 0, model.num_layers - 1) for i in layers):
+        return ("sparse_layers", f"must list distinct layer indices from 0 to {model.num_layers - 1} in increasing "
+                f"order, at least one, got {list(layers)!r:.120}")
+    return None
+
+
 def parameter_count(model: ModelConfig) -> int:
-    """Weights of the unquantized model (embedding, head unless tied, attention, MLP, norms)."""
+    """Weights of the unquantized model (embedding, head unless tied, attention, MLP or experts, norms)."""
     h = model.hidden_size
     attention = h * (model.q_size + 2 * model.kv_size) + model.q_size * h
-    mlp = 3 * h * model.intermediate_size
+    sparse = len(model.sparse_layers)
+    mlp = 3 * h * model.intermediate_size * (model.num_layers - sparse)
+    if sparse:
+        experts = model.num_experts * (3 * h * model.moe_intermediate_size + h)
+        shared = 3 * h * (model.shared_expert_intermediate_size or 0)
+        mlp += sparse * (experts + shared)
     embeddings = model.vocab_size * h * (1 if model.tie_word_embeddings else 2)
-    return embeddings + model.num_layers * (attention + mlp + 2 * h) + h
+    return embeddings + model.num_layers * (attention + 2 * h) + mlp + h
 
 
 def build_config_problem(build: BuildConfig) -> tuple[str, str] | None:

@@ -71,4 +71,7 @@ def load_rank_weights(model: torch.nn.Module, path: Path, device: torch.device, 
         if unused:
             raise LlmxError(f"{path}: holds {len(unused)} tensors this runtime does not use (first: `{unused[0]}`); "
                             "the engine was built by an incompatible llmx version, rebuild it with `llmx build`.")
+    for module in model.modules():  # layouts made from the loaded tensors (runtime/models/moe.py stacks experts)
+        if hasattr(module, "weights_loaded"):
+            module.weights_loaded()
 

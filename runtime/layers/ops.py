@@ -1,7 +1,8 @@
 """Dispatch of the hot-path operations: Triton kernels on CUDA, pure-torch references elsewhere.
 
 Each kernel module in llmx.kernels exposes a launching wrapper and a `*_ref` with the same signature;
-this is the single place that chooses between them, so model code never branches on the device.
+this is the single place that chooses between them, so model code never branches on the device. The quantized
+Linears' QuantMethods (llmx.quant.methods) choose through `kernel_or_reference` too.
 `set_use_triton(False)` forces the references on GPU too (for A/B checks and debugging).
 `set_fused_mlp(False)` (or LLMX_FUSED_MLP=0, read at the first use) keeps the MLP's activation out of its gate_up
 GEMV (decoder.MLP).
@@ -33,6 +34,12 @@ def _triton_available() -> bool:
 
 def use_kernels(t: torch.Tensor) -> bool:
     return _USE_TRITON and t.is_cuda and _triton_available()
+
+
+def kernel_or_reference(t: torch.Tensor, kernel, reference):
+    """`kernel` (a Triton launching wrapper) where `t` is on a GPU the kernels run on, else `reference` (its
+    pure-torch twin, or None where the operation has no path off the GPU)."""
+    return kernel if use_kernels(t) else reference
 
 
 def set_fused_mlp(enabled: bool) -> None:
@@ -99,3 +106,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     fn = a.paged_attention if use_kernels(q) else a.paged_attention_ref
     return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale,
               v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len, softcap=softcap)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts MLP: x [T, H], stacked experts w13 [E, 2I, H] and w2 [E, H, I], routing weights and
+    expert ids [T, k] -> sum over each token's experts of weight * down(silu(gate) * up) [T, H]."""
+    from llmx.kernels import fused_moe as m
+
+    fn = m.fused_moe if use_kernels(x) else m.fused_moe_ref
+    return fn(x, w13, w2, weights, ids)

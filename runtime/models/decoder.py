@@ -1,8 +1,9 @@
-"""The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Phi-3 families.
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Phi-3 families, and by the
+mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE (whose sparse layers hold moe.SparseMoE in place of the MLP).
 
 These families differ only in switches of ModelConfig (q/k/v bias, o bias, q/k norm, sliding window,
-RoPE scaling, partial rotary, tied embeddings), so one module implements them all; a family whose block
-structure differs gets a file of its own next to this one (gemma.py).
+RoPE scaling, partial rotary, tied embeddings, sparse layers), so one module implements them all; a family whose
+block structure differs gets a file of its own next to this one (gemma.py).
 
 Module names equal the engine's tensor names (`layers.3.attn.qkv_proj` holds `layers.3.attn.qkv_proj.weight`),
 so loading is a walk over named modules. With pipeline parallelism a model holds only its stage's
@@ -24,6 +25,7 @@ from llmx.runtime.layers.embedding import LMHead, VocabEmbedding
 from llmx.runtime.layers.linear import Linear
 from llmx.runtime.layers.norm import RMSNorm
 from llmx.runtime.layers.rotary import RotaryEmbedding
+from llmx.runtime.models.moe import SparseMoE
 
 
 class MLP(nn.Module):
@@ -68,6 +70,9 @@ class DecoderLayer(nn.Module):
                               qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
                               sliding_window=config.sliding_window)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoE(config, quant, tp, index)
+            return
         gate_up = Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias,
                          method=method_for(quant, f"{prefix}.mlp.gate_proj"), parallel="column")
         down = Linear(inter, config.hidden_size, bias=config.mlp_bias,

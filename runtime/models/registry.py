@@ -13,6 +13,9 @@ MODEL_REGISTRY: dict[str, type] = {
     "Phi3ForCausalLM": DecoderModel,
     "Gemma2ForCausalLM": GemmaModel,
     "Gemma3ForCausalLM": GemmaModel,
+    "MixtralForCausalLM": DecoderModel,
+    "Qwen2MoeForCausalLM": DecoderModel,
+    "Qwen3MoeForCausalLM": DecoderModel,
 }
 
 

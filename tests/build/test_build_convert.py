@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from helpers.tiny_models import TINY_FAMILIES
 from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.build.convert import convert
-from llmx.build.families import fused_parts, hf_to_llmx_name
+from llmx.build.families import hf_to_llmx_name, split_parts
 from llmx.common.hashing import hash_files
 
 
@@ -40,9 +40,9 @@ def test_every_tensor_equals_transformers_state_dict(family, tiny_model_dir, tmp
         name = hf_to_llmx_name(k, model.family)
         if name == "lm_head.weight" and model.tie_word_embeddings:
             continue  # tied (Gemma): the runtime reads the embedding
-        # Phi-3's fused qkv_proj / gate_up_proj are stored as their row ranges.
-        for part, start, end in fused_parts(name, model) or [(name, 0, v.shape[0])]:
-            expected[part] = v[start:end]
+        # Phi-3's fused qkv_proj / gate_up_proj are stored as their row ranges, transformers 5's 3-D experts per expert.
+        for part, index in split_parts(name, model) or [(name, ())]:
+            expected[part] = v[index]
     assert set(got) == set(expected)
     for name, t in got.items():
         assert t.dtype == torch.bfloat16, name

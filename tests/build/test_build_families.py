@@ -11,7 +11,7 @@ import torch
 
 from helpers.tiny_models import ROPE_VARIANTS, TINY_FAMILIES, tiny_hf_config
 from llmx.build.families import (fused_parts, hf_config_from_model_config, hf_to_llmx_name, llmx_to_hf_name,
-                                 model_config_from_hf)
+                                 model_config_from_hf, split_parts)
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import RopeScaling
 
@@ -61,10 +61,11 @@ def test_transformers_configs_and_round_trip(family, tmp_path):
     model = model_config_from_hf(json.loads((tmp_path / "config.json").read_text()), tmp_path / "config.json")
     expect = {"llama3": "llama", **{v: "llama" for v in ROPE_VARIANTS}}.get(family, family)
     assert model.family == expect
-    assert model.qkv_bias == (family == "qwen2") and not model.o_bias
-    assert model.qk_norm == (family in ("qwen3", "gemma3"))
+    assert model.qkv_bias == (family in ("qwen2", "qwen2_moe")) and not model.o_bias
+    assert model.qk_norm == (family in ("qwen3", "gemma3", "qwen3_moe"))
     assert model.sliding_window == {"mistral": 32, "gemma2": 8, "gemma3": 8}.get(family)
-    assert model.head_dim == (32 if family == "qwen3" else 16)
+    assert model.head_dim == (32 if family in ("qwen3", "qwen3_moe") else 16)
+    assert model.sparse_layers == {"mixtral": (0, 1), "qwen3_moe": (0, 2), "qwen2_moe": (1,)}.get(family, ())
     assert model.rotary_dim == (8 if family == "phi3" else None)
     assert (model.rope_scaling is not None) == (family in ("llama3", "phi3", "gemma3", *ROPE_VARIANTS))
     gemma = family in ("gemma2", "gemma3")
@@ -178,6 +179,12 @@ def test_every_transformers_weight_name_maps():
             if n.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused weights, split at convert
                 assert family == "phi3" and fused_parts(mapped, model_config_from_hf(
                     {**tiny_hf_config(family).to_dict(), "architectures": ["Phi3ForCausalLM"]}, SRC))
+                continue
+            if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):  # 3-D experts, split at convert
+                arch = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(family,
+                                                                                                "Qwen2MoeForCausalLM")
+                model = model_config_from_hf({**tiny_hf_config(family).to_dict(), "architectures": [arch]}, SRC)
+                assert len(split_parts(mapped, model)) in (model.num_experts, 2 * model.num_experts)
                 continue
             assert mapped is not None and llmx_to_hf_name(mapped, llmx_family) == n
 

@@ -18,6 +18,11 @@ intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 256, 512 positions. Famil
   logits soft-capped at 5 (low enough to bend these tiny models' scores), tied embeddings
 - gemma3:  the same pattern with q/k norm, RoPE base 1e6 with linear scaling (factor 2) on the global layer
   and 1e4 on the sliding ones, no soft-caps
+- mixtral: 4 experts of intermediate 128, top-2 renormalised, both layers sparse
+- qwen3_moe: q/k norm, head_dim 32, 8 experts of intermediate 32, top-3 with norm_topk_prob, 3 layers of which
+  layer 1 is dense (`mlp_only_layers` [1], intermediate 128)
+- qwen2_moe: 6 experts of intermediate 32, top-2 not renormalised, a shared expert of 48 behind its sigmoid gate,
+  q/k/v bias; `decoder_sparse_step` 2 of 3 layers: layer 1 sparse, layers 0 and 2 dense
 
 Norm weights and biases are perturbed away from their 1 / 0 initialisation, so a test that swaps or
 drops one of them sees different logits.
@@ -34,7 +39,8 @@ import torch
 from helpers.corpus import CORPUS
 
 TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "llama_linear", "llama_dynamic", "llama_yarn",
-                 "llama_longrope", "phi3", "gemma2", "gemma3")
+                 "llama_longrope", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 ROPE_VARIANTS = ("llama_linear", "llama_dynamic", "llama_yarn", "llama_longrope")
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 CHAT_TEMPLATE = (
@@ -87,6 +93,12 @@ _VARIANTS: dict[str, dict[str, Any]] = {
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
                    rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "mixtral": dict(rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(rope_theta=1e6, head_dim=32, num_hidden_layers=3, num_experts=8, num_experts_per_tok=3,
+                      moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen2_moe": dict(rope_theta=1e6, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+                      decoder_sparse_step=2),
 }
 # Gemma ties its embeddings; the other families' tiny models do not unless asked.
 _TIED_BY_DEFAULT = ("gemma2", "gemma3")
@@ -94,11 +106,12 @@ _TIED_BY_DEFAULT = ("gemma2", "gemma3")
 
 def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
     """The transformers config object of a tiny model of `family` (see TINY_FAMILIES)."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
                "qwen3": Qwen3Config, "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig,
+               "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig, "qwen2_moe": Qwen2MoeConfig,
                **{v: LlamaConfig for v in ROPE_VARIANTS}}
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")

@@ -1,0 +1,101 @@
+"""The mixture-of-experts block of Mixtral, Qwen2-MoE and Qwen3-MoE, used by the decoder for sparse layers.
+
+Per token x [hidden]:
+  probs = softmax(router(x)) over the experts (float32); the top_k experts are kept, their weights renormalised to
+  sum to 1 when `norm_topk_prob` (Mixtral always); y = sum over kept experts e of weight_e * down_e(silu(gate_e(x)) *
+  up_e(x)); Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared_expert(x).
+
+Module names equal the engine's tensor names (`layers.3.mlp.router`, `layers.3.mlp.experts.5.gate_up_proj`), so
+the loader fills them like any Linear. With tensor parallelism each expert holds a column slice of gate|up and
+a row slice of down (build/shard.py), so every rank routes the same way and the block's partial sums (experts and
+shared expert alike) are all-reduced once, at its end.
+
+Unquantized experts are stacked after loading into [experts, 2 * inter, hidden] and [experts, hidden, inter] (each
+expert's Linear keeps a view into them), which the fused kernel reads (ops.fused_moe: kernels/fused_moe.py on
+CUDA, its torch reference elsewhere). Quantized experts run one expert at a time through their QuantMethod.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmx.quant.methods import method_for
+from llmx.quant.methods.unquantized import UnquantizedMethod
+from llmx.runtime.config import ModelConfig, QuantConfig
+from llmx.runtime.distributed import tp_all_reduce
+from llmx.runtime.layers import ops
+from llmx.runtime.layers.linear import Linear
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, experts] -> (weights [T, top_k] float32, expert ids [T, top_k] int64), as transformers
+    routes: softmax in float32, the top_k probabilities, divided by their sum when `renormalize`."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Expert(nn.Module):
+    """One gated MLP of this rank's intermediate slice: down(silu(gate) * up), no all-reduce (the block does it)."""
+
+    def __init__(self, hidden: int, inter: int, quant: QuantConfig | None, prefix: str, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=bias, method=method_for(quant, f"{prefix}.gate_proj"))
+        self.down_proj = Linear(inter, hidden, bias=bias, method=method_for(quant, f"{prefix}.down_proj"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None, tp: int, index: int):
+        super().__init__()
+        prefix = f"layers.{index}.mlp"
+        hidden, inter = config.hidden_size, config.moe_intermediate_size // tp
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        # The router stays in the activation dtype whatever the experts' format (build never quantizes it).
+        self.router = Linear(hidden, config.num_experts, bias=False, method=UnquantizedMethod())
+        self.experts = nn.ModuleList(Expert(hidden, inter, quant, f"{prefix}.experts.{e}")
+                                     for e in range(config.num_experts))
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = Expert(hidden, config.shared_expert_intermediate_size // tp, quant,
+                                        f"{prefix}.shared_expert")
+            self.shared_expert_gate = Linear(hidden, 1, bias=False, method=UnquantizedMethod())
+        self.w13: torch.Tensor | None = None  # [experts, 2 * inter, hidden]: stacked unquantized gate|up
+        self.w2: torch.Tensor | None = None  # [experts, hidden, inter]: stacked unquantized down
+
+    def weights_loaded(self) -> None:
+        """Stack unquantized experts for the fused path; each expert's Linear keeps a view of its slice."""
+        linears = [(e.gate_up_proj, e.down_proj) for e in self.experts]
+        if not all(isinstance(lin.method, UnquantizedMethod) and not lin.has_bias for pair in linears for lin in pair):
+            return
+        self.w13 = torch.stack([gate_up.tensors["weight"] for gate_up, _ in linears])
+        self.w2 = torch.stack([down.tensors["weight"] for _, down in linears])
+        for e, (gate_up, down) in enumerate(linears):
+            gate_up.tensors = {"weight": self.w13[e]}
+            down.tensors = {"weight": self.w2[e]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] (all-reduced over the tensor-parallel ranks)."""
+        weights, ids = route(self.router(x), self.top_k, self.renormalize)
+        if self.w13 is not None:
+            out = ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        else:
+            out = self._experts_one_by_one(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return tp_all_reduce(out)
+
+    def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Any expert format: each expert that some token chose runs on its tokens; sums in float32."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in torch.unique(ids).tolist():
+            token, slot = torch.nonzero(ids == e, as_tuple=True)
+            y = self.experts[e](x[token]).float() * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        return out.to(x.dtype)
