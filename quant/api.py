@@ -192,6 +192,10 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
             raise LlmxError(f"{src}: quantizing {ckpt.model.architecture} is not supported yet (ModelOpt calibrates "
                             "transformers' Phi-3, whose fused qkv_proj / gate_up_proj llmx stores split); build and "
                             "run this checkpoint unquantized.")
+        if ckpt.model.num_experts:
+            raise LlmxError(f"{src}: quantizing the mixture of experts {ckpt.model.architecture} is not supported yet "
+                            "(ModelOpt calibrates transformers' 3-D expert tensors, which llmx stores per expert); "
+                            "build and run this checkpoint unquantized.")
         group = o.group_size
         plan = plan_modules(ckpt.model, o.algo, o.exclude, group, quantize_lm_head=o.quantize_lm_head)
         if o.choose_group_size:
