@@ -6,7 +6,7 @@
         python3 benchmarks/int4_m1_launches.py
 
 Launches, --rounds times (default 3; the first round compiles): the gated gate_up GEMV (silu(gate) * up with
-down's input scale, [28672, 4096] weights), the down GEMV through w4a16_gemm ([4096, 14336]) and the gated
+down's input scale, [28672, 4096] weights), the down GEMV through w4a16_matmul ([4096, 14336]) and the gated
 tensor-core decode kernel on the gate_up weights, for comparison (on Hopper only). Inputs as in
 kernels_int4_decode.py: random int4 weights, group size 128, bf16.
 BENCHMARKS.md has what ncu said of them on the H100.
@@ -31,7 +31,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("int4_m1_launches.py launches GPU kernels: run it on a machine with a CUDA GPU.")
     g = torch.Generator().manual_seed(0)
-    # M = 1: `before` is the gated GEMV for gate_up and w4a16_gemm's GEMV for down; `run` the decode kernel.
+    # M = 1: `before` is the gated GEMV for gate_up and w4a16_matmul's GEMV for down; `run` the decode kernel.
     gated_gemv, gated_mma, _ = decode_case(*SHAPES["gate_up"][:2], 1, SHAPES["gate_up"][2], g)
     down_gemv, _, _ = decode_case(*SHAPES["down"][:2], 1, SHAPES["down"][2], g)
     hopper = mma.mma_decode_available(torch.bfloat16)  # the tensor-core decode kernel needs wgmma

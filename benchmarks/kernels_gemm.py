@@ -19,7 +19,7 @@ For each kernel, Llama-3.1-8B linear shape (N, K) and batch M, on fresh random d
 
 What is timed: the whole call a linear layer makes: activation quantization included for int8_linear,
 fp8 and w4a8 (int8_gemm is also timed alone on pre-quantized input). `w4a16` is what its Linears call,
-w4a16_gemm, which runs the CUDA-core GEMV (w4a16_gemv) for M <= 4; `w4a16_gemv` and `w4a16_tc` time the GEMV
+w4a16_matmul, which runs the CUDA-core GEMV (w4a16_gemv) for M <= 4; `w4a16_gemv` and `w4a16_tc` time the GEMV
 and the tensor-core kernel alone at those M.
 
 --gemv prints one table for the GEMV at M = 1, 2, 4 on the four shapes (time, GB/s of int4 weights + bf16
@@ -91,7 +91,8 @@ def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str =
     """Fresh random inputs for one kernel and shape; None where the kernel does not apply. `config`: the
     w4a16_gemv tiles (else its default). (device and dtype let the tests run this plumbing in Triton's
     interpreter on CPU in float16.)"""
-    from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, tuning, w4a16_gemm, w4a16_gemv
+    from llmx.kernels import (fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, tuning, w4a16_dispatch, w4a16_format,
+                              w4a16_gemm, w4a16_gemv)
 
     dev, bf16 = device, dtype
     x = torch.randn(m, k, device=dev, dtype=bf16)
@@ -107,15 +108,15 @@ def make_case(kernel: str, m: int, n: int, k: int, ceil: Ceilings, device: str =
         wbytes = n * k // 2 + 2 * n * (k // GROUP_SIZE)
 
         def reference():
-            return w4a16_gemm.w4a16_gemm_ref(x, qweight, scales, GROUP_SIZE)
+            return w4a16_format.w4a16_gemm_ref(x, qweight, scales, GROUP_SIZE)
 
         if kernel == "w4a16":
-            return Case(lambda: w4a16_gemm.w4a16_gemm(x, qweight, scales, GROUP_SIZE), reference,
+            return Case(lambda: w4a16_dispatch.w4a16_matmul(x, qweight, scales, GROUP_SIZE), reference,
                         wbytes + act_bytes, ceil.bf16_tflops)
         if kernel == "w4a16_gemv":
             return Case(lambda: w4a16_gemv.w4a16_gemv(x, qweight, scales, GROUP_SIZE, config=config), reference,
                         wbytes + act_bytes, ceil.bf16_tflops)
-        if kernel == "w4a16_tc":  # the tensor-core GEMM itself, at an M where w4a16_gemm would not run it
+        if kernel == "w4a16_tc":  # the tensor-core GEMM itself, at an M where w4a16_matmul would not run it
             return Case(lambda: w4a16_gemm.launch_w4a16_tensor_core(x, qweight, scales, GROUP_SIZE, None, None, None),
                         reference, wbytes + act_bytes, ceil.bf16_tflops)
         input_scale = (x.float().abs().amax() / 448.0).reshape(())

@@ -1,5 +1,5 @@
 """The int4 decode kernels against each other on the GPU: the tensor-core decode kernel (w4a16_mma_decode.py,
-launched directly) and what w4a16_gemm runs without it (the CUDA-core GEMV at M <= 4, the tensor-core GEMM above).
+launched directly) and what w4a16_matmul runs without it (the CUDA-core GEMV at M <= 4, the tensor-core GEMM above).
 
     python benchmarks/kernels_int4_decode.py [--m 1,2,4,8,16] [--sweep [--sweep-m 1,32]] [--json out.json]
 
@@ -20,7 +20,8 @@ import torch
 from llmx.kernels import w4a16_mma_decode as mma
 from llmx.kernels.gpu_timing import graph_time_ms
 from llmx.kernels.tuning import candidate_configs, w4a16_uses_gemv
-from llmx.kernels.w4a16_gemm import launch_w4a16_tensor_core, w4a16_gemm_ref
+from llmx.kernels.w4a16_format import w4a16_gemm_ref
+from llmx.kernels.w4a16_gemm import launch_w4a16_tensor_core
 from llmx.kernels.w4a16_gemv import launch_w4a16_gemv
 from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated_ref
 
@@ -33,7 +34,7 @@ SHAPES = {"qkv": (6144, 4096, "plain"), "o": (4096, 4096, "pre_scale"), "gate_up
 
 def decode_case(n: int, k: int, m: int, variant: str, g: torch.Generator):
     """(before(), run(config=None), float32 reference) for one SHAPES entry at m rows: random int4 weights and bf16
-    inputs on the GPU; `before` is what w4a16_gemm (or the gated GEMV) runs without the decode kernel, `run` the
+    inputs on the GPU; `before` is what w4a16_matmul (or the gated GEMV) runs without the decode kernel, `run` the
     decode kernel launched directly (int4_m1_launches.py launches them for a profiler)."""
     bf16 = dict(dtype=torch.bfloat16, device="cuda")
     qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
@@ -47,7 +48,7 @@ def decode_case(n: int, k: int, m: int, variant: str, g: torch.Generator):
             return launch_w4a16_gemv(x, qweight, scales, GROUP, None, pre, None, gated=True, out_scale=out_scale)
         ref = w4a16_gemv_gated_ref(x.float(), qweight, scales.float(), GROUP, None, None, out_scale.float())
     else:
-        def before():  # what w4a16_gemm runs where the decode kernel does not: the GEMV at M <= 4, else the GEMM
+        def before():  # what w4a16_matmul runs where the decode kernel does not: the GEMV at M <= 4, else the GEMM
             launch = launch_w4a16_gemv if w4a16_uses_gemv(m, k, GROUP) else launch_w4a16_tensor_core
             return launch(x, qweight, scales, GROUP, None, pre, None)
         ref = w4a16_gemm_ref(x.float(), qweight, scales.float(), GROUP, None, None if pre is None else pre.float())

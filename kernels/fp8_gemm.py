@@ -31,7 +31,7 @@ from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, ne
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.quantize_act import quantize_fp8, quantize_fp8_ref
 from llmx.kernels.tuning import TileConfig
-from llmx.kernels.w4a16_gemm import check_int4_inputs, dequantize_int4
+from llmx.kernels.w4a16_format import check_int4_inputs, dequantize_int4
 
 FP8_MAX = 448.0
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

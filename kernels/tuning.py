@@ -44,10 +44,10 @@ TUNING_CASES = {
 # Weight bits per element of each kernel: decides how wide a K tile the decode defaults stream.
 _WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "w4a16_mma_decode": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
 
-# w4a16_gemm runs the CUDA-core GEMV (w4a16_gemv.py) for M <= GEMV_MAX_M rows when K and the group size are
-# whole int32 words of 8 nibbles. The GEMV's tiles have their own table entries, under "w4a16_gemv": in the
-# M = 1 bucket, and in the M = 16 bucket (timed at M = GEMV_MAX_M) beside the tensor-core kernel's entry,
-# which then serves M = GEMV_MAX_M + 1..16.
+# The W4A16 dispatch (`int4_kernel_for`) runs the CUDA-core GEMV (w4a16_gemv.py) for M <= GEMV_MAX_M rows when K
+# and the group size are whole int32 words of 8 nibbles. The GEMV's tiles have their own table entries, under
+# "w4a16_gemv": in the M = 1 bucket, and in the M = 16 bucket (timed at M = GEMV_MAX_M) beside the tensor-core
+# kernel's entry, which then serves M = GEMV_MAX_M + 1..16.
 GEMV_MAX_M = 4
 # ... except that on Hopper the tensor-core decode kernel (w4a16_mma_decode.py) takes M = 2..64 rows of 16-bit
 # activations where K and the group size are multiples of 128 (at M = 1 the GEMV is faster): its entries, under
@@ -118,7 +118,7 @@ def shape_key(m: int, n: int, k: int) -> str:
 
 
 def w4a16_uses_gemv(m: int, k: int, group_size: int) -> bool:
-    """Whether w4a16_gemm hands an [M, K] call with this group size to the GEMV."""
+    """Whether the GEMV (w4a16_gemv.py) runs an [M, K] call with this group size."""
     return m <= GEMV_MAX_M and k % 8 == 0 and group_size % 8 == 0
 
 
@@ -127,23 +127,44 @@ def w4a16_mma_decode_fits(m: int, k: int, group_size: int) -> bool:
     return m <= MMA_KERNEL_MAX_M and k % MMA_BLOCK_K == 0 and group_size % MMA_BLOCK_K == 0
 
 
+# The three W4A16 kernels, by their names here (table entries, tuning cases).
+W4A16_TENSOR_CORE = "w4a16"
+W4A16_GEMV = "w4a16_gemv"
+W4A16_MMA_DECODE = "w4a16_mma_decode"
+# The kernels with a gated variant (silu(gate) * up written directly, w4a16_gemv_gated.py).
+W4A16_GATED = (W4A16_GEMV, W4A16_MMA_DECODE)
+
+
+def int4_kernel_for(m: int, k: int, group_size: int, *, mma_decode: bool) -> str:
+    """The one choice of the W4A16 kernel for x [M, K] times an int4 weight with this group size.
+
+    `mma_decode`: whether the tensor-core decode kernel runs on the device for the activations
+    (w4a16_mma_decode.mma_decode_available: Hopper, 16-bit activations, compiled kernels). It takes M = 2..64
+    there where K and the group size are multiples of 128; else the CUDA-core GEMV takes M <= 4 where K and
+    the group size are whole words of 8 nibbles; else the tensor-core GEMM. N does not enter the choice (the
+    LM head's N = 128,256 is slower on the decode kernel at M = 48..64 and takes it anyway, w4a16_mma_decode.py).
+    w4a16_dispatch.w4a16_matmul, the gated MLP (w4a16_gemv_gated.py) and the tuning table (`bucket_kernels`)
+    all follow this function."""
+    if mma_decode and m >= MMA_DECODE_MIN_M and w4a16_mma_decode_fits(m, k, group_size):
+        return W4A16_MMA_DECODE
+    if w4a16_uses_gemv(m, k, group_size):
+        return W4A16_GEMV
+    return W4A16_TENSOR_CORE
+
+
 def bucket_kernels(kernel: str, bucket: int, k: int, group_size: int | None = None, *,
                    mma_decode: bool = False) -> list[tuple[str, int]]:
     """(kernel name, M to time) of each table entry serving `kernel`'s calls with M in bucket `bucket`: the
-    kernel itself at M = bucket, except where w4a16 runs a decode kernel: the tensor-core decode kernel for
-    M = 2..64 where `mma_decode` (w4a16_mma_decode.mma_decode_available for the engine's dtype on this GPU) and
-    K and the group size are multiples of 128, else the GEMV (see GEMV_MAX_M)."""
-    if kernel != "w4a16" or group_size is None:
+    kernel itself at M = bucket, except for w4a16, where `int4_kernel_for` picks the kernel of every M of the
+    bucket (`mma_decode` as it takes it): each kernel it picks there, timed at the largest such M, in order of
+    M (e.g. the GEMV at M = GEMV_MAX_M, then the tensor-core GEMM at 16, for the M = 16 bucket)."""
+    if kernel != W4A16_TENSOR_CORE or group_size is None:
         return [(kernel, bucket)]
-    if mma_decode and bucket >= MMA_DECODE_MIN_M and w4a16_mma_decode_fits(bucket, k, group_size):
-        return [("w4a16_mma_decode", bucket)]
-    if not w4a16_uses_gemv(1, k, group_size):
-        return [(kernel, bucket)]
-    if bucket <= GEMV_MAX_M:
-        return [("w4a16_gemv", bucket)]
-    if bucket == m_bucket(GEMV_MAX_M):
-        return [("w4a16_gemv", GEMV_MAX_M), (kernel, bucket)]
-    return [(kernel, bucket)]
+    lower = max((edge for edge in M_BUCKETS if edge < bucket), default=0)
+    largest: dict[str, int] = {}  # kernel -> largest M of the bucket it runs; insertion order = smallest M
+    for m in range(lower + 1, bucket + 1):
+        largest[int4_kernel_for(m, k, group_size, mma_decode=mma_decode)] = m
+    return list(largest.items())
 
 
 @functools.lru_cache(maxsize=None)

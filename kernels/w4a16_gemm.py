@@ -1,17 +1,9 @@
-"""W4A16 GEMM: int4 group-wise weights (AWQ, GPTQ, int4_wo) times 16-bit (or fp32) activations.
+"""W4A16 GEMM on the tensor cores: int4 group-wise weights (AWQ, GPTQ, int4_wo) times 16-bit (or fp32) activations.
 
-Storage format (the checkpoint's, and what the kernel reads directly):
-- `qweight` uint8 [N, K // 2]: two 4-bit values per byte; the low nibble is input feature 2j, the high
-  nibble input feature 2j + 1. Each value is stored offset-binary: nibble = q + 8 with q in [-8, 7].
-- `scales` [N, K // group_size] in the activation dtype (bf16 / fp16 / fp32); symmetric, no zero points.
-- dequantised weight: w[n, k] = (nibble[n, k] - 8) * scales[n, k // group_size].
-- optional `pre_scale` [K] (AWQ's activation scale): the GEMM computes (x * pre_scale) @ w^T.
-
-`w4a16_gemm(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype;
-`w4a16_gemm_ref` computes the same in pure torch (the CPU path). `pack_int4` / `unpack_int4` convert
-between int8 values in [-8, 7] and the packed bytes; `int4_from_modelopt` converts ModelOpt's export
-packing (two output channels per byte) to this one; `quantize_int4_ref` makes a group-wise symmetric
-int4 weight from a float one (tests and dummy weights; real checkpoints come from ModelOpt).
+The weight format and the pure-torch reference `w4a16_gemm_ref`: w4a16_format.py.
+`w4a16_gemm(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype runs this
+kernel at any M. The runtime calls w4a16_dispatch.w4a16_matmul instead, which hands decode rows to the GEMV
+(w4a16_gemv.py) or the tensor-core decode kernel (w4a16_mma_decode.py) where `tuning.int4_kernel_for` says so.
 
 Kernel: each program computes a [BLOCK_N, BLOCK_M] tile of out^T = W @ x^T. Putting the dequantised
 weight on the left makes it the tensor cores' register operand (Hopper's wgmma reads only the left
@@ -30,119 +22,27 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
 from llmx.kernels._gemm_common import (finish_output, launch_grid, load_rows, new_output, output_tile, scale_groups,
-                                      store_tile, tile_kwargs, tuning_case, weight_dot)
+                                      store_tile, tile_kwargs, weight_dot)
 from llmx.kernels._triton_util import check_launch_device, jit, tl
 from llmx.kernels.tuning import TileConfig
-
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int values in [-8, 7], shape [N, K] (K even) -> uint8 [N, K // 2] (low nibble = even k)."""
-    if q.dim() != 2 or q.shape[1] % 2:
-        raise LlmxError(f"pack_int4 needs a 2-D tensor with an even number of columns, got {tuple(q.shape)}.")
-    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
-        raise LlmxError("pack_int4 values must lie in [-8, 7]; clamp the quantized weight first.")
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> int8 [N, K] with values in [-8, 7]; inverse of `pack_int4`."""
-    low = (qweight & 0x0F).to(torch.int8) - 8
-    high = (qweight >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
-
-
-def int4_from_modelopt(packed: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's HF-export int4 packing -> this format's qweight.
-
-    ModelOpt (`pack_int4_in_uint8`, int4_awq / w4a8_awq export) stores uint8 [N // 2, K]: output
-    channels 2i and 2i + 1 in the low and high nibble of one byte, as 4-bit two's complement. Returns
-    uint8 [N, K // 2] (input pairs per byte, offset-binary). Its group scales ([N, K // G]) are ours as is.
-    """
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] % 2:
-        raise LlmxError(f"int4_from_modelopt needs ModelOpt's uint8 [N // 2, K] (K even), "
-                        f"got {packed.dtype} {tuple(packed.shape)}.")
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=1).to(torch.int8)  # [N // 2, 2, K]
-    q = torch.where(nibbles >= 8, nibbles - 16, nibbles)  # sign-extend two's complement
-    return pack_int4(q.reshape(2 * packed.shape[0], packed.shape[1]))
-
-
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight [N, K] the format stands for, in `dtype` (default: the scales' dtype)."""
-    dtype = dtype or scales.dtype
-    q = unpack_int4(qweight).to(dtype)
-    return q * scales.to(dtype).repeat_interleave(group_size, dim=1)
-
-
-def quantize_int4_ref(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest int4 per group: w [N, K] -> (qweight uint8 [N, K//2], scales [N, K//G]
-    in w's dtype) with scale = absmax / 7 (so -8 is unused, as in AWQ/GPTQ symmetric export)."""
-    n, k = w.shape
-    if k % group_size or group_size % 2:
-        raise LlmxError(f"quantize_int4_ref: K={k} must be a multiple of an even group_size={group_size}.")
-    groups = w.float().reshape(n, k // group_size, group_size)
-    scales = (groups.abs().amax(dim=-1) / 7.0).clamp_min(1e-8).to(w.dtype)
-    q = torch.round(groups / scales.float().unsqueeze(-1)).clamp(-8, 7).to(torch.int8)
-    return pack_int4(q.reshape(n, k)), scales
-
-
-def check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, what):
-    """The shapes and dtypes of an int4 group-wise GEMM call (this format; W4A8 adds its own rules)."""
-    if x.dim() != 2 or x.dtype not in _ACT_DTYPES:
-        raise LlmxError(f"{what}: x must be a 2-D float16/bfloat16/float32 tensor [M, K], "
-                        f"got {x.dtype} {tuple(x.shape)}.")
-    m, k = x.shape
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != k:
-        raise LlmxError(f"{what}: qweight must be uint8 [N, K//2] = [N, {k // 2}] for x with K={k}, "
-                        f"got {qweight.dtype} {tuple(qweight.shape)}.")
-    n = qweight.shape[0]
-    if group_size < 2 or group_size % 2 or k % group_size:
-        raise LlmxError(f"{what}: group_size={group_size} must be even and divide K={k}; "
-                        f"check the checkpoint's quantization.group_size.")
-    if tuple(scales.shape) != (n, k // group_size) or scales.dtype not in _ACT_DTYPES:
-        raise LlmxError(f"{what}: scales must be a float tensor [N, K//group_size] = [{n}, {k // group_size}], "
-                        f"got {scales.dtype} {tuple(scales.shape)}.")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise LlmxError(f"{what}: bias must have shape [N] = [{n}], got {tuple(bias.shape)}.")
-    if pre_scale is not None and tuple(pre_scale.shape) != (k,):
-        raise LlmxError(f"{what}: pre_scale must have shape [K] = [{k}], got {tuple(pre_scale.shape)}.")
-
-
-def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                   bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-torch W4A16: dequantise to x's dtype, then x @ w^T (+ bias). Same contract as `w4a16_gemm`."""
-    check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm_ref")
-    if pre_scale is not None:
-        x = x * pre_scale.to(x.dtype)
-    w = dequantize_int4(qweight, scales, group_size, x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+from llmx.kernels.w4a16_format import check_int4_inputs, int4_tuning_case
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None, pre_scale: torch.Tensor | None = None, *,
                config: TileConfig | dict | None = None) -> torch.Tensor:
-    """Triton W4A16 GEMM: x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype.
+    """Triton W4A16 GEMM on the tensor cores: x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype,
+    at any M (w4a16_dispatch.w4a16_matmul picks the decode kernels where they are faster).
 
     `config` overrides the tile configuration (else the tuned table, else the heuristic default).
     """
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemm")
-    check_launch_device("w4a16_gemm", _w4a16_kernel, x, qweight, scales, bias, pre_scale)
-    m, k = x.shape
-    # Decode rows: the tensor-core decode kernel on Hopper, else the CUDA-core GEMV (their modules import this one).
-    from llmx.kernels.w4a16_mma_decode import launch_w4a16_mma_decode, uses_mma_decode
-    if uses_mma_decode(x, k, group_size):
-        return launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, config)
-    if tuning.w4a16_uses_gemv(m, k, group_size):
-        from llmx.kernels.w4a16_gemv import launch_w4a16_gemv
-        return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
+    check_launch_device("w4a16_gemm", w4a16_kernel, x, qweight, scales, bias, pre_scale)
     return launch_w4a16_tensor_core(x, qweight, scales, group_size, bias, pre_scale, config)
 
 
 def launch_w4a16_tensor_core(x, qweight, scales, group_size, bias, pre_scale, config) -> torch.Tensor:
-    """The tensor-core GEMM's launch for inputs already checked, at any M (w4a16_gemm sends it M > 16, or M > 4
+    """The tensor-core GEMM's launch for inputs already checked, at any M (w4a16_matmul sends it M > 16, or M > 4
     where the decode kernel does not run)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -151,7 +51,7 @@ def launch_w4a16_tensor_core(x, qweight, scales, group_size, bias, pre_scale, co
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous().to(x.dtype)
     y = new_output(m, n, x.dtype, x.device, cfg)
-    _w4a16_kernel[launch_grid(m, n, cfg)](
+    w4a16_kernel[launch_grid(m, n, cfg)](
         x, qweight, scales, x if pre_scale is None else pre_scale.to(x.dtype).contiguous(),
         x if bias is None else bias.to(x.dtype).contiguous(), y,
         m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
@@ -178,18 +78,9 @@ def _block_k_for_group(block_k: int, group_size: int) -> int:
 
 
 def w4a16_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
-                      dtype: torch.dtype = torch.bfloat16, launch=None):
-    """Random inputs for `tuning.autotune`: (run(config) -> output, check(output) -> bool). `launch(x, qweight,
-    scales, group_size, bias, pre_scale, config)` is the kernel timed: the tensor-core GEMM unless given, never
-    w4a16_gemm's dispatch, which could hand the config to another kernel."""
-    x = torch.randn(m, k, device=device, dtype=dtype)
-    qweight = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group_size, device=device) * 0.02 + 0.001).to(dtype)
-    expected = w4a16_gemm_ref(x, qweight, scales, group_size).float()
-    tol = 2e-2 * expected.abs().max().item() + 1e-2
-
-    launch = launch or launch_w4a16_tensor_core
-    return tuning_case(lambda cfg: launch(x, qweight, scales, group_size, None, None, cfg), expected, tol)
+                      dtype: torch.dtype = torch.bfloat16):
+    """(run(config), check(output)) for `tuning.autotune`: random int4 inputs, launching this kernel."""
+    return int4_tuning_case(launch_w4a16_tensor_core, m, n, k, device, group_size, dtype)
 
 
 @jit
@@ -206,7 +97,7 @@ def _int4_to_float(nibbles, DTYPE: tl.constexpr):
 
 
 @jit
-def _w4a16_kernel(
+def w4a16_kernel(
     x_ptr, qw_ptr, scales_ptr, pre_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, HAS_PRE_SCALE: tl.constexpr,

@@ -1,10 +1,10 @@
 """W4A16 GEMV: int4 group-wise weights times a few activation rows (decode) on the CUDA cores.
 
 `w4a16_gemv(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` in x's dtype computes
-what `w4a16_gemm` computes (same storage format and input checks, see w4a16_gemm.py) for M <= GEMV_MAX_M (4),
-K % 8 == 0 and group_size % 8 == 0. `w4a16_gemm` hands those calls here (`tuning.w4a16_uses_gemv`), so every
-caller (the runtime's Linears) gets it, except the M = 2..4 calls that the tensor-core decode kernel takes on
-Hopper (w4a16_mma_decode.py; at M = 1 this GEMV is faster there).
+what `w4a16_gemm_ref` computes (the storage format and input checks of w4a16_format.py) for M <= GEMV_MAX_M (4),
+K % 8 == 0 and group_size % 8 == 0. `w4a16_dispatch.w4a16_matmul` hands those calls here (`tuning.int4_kernel_for`),
+so every caller (the runtime's Linears) gets it, except the M = 2..4 calls that the tensor-core decode kernel
+takes on Hopper (w4a16_mma_decode.py; at M = 1 this GEMV is faster there).
 
 Why a GEMV: at M = 1..4 a GEMM is a stream of weight bytes, half a byte per weight and M multiply-adds each.
 The tensor-core kernel pads the batch to 16 and reshapes every weight into a dot operand; here each weight is
@@ -77,7 +77,7 @@ from llmx.kernels._gemm_common import as_int32_words, finish_output, new_output
 from llmx.kernels._triton_util import check_launch_device, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
 from llmx.kernels.tuning import GEMV_MAX_M, TileConfig, w4a16_uses_gemv
-from llmx.kernels.w4a16_gemm import check_int4_inputs, w4a16_tuning_case
+from llmx.kernels.w4a16_format import check_int4_inputs, int4_tuning_case
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if tl else {}
 # Folding pays at M <= 2 only: at M = 4 the offsets cost 4 multiply-adds per word column where the subtract
@@ -94,7 +94,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gro
     `config` overrides the tile configuration (else the tuned table, else the default).
     """
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_gemv")
-    check_gemv_shape(x, group_size, "w4a16_gemv", "call w4a16_gemm, which picks the kernel")
+    check_gemv_shape(x, group_size, "w4a16_gemv", "call w4a16_matmul, which picks the kernel")
     check_launch_device("w4a16_gemv", _w4a16_gemv_kernel, x, qweight, scales, bias, pre_scale)
     return launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config)
 
@@ -109,7 +109,7 @@ def check_gemv_shape(x: torch.Tensor, group_size: int, what: str, instead: str) 
 
 def launch_w4a16_gemv(x, qweight, scales, group_size, bias, pre_scale, config, *, gated: bool = False,
                       out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The launch of `w4a16_gemv` for inputs already checked (w4a16_gemm's dispatch checked them), and of the
+    """The launch of `w4a16_gemv` for inputs already checked (w4a16_matmul's dispatch checked them), and of the
     gated variant (w4a16_gemv_gated.py checks its inputs): silu(gate) * up [M, N / 2] (times out_scale [N / 2])."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -151,10 +151,10 @@ def folds_offset(m: int, dtype: torch.dtype) -> bool:
 
 def w4a16_gemv_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
                            dtype: torch.dtype = torch.bfloat16):
-    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching the GEMV."""
+    """(run(config), check(output)) for `tuning.autotune`: random int4 inputs, launching the GEMV."""
     if not w4a16_uses_gemv(m, k, group_size):
         raise LlmxError(f"w4a16_gemv does not run M={m}, K={k}, group_size={group_size}; tune w4a16 there.")
-    return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_gemv)
+    return int4_tuning_case(launch_w4a16_gemv, m, n, k, device, group_size, dtype)
 
 
 @jit

@@ -1,9 +1,10 @@
 """W4A16 decode GEMM on Hopper's tensor cores: int4 group-wise weights times a few activation rows.
 
 `w4a16_mma_decode(x [M, K], qweight, scales, group_size, bias=None, pre_scale=None) -> [M, N]` computes what
-`w4a16_gemm` computes (w4a16_gemm.py's storage format) for M <= 64 rows of fp16/bf16 activations, K % 128 == 0
-and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_gemm` hands it the calls with
-M = 2..64 (`uses_mma_decode`), so the runtime's Linears and the gated MLP get it.
+`w4a16_gemm_ref` computes (w4a16_format.py's storage format) for M <= 64 rows of fp16/bf16 activations,
+K % 128 == 0 and group_size % 128 == 0, on GPUs with wgmma (compute capability 9.x). `w4a16_dispatch.w4a16_matmul`
+hands it the calls with M = 2..64 where `mma_decode_available` (`tuning.int4_kernel_for`), so the runtime's Linears
+and the gated MLP get it.
 
 Why: the CUDA-core GEMV (w4a16_gemv.py) does a multiply-add per weight and activation row, so its time grows
 with M, and the tensor-core GEMM (w4a16_gemm.py) pads every weight tile through a slow conversion. Here the
@@ -63,8 +64,8 @@ from llmx.kernels import tuning
 from llmx.kernels._gemm_common import as_int32_words
 from llmx.kernels._triton_util import check_launch_device, interpreter_active, jit, tl, triton
 from llmx.kernels.pdl import pdl_launch, release, wait_only
-from llmx.kernels.tuning import (MMA_BLOCK_K, MMA_DECODE_MIN_M, MMA_KERNEL_MAX_M, TileConfig,
-                                 mma_block_m, w4a16_mma_decode_fits)
+from llmx.kernels.tuning import MMA_BLOCK_K, MMA_KERNEL_MAX_M, TileConfig, mma_block_m, w4a16_mma_decode_fits
+from llmx.kernels.w4a16_format import check_int4_inputs, int4_tuning_case
 
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl else {}
@@ -76,7 +77,8 @@ _MIN_COUNTERS = 4096
 
 
 def mma_decode_available(dtype: torch.dtype, device: torch.device | str = "cuda") -> bool:
-    """Whether decode rows of `dtype` activations on `device` go to this kernel (given K and group size)."""
+    """Whether this kernel runs `dtype` activations on `device` (`tuning.int4_kernel_for` decides the rows, K and
+    group size it takes there)."""
     device = torch.device(device)
     if dtype not in MMA_DTYPES or device.type != "cuda" or not torch.cuda.is_available():
         return False
@@ -86,17 +88,8 @@ def mma_decode_available(dtype: torch.dtype, device: torch.device | str = "cuda"
 @functools.lru_cache(maxsize=None)
 def _hopper(index: int) -> bool:
     """GPU `index` has wgmma and packed bf16 arithmetic (compute capability 9.x), and kernels compile for it (not
-    Triton's interpreter). Cached: w4a16_gemm asks on every call."""
+    Triton's interpreter). Cached: w4a16_matmul asks on every call."""
     return not interpreter_active() and torch.cuda.get_device_capability(index)[0] == 9
-
-
-def uses_mma_decode(x: torch.Tensor, k: int, group_size: int) -> bool:
-    """Whether w4a16_gemm hands an x [M, K] call with this group size to the tensor-core decode kernel: on Hopper
-    (wgmma, packed bf16 arithmetic), never in Triton's interpreter (whose tests call the kernel directly)."""
-    m = x.shape[0]
-    if not (m >= MMA_DECODE_MIN_M and w4a16_mma_decode_fits(m, k, group_size)):
-        return False
-    return mma_decode_available(x.dtype, x.device)
 
 
 def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -105,8 +98,6 @@ def w4a16_mma_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """x [M, K] @ dequant(qweight, scales)^T (+ bias) -> [M, N] in x's dtype, for M <= 64 rows.
 
     `config` overrides the tile configuration (else the tuned table, else the default)."""
-    from llmx.kernels.w4a16_gemm import check_int4_inputs
-
     check_int4_inputs(x, qweight, scales, group_size, bias, pre_scale, "w4a16_mma_decode")
     check_mma_decode_shape(x, group_size, "w4a16_mma_decode")
     check_launch_device("w4a16_mma_decode", _w4a16_mma_decode_kernel, x, qweight, scales, bias, pre_scale)
@@ -119,7 +110,7 @@ def check_mma_decode_shape(x: torch.Tensor, group_size: int, what: str) -> None:
     if not w4a16_mma_decode_fits(m, k, group_size) or x.dtype not in MMA_DTYPES:
         raise LlmxError(f"{what} takes M <= {MMA_KERNEL_MAX_M} rows of float16/bfloat16, K and group_size "
                         f"multiples of {MMA_BLOCK_K}, got M={m}, {x.dtype}, K={k}, group_size={group_size}; "
-                        f"call w4a16_gemm, which picks the kernel.")
+                        f"call w4a16_matmul, which picks the kernel.")
 
 
 def mma_decode_config(m: int, n: int, k: int, override: TileConfig | dict | None = None) -> TileConfig:
@@ -167,13 +158,11 @@ def launch_w4a16_mma_decode(x, qweight, scales, group_size, bias, pre_scale, con
 
 def w4a16_mma_decode_tuning_case(m: int, n: int, k: int, device: str = "cuda", group_size: int = 128,
                                  dtype: torch.dtype = torch.bfloat16):
-    """(run(config), check(output)) for `tuning.autotune`: w4a16_gemm's case, launching this kernel."""
-    from llmx.kernels.w4a16_gemm import w4a16_tuning_case
-
+    """(run(config), check(output)) for `tuning.autotune`: random int4 inputs, launching this kernel."""
     if not w4a16_mma_decode_fits(m, k, group_size) or dtype not in MMA_DTYPES:
         raise LlmxError(f"w4a16_mma_decode does not run M={m}, {dtype}, K={k}, group_size={group_size}; tune "
                         f"w4a16 there.")
-    return w4a16_tuning_case(m, n, k, device, group_size, dtype, launch=launch_w4a16_mma_decode)
+    return int4_tuning_case(launch_w4a16_mma_decode, m, n, k, device, group_size, dtype)
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:

@@ -347,7 +347,7 @@ def _repack_int4(packed_rows: "torch.Tensor") -> "torch.Tensor":
     -> llmx uint8 [N, K/2] (byte = input 2j low | input 2j+1 high, offset binary)."""
     import torch
 
-    from llmx.kernels.w4a16_gemm import pack_int4
+    from llmx.kernels.w4a16_format import pack_int4
 
     low = (packed_rows & 0x0F).to(torch.int16)
     high = (packed_rows >> 4).to(torch.int16)

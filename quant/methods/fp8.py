@@ -109,9 +109,9 @@ class Fp8PerChannelMethod(QuantMethod):
 
 def _fp8_gemm(x, weight, weight_scale, input_scale, bias):
     from llmx.kernels import fp8_gemm as k
-    from llmx.runtime.layers.ops import use_kernels
+    from llmx.runtime.layers.ops import kernel_or_reference
 
-    gemm = k.fp8_linear if use_kernels(x) else k.fp8_linear_ref
+    gemm = kernel_or_reference(x, k.fp8_linear, k.fp8_linear_ref)
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     y = gemm(x2, weight, weight_scale, input_scale, bias)
     return y.reshape(*lead, y.shape[-1])

@@ -54,14 +54,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int, act_dtype: str,
     scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax)).to(getattr(torch, act_dtype))
     expanded = scale.float().repeat_interleave(group_size, dim=1)
     q = torch.round(weight.float() / expanded).clamp(-8, INT4_MAX)
-    from llmx.kernels.w4a16_gemm import pack_int4
+    from llmx.kernels.w4a16_format import pack_int4
 
     return {"weight": pack_int4(q.to(torch.int8)), "weight_scale": scale}
 
 
 def dequantize_int4(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """-> float32 [N, K]; the group size follows from the shapes."""
-    from llmx.kernels.w4a16_gemm import dequantize_int4 as dequantize
+    from llmx.kernels.w4a16_format import dequantize_int4 as dequantize
 
     weight, scale = tensors["weight"], tensors["weight_scale"]
     return dequantize(weight, scale, group_size_of(weight, scale), torch.float32)
@@ -137,10 +137,11 @@ class Int4Method(QuantMethod):
         return fused
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from llmx.kernels import w4a16_gemm as k
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.kernels.w4a16_dispatch import w4a16_matmul
+        from llmx.kernels.w4a16_format import w4a16_gemm_ref
+        from llmx.runtime.layers.ops import kernel_or_reference
 
-        gemm = k.w4a16_gemm if use_kernels(x) else k.w4a16_gemm_ref
+        gemm = kernel_or_reference(x, w4a16_matmul, w4a16_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         weight, scale = tensors["weight"], tensors["weight_scale"]
         y = gemm(x2, weight, scale, group_size_of(weight, scale), bias, tensors.get("pre_quant_scale"))
@@ -148,21 +149,15 @@ class Int4Method(QuantMethod):
 
     def apply_gated(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                     out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        from llmx.kernels.tuning import w4a16_uses_gemv
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.kernels.w4a16_dispatch import w4a16_gated_matmul
+        from llmx.runtime.layers.ops import kernel_or_reference
 
+        gated = kernel_or_reference(x, w4a16_gated_matmul, None)
+        if gated is None or x.dim() != 2:
+            return None
         weight, scale = tensors["weight"], tensors["weight_scale"]
         group_size = group_size_of(weight, scale)
-        if x.dim() != 2 or not use_kernels(x):
-            return None
-        from llmx.kernels.w4a16_mma_decode import uses_mma_decode
-
-        m, k = x.shape
-        if not (uses_mma_decode(x, k, group_size) or w4a16_uses_gemv(m, k, group_size)):
-            return None
-        from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated
-
-        return w4a16_gemv_gated(x, weight, scale, group_size, bias, tensors.get("pre_quant_scale"), out_scale)
+        return gated(x, weight, scale, group_size, bias, tensors.get("pre_quant_scale"), out_scale)
 
     def split_input_scale(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         if "pre_quant_scale" not in tensors:

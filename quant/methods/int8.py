@@ -81,9 +81,9 @@ class Int8SmoothQuantMethod(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import int8_gemm as k
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.runtime.layers.ops import kernel_or_reference
 
-        linear = k.int8_linear if use_kernels(x) else k.int8_linear_ref
+        linear = kernel_or_reference(x, k.int8_linear, k.int8_linear_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         y = linear(x2, tensors["weight"], tensors["weight_scale"], None, bias, tensors.get("pre_quant_scale"))
         return y.reshape(*lead, y.shape[-1])
@@ -116,9 +116,9 @@ class Int8WeightOnlyMethod(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import int8_gemm as k
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.runtime.layers.ops import kernel_or_reference
 
-        gemm = k.int8_wo_gemm if use_kernels(x) else k.int8_wo_gemm_ref
+        gemm = kernel_or_reference(x, k.int8_wo_gemm, k.int8_wo_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         y = gemm(x2, tensors["weight"], tensors["weight_scale"].float(), bias)
         return y.reshape(*lead, y.shape[-1])

@@ -89,9 +89,9 @@ class Nvfp4Method(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import nvfp4_gemm as k
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.runtime.layers.ops import kernel_or_reference
 
-        gemm = k.nvfp4_gemm if use_kernels(x) else k.nvfp4_gemm_ref
+        gemm = kernel_or_reference(x, k.nvfp4_gemm, k.nvfp4_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         y = gemm(x2, tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], bias)
         return y.reshape(*lead, y.shape[-1])

@@ -44,9 +44,9 @@ class W4A8Method(Int4Method):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import fp8_gemm as k
-        from llmx.runtime.layers.ops import use_kernels
+        from llmx.runtime.layers.ops import kernel_or_reference
 
-        gemm = k.w4a8_gemm if use_kernels(x) else k.w4a8_gemm_ref
+        gemm = kernel_or_reference(x, k.w4a8_gemm, k.w4a8_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         weight, scale = tensors["weight"], tensors["weight_scale"]
         y = gemm(x2, weight, scale, group_size_of(weight, scale), tensors["input_scale"], bias,

@@ -26,7 +26,7 @@ from llmx.build.convert import convert
 from llmx.build.engine import ENGINE_FILE, build_engine, read_engine
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.common.errors import LlmxError
-from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, tuning, w4a16_gemm
+from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, tuning, w4a16_format
 from llmx.kernels.tuning import TileConfig
 from llmx.quant.export_llmx import pre_quant_scale_patterns
 from llmx.quant.methods import UNQUANTIZED, method_for
@@ -178,7 +178,7 @@ def launched_gemm_shapes(engine, monkeypatch) -> dict[str, set[tuple[int, int]]]
             return fn(*args, **kwargs)
         return wrapper
 
-    for module, name, kernel, w, x in ((w4a16_gemm, "w4a16_gemm_ref", "w4a16", 1, 0),
+    for module, name, kernel, w, x in ((w4a16_format, "w4a16_gemm_ref", "w4a16", 1, 0),
                                        (int8_gemm, "int8_gemm_ref", "int8", 2, 0),
                                        (int8_gemm, "int8_wo_gemm_ref", "int8_wo", 1, 0),
                                        (nvfp4_gemm, "nvfp4_gemm_ref", "nvfp4", 1, 0),

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from llmx.common.errors import LlmxError
-from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, tuning, w4a16_gemm
+from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, quantize_act, tuning, w4a16_format, w4a16_gemm
 from llmx.kernels.tuning import TileConfig
 
 SEED = int(os.environ.get("LLMX_TEST_SEED", random.SystemRandom().randrange(2**31)))
@@ -36,7 +36,7 @@ E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 @pytest.fixture(autouse=True)
 def _gemv_not_mma_decode(monkeypatch):
-    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel (which has its
+    """This file tests the kernels w4a16_matmul dispatched to before the tensor-core decode kernel (which has its
     own tests): on Hopper the dispatch would send 16-bit decode rows there."""
     from helpers.triton_interpreter import dispatch_as_without_wgmma
 
@@ -109,15 +109,15 @@ def _close(out, expected, rel, what):
 
 def test_int4_packing_layout_and_round_trip():
     q = torch.tensor([[-8, 7, 0, -1]], dtype=torch.int8)
-    packed = w4a16_gemm.pack_int4(q)
+    packed = w4a16_format.pack_int4(q)
     assert packed.tolist() == [[0xF0, 0x78]]  # low nibble = even k, stored as q + 8
     g = _gen(1)
     q = torch.randint(-8, 8, (37, 64), generator=g, dtype=torch.int8)
-    assert torch.equal(w4a16_gemm.unpack_int4(w4a16_gemm.pack_int4(q)), q)
+    assert torch.equal(w4a16_format.unpack_int4(w4a16_format.pack_int4(q)), q)
     b = torch.randint(0, 256, (5, 12), generator=g, dtype=torch.uint8)
-    assert torch.equal(w4a16_gemm.pack_int4(w4a16_gemm.unpack_int4(b)), b)
+    assert torch.equal(w4a16_format.pack_int4(w4a16_format.unpack_int4(b)), b)
     with pytest.raises(LlmxError, match="pack_int4"):
-        w4a16_gemm.pack_int4(torch.tensor([[8, 0]]))
+        w4a16_format.pack_int4(torch.tensor([[8, 0]]))
 
 
 def test_e2m1_packing_layout_and_decode():
@@ -131,8 +131,8 @@ def test_e2m1_packing_layout_and_decode():
 
 def test_quantize_int4_ref_round_trips_through_dequant():
     w = _randn(_gen(3), 24, 96)
-    qweight, scales = w4a16_gemm.quantize_int4_ref(w, 32)
-    deq = w4a16_gemm.dequantize_int4(qweight, scales, 32, torch.float32)
+    qweight, scales = w4a16_format.quantize_int4_ref(w, 32)
+    deq = w4a16_format.dequantize_int4(qweight, scales, 32, torch.float32)
     # symmetric RTN: error at most half a step per group
     step = scales.float().repeat_interleave(32, dim=1)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
@@ -160,7 +160,7 @@ def test_w4a16_ref_matches_float64(m):
     x, bias, pre = _randn(g, m, k), _randn(g, n), torch.rand(k, generator=g) + 0.5
     qweight, scales = _random_int4(g, n, k, k // gs, torch.float32)
     expected = (x.double() * pre.double()) @ _int4_dequant64(qweight, scales, gs).t() + bias.double()
-    _close(w4a16_gemm.w4a16_gemm_ref(x, qweight, scales, gs, bias, pre), expected, 1e-5, "w4a16_gemm_ref")
+    _close(w4a16_format.w4a16_gemm_ref(x, qweight, scales, gs, bias, pre), expected, 1e-5, "w4a16_gemm_ref")
 
 
 @pytest.mark.parametrize("m", [1, 3, 17])
@@ -225,9 +225,9 @@ def test_quantize_fp8_ref_matches_e4m3_grid():
 def test_reference_input_validation_names_the_field():
     x = torch.randn(2, 64)
     with pytest.raises(LlmxError, match="qweight must be uint8"):
-        w4a16_gemm.w4a16_gemm_ref(x, torch.zeros(8, 16, dtype=torch.uint8), torch.ones(8, 2), 32)
+        w4a16_format.w4a16_gemm_ref(x, torch.zeros(8, 16, dtype=torch.uint8), torch.ones(8, 2), 32)
     with pytest.raises(LlmxError, match="group_size"):
-        w4a16_gemm.w4a16_gemm_ref(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), 48)
+        w4a16_format.w4a16_gemm_ref(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), 48)
     with pytest.raises(LlmxError, match="block_scales"):
         nvfp4_gemm.nvfp4_gemm_ref(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 4), torch.tensor(1.0))
     with pytest.raises(LlmxError, match="x_scale"):
@@ -245,7 +245,7 @@ def test_kernels_refuse_cpu_tensors_without_interpreter():
     if _triton_util.interpreter_active():
         pytest.skip("this process runs Triton's interpreter, which accepts CPU tensors")
     x = torch.randn(2, 64)
-    qweight, scales = w4a16_gemm.quantize_int4_ref(torch.randn(16, 64), 32)
+    qweight, scales = w4a16_format.quantize_int4_ref(torch.randn(16, 64), 32)
     with pytest.raises(LlmxError, match="w4a16_gemm: .*CUDA"):
         w4a16_gemm.w4a16_gemm(x, qweight, scales, 32)
     with pytest.raises(LlmxError, match="quantize_fp8: .*CUDA"):
@@ -266,8 +266,8 @@ def test_references_decode_modelopt_output():
     g = _gen(60)
 
     qweight, scales = _random_int4(g, 48, 96, 3, torch.float32)  # every nibble, -8 included
-    deq = w4a16_gemm.dequantize_int4(qweight, scales, 32, torch.float32)
-    assert torch.equal(w4a16_gemm.int4_from_modelopt(pack_int4_in_uint8(deq, scales, 32)), qweight)
+    deq = w4a16_format.dequantize_int4(qweight, scales, 32, torch.float32)
+    assert torch.equal(w4a16_format.int4_from_modelopt(pack_int4_in_uint8(deq, scales, 32)), qweight)
 
     for dtype in (torch.float32, torch.bfloat16):
         w = (_randn(g, 48, 96) * 0.05).to(dtype)
@@ -294,7 +294,7 @@ def test_references_decode_modelopt_output():
 
 C = TileConfig
 KERNEL_CASES = [
-    # w4a16 at M >= 5: w4a16_gemm hands fewer rows to the GEMV (tested in test_kernels_gemv.py).
+    # w4a16 at M >= 5: w4a16_matmul hands fewer rows to the GEMV (tested in test_kernels_gemv.py).
     ("w4a16_decode_after_dot", "w4a16", 5, 40, 96, {"group": 32, "bias": True}, C(16, 32, 32)),
     ("w4a16_per_weight_scale_tail", "w4a16", 5, 72, 96, {"group": 32, "pre_scale": True}, C(16, 32, 64)),
     ("w4a16_split_k", "w4a16", 17, 40, 64, {"group": 32, "bias": True, "pre_scale": True}, C(16, 32, 32, split_k=2)),
@@ -341,7 +341,7 @@ def run_kernel_case(name: str, dtype: torch.dtype, device: str) -> tuple[float, 
     if runner == "w4a16":
         qweight, scales = (t.to(**to) for t in _random_int4(g, n, k, k // opt["group"], dtype))
         out = w4a16_gemm.w4a16_gemm(x, qweight, scales, opt["group"], bias, pre, config=cfg)
-        ref = w4a16_gemm.w4a16_gemm_ref(x, qweight, scales, opt["group"], bias, pre)
+        ref = w4a16_format.w4a16_gemm_ref(x, qweight, scales, opt["group"], bias, pre)
     elif runner == "nvfp4":
         qweight, block_scales, global_scale = (t.to(**to) for t in _random_nvfp4(g, n, k))
         out = nvfp4_gemm.nvfp4_gemm(x, qweight, block_scales, global_scale, bias, config=cfg)

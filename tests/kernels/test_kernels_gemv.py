@@ -1,4 +1,4 @@
-"""W4A16 GEMV (kernels/w4a16_gemv.py): the kernel against w4a16_gemm_ref, w4a16_gemm's dispatch to it, and
+"""W4A16 GEMV (kernels/w4a16_gemv.py): the kernel against w4a16_gemm_ref, w4a16_matmul's dispatch to it, and
 its tile tuning entries.
 
 The kernel tests (test_interpreted_*) run in a child pytest process with TRITON_INTERPRET=1 (see
@@ -21,14 +21,14 @@ from helpers.int4_inputs import int4_inputs
 from helpers.triton_interpreter import (IN_INTERPRETER, interpreted, needs_cuda, run_interpreted_tests, runs_children,
                                        without_mma_decode)
 from llmx.common.errors import LlmxError
-from llmx.kernels import tuning, w4a16_gemm, w4a16_gemv
+from llmx.kernels import tuning, w4a16_dispatch, w4a16_format, w4a16_gemv
 from llmx.kernels.tuning import TileConfig
 
 
 
 @pytest.fixture(autouse=True)
 def _gemv_not_mma_decode(without_mma_decode):
-    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel."""
+    """This file tests the kernels w4a16_matmul dispatched to before the tensor-core decode kernel."""
 
 @runs_children
 def test_kernels_in_triton_interpreter():
@@ -67,7 +67,7 @@ def _inputs(m, n, k, group, options, dtype, device="cpu", seed=0):
 
 def _check_against_reference(out, x, qweight, scales, group, bias, pre, rel):
     """`out` against w4a16_gemm_ref computed in float32 from the same inputs."""
-    ref = w4a16_gemm.w4a16_gemm_ref(x.float(), qweight, scales.float(), group,
+    ref = w4a16_format.w4a16_gemm_ref(x.float(), qweight, scales.float(), group,
                                      None if bias is None else bias.float(), None if pre is None else pre.float())
     assert out.dtype == x.dtype and out.shape == ref.shape
     err = (out.float() - ref).abs().max().item()
@@ -89,7 +89,7 @@ def test_interpreted_gemv_matches_reference(name, dtype):
 def _relative_error_to_exact(out, x, qweight, scales, group, pre):
     """max |out - exact| / max |exact|, exact = the format's product in float64 from the same 16-bit inputs."""
     xd = x.double() * (1.0 if pre is None else pre.double())
-    exact = xd @ w4a16_gemm.dequantize_int4(qweight, scales.double(), group, torch.float64).T
+    exact = xd @ w4a16_format.dequantize_int4(qweight, scales.double(), group, torch.float64).T
     return ((out.double() - exact).abs().max() / exact.abs().max()).item()
 
 
@@ -110,7 +110,7 @@ def test_interpreted_folded_offset_loop_stays_within_fp16_rounding(m):
 
 
 @interpreted
-def test_interpreted_w4a16_gemm_hands_decode_rows_to_the_gemv(monkeypatch):
+def test_interpreted_w4a16_matmul_hands_decode_rows_to_the_gemv(monkeypatch):
     calls = []
 
     def recording(*args, **kwargs):
@@ -122,7 +122,7 @@ def test_interpreted_w4a16_gemm_hands_decode_rows_to_the_gemv(monkeypatch):
     for m, k, group in ((1, 64, 32), (4, 64, 32), (5, 64, 32), (2, 36, 4), (3, 64, 4)):
         x, qweight, scales, bias, pre = _inputs(m, 40, k, group, {"bias": True}, torch.float32)
         calls.clear()
-        out = w4a16_gemm.w4a16_gemm(x, qweight, scales, group, bias, pre)
+        out = w4a16_dispatch.w4a16_matmul(x, qweight, scales, group, bias, pre)
         assert calls == ([m] if tuning.w4a16_uses_gemv(m, k, group) else []), (m, k, group)
         # M = 5, K % 8 != 0 and group size 4 run the tensor-core kernel, still matching the reference.
         _check_against_reference(out, x, qweight, scales, group, bias, pre, 2e-5)
@@ -132,10 +132,10 @@ def test_interpreted_w4a16_gemm_hands_decode_rows_to_the_gemv(monkeypatch):
 
 def test_gemv_refuses_what_it_does_not_run():
     x = torch.randn(5, 64)
-    qweight, scales = w4a16_gemm.quantize_int4_ref(torch.randn(16, 64), 32)
-    with pytest.raises(LlmxError, match="w4a16_gemv takes M <= 4 .*call w4a16_gemm"):
+    qweight, scales = w4a16_format.quantize_int4_ref(torch.randn(16, 64), 32)
+    with pytest.raises(LlmxError, match="w4a16_gemv takes M <= 4 .*call w4a16_matmul"):
         w4a16_gemv.w4a16_gemv(x, qweight, scales, 32)
-    qweight, scales = w4a16_gemm.quantize_int4_ref(torch.randn(16, 64), 4)
+    qweight, scales = w4a16_format.quantize_int4_ref(torch.randn(16, 64), 4)
     with pytest.raises(LlmxError, match="group_size % 8"):
         w4a16_gemv.w4a16_gemv(x[:1], qweight, scales, 4)
     with pytest.raises(LlmxError, match="qweight must be uint8"):
@@ -174,7 +174,7 @@ def test_bucket_kernels_route_w4a16_decode_buckets_to_the_gemv():
     assert tuning.bucket_kernels("w4a16", 1, 4096, 128) == [("w4a16_gemv", 1)]
     assert tuning.bucket_kernels("w4a16", 16, 4096, 128) == [("w4a16_gemv", 4), ("w4a16", 16)]
     assert tuning.bucket_kernels("w4a16", 64, 4096, 128) == [("w4a16", 64)]
-    # Where w4a16_gemm keeps the tensor-core kernel, and other kernels: unchanged.
+    # Where w4a16_matmul keeps the tensor-core kernel, and other kernels: unchanged.
     assert tuning.bucket_kernels("w4a16", 1, 4096, 4) == [("w4a16", 1)]
     assert tuning.bucket_kernels("w4a16", 1, 36, 4) == [("w4a16", 1)]
     assert tuning.bucket_kernels("w4a8", 1, 4096, 128) == [("w4a8", 1)]
@@ -217,7 +217,7 @@ def test_gpu_gemv_cases_bf16(name):
 def test_gpu_gemv_llama_shapes_bf16(shape, m):
     n, k = LLAMA_SHAPES[shape]
     x, qweight, scales, _, pre = _inputs(m, n, k, 128, {"pre_scale": m % 2 == 0}, torch.bfloat16, "cuda", seed=m)
-    out = w4a16_gemm.w4a16_gemm(x, qweight, scales, 128, None, pre)  # through the dispatch, default tiles
+    out = w4a16_dispatch.w4a16_matmul(x, qweight, scales, 128, None, pre)  # through the dispatch, default tiles
     assert torch.equal(out, w4a16_gemv.w4a16_gemv(x, qweight, scales, 128, None, pre))
     _check_against_reference(out, x, qweight, scales, 128, None, pre, 1.6e-2)
 

@@ -22,7 +22,7 @@ from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
 
 @pytest.fixture(autouse=True)
 def _gemv_not_mma_decode(without_mma_decode):
-    """This file tests the kernels w4a16_gemm dispatched to before the tensor-core decode kernel."""
+    """This file tests the kernels w4a16_matmul dispatched to before the tensor-core decode kernel."""
 
 @runs_children
 def test_kernels_in_triton_interpreter():
@@ -78,14 +78,14 @@ def test_gated_gemv_refuses_what_it_does_not_run():
         w4a16_gemv_gated_ref(x, qweight[:31], scales[:31], 32)
     with pytest.raises(LlmxError, match=r"out_scale must have shape \[N / 2\] = \[16\]"):
         w4a16_gemv_gated_ref(x, qweight, scales, 32, out_scale=out_scale[:8])
-    with pytest.raises(LlmxError, match="run w4a16_gemm and silu_and_mul instead"):
+    with pytest.raises(LlmxError, match="run w4a16_matmul and silu_and_mul instead"):
         w4a16_gemv_gated(torch.randn(5, 64), qweight, scales, 32)
     assert w4a16_gemv_gated_ref(torch.randn(5, 64), qweight, scales, 32).shape == (5, 16)  # any M
 
 
 def test_gated_reference_is_gemm_then_activation_then_scale():
     x, qweight, scales, bias, _, out_scale = _inputs(2, 16, 64, 32, {"bias": True, "out_scale": True}, torch.float32)
-    from llmx.kernels.w4a16_gemm import w4a16_gemm_ref
+    from llmx.kernels.w4a16_format import w4a16_gemm_ref
 
     y = w4a16_gemm_ref(x, qweight, scales, 32, bias)
     expected = torch.nn.functional.silu(y[:, :16]) * y[:, 16:] * out_scale

@@ -4,7 +4,7 @@ Interpreted tests (test_interpreted_*) run in a child process with TRITON_INTERP
 computes bfloat16 wrongly), where the weights are converted in plain Triton instead of inline PTX: they check the
 operand relabelling, split-K's ticketed reduction, the gated epilogue, bias, pre_scale and batches padded to 16, 32
 and 64 rows. The GPU tests run the
-same cases and Llama-3.1-8B shapes in bfloat16 and float16 through the PTX conversion and w4a16_gemm's dispatch,
+same cases and Llama-3.1-8B shapes in bfloat16 and float16 through the PTX conversion and w4a16_matmul's dispatch,
 repeat split-K launches (also from a CUDA graph) and check that the tile counters are left at zero.
 """
 
@@ -16,7 +16,7 @@ import torch
 from helpers.int4_inputs import int4_inputs
 from helpers.triton_interpreter import interpreted, run_interpreted_tests, runs_children
 from llmx.common.errors import LlmxError
-from llmx.kernels import w4a16_gemm, w4a16_mma_decode
+from llmx.kernels import w4a16_dispatch, w4a16_format, w4a16_mma_decode
 from llmx.kernels.tuning import TileConfig
 from llmx.kernels.w4a16_gemv_gated import w4a16_gemv_gated, w4a16_gemv_gated_ref
 
@@ -62,7 +62,7 @@ def _run_case(name, dtype, device, config="case"):
         ref = w4a16_gemv_gated_ref(f32[0], qweight, f32[1], group, *f32[2:])
     else:
         out = w4a16_mma_decode.w4a16_mma_decode(x, qweight, scales, group, bias, pre, config=cfg)
-        ref = w4a16_gemm.w4a16_gemm_ref(f32[0], qweight, f32[1], group, f32[2], f32[3])
+        ref = w4a16_format.w4a16_gemm_ref(f32[0], qweight, f32[1], group, f32[2], f32[3])
     assert out.dtype == dtype and out.shape == ref.shape
     return out, ref
 
@@ -108,7 +108,7 @@ def test_interpreted_unaligned_weight_views_give_the_same_output():
 def test_shapes_it_does_not_run_are_refused_with_what_to_call():
     x = torch.randn(65, 256, dtype=torch.float16)
     qweight = torch.zeros(64, 128, dtype=torch.uint8)
-    with pytest.raises(LlmxError, match="M <= 64 .* call w4a16_gemm"):
+    with pytest.raises(LlmxError, match="M <= 64 .* call w4a16_matmul"):
         w4a16_mma_decode.w4a16_mma_decode(x, qweight, torch.ones(64, 2, dtype=torch.float16), 128)
     with pytest.raises(LlmxError, match="multiples of 128"):
         w4a16_mma_decode.w4a16_mma_decode(x[:2], qweight, torch.ones(64, 4, dtype=torch.float16), 64)
@@ -119,7 +119,8 @@ def test_shapes_it_does_not_run_are_refused_with_what_to_call():
 def test_dispatch_never_picks_it_off_hopper_or_in_the_interpreter():
     """CPU tensors (the interpreter's) stay on the GEMV; float32 and group 64 never qualify."""
     for dtype, group in ((torch.float16, 128), (torch.float32, 128), (torch.float16, 64)):
-        assert not w4a16_mma_decode.uses_mma_decode(torch.zeros(1, 256, dtype=dtype), 256, group)
+        for m in (1, 2):
+            assert w4a16_dispatch.int4_kernel(torch.zeros(m, 256, dtype=dtype), group) != "w4a16_mma_decode"
     assert not w4a16_mma_decode.mma_decode_available(torch.float16, "cpu")
 
 
@@ -203,9 +204,9 @@ def test_gpu_cases(name, dtype):
 def test_gpu_llama_shapes_through_the_dispatch_bf16(shape, m):
     n, k = shape
     x, qweight, scales, _, pre, _ = int4_inputs(m, n, k, 128, {"pre_scale": True}, torch.bfloat16, "cuda", seed=m)
-    assert w4a16_mma_decode.uses_mma_decode(x, k, 128)
-    out = w4a16_gemm.w4a16_gemm(x, qweight, scales, 128, None, pre)
-    ref = w4a16_gemm.w4a16_gemm_ref(x.float(), qweight, scales.float(), 128, None, pre.float())
+    assert w4a16_dispatch.int4_kernel(x, 128) == "w4a16_mma_decode"
+    out = w4a16_dispatch.w4a16_matmul(x, qweight, scales, 128, None, pre)
+    ref = w4a16_format.w4a16_gemm_ref(x.float(), qweight, scales.float(), 128, None, pre.float())
     _assert_close(out, ref, torch.bfloat16, f"{shape} M={m}")
 
 

@@ -169,7 +169,7 @@ def test_runtime_runs_every_format_close_to_bf16(quantized, ckpt, runtime_logpro
 
 def test_gptq_moves_weights_off_round_to_nearest(quantized):
     """GPTQ compensates rounding errors column by column: its codes differ from plain rounding, no AWQ scale."""
-    from llmx.kernels.w4a16_gemm import unpack_int4
+    from llmx.kernels.w4a16_format import unpack_int4
 
     gptq = load_file(quantized("int4_gptq")[0] / "rank0.safetensors")
     rtn = load_file(quantized("int4_wo")[0] / "rank0.safetensors")

@@ -269,7 +269,7 @@ def _head_inputs(hf_dir: Path) -> torch.Tensor:
 
 def test_gptq_updates_the_head_beyond_round_to_nearest(quantized, ckpt, hf_dir):
     """ModelOpt's layerwise GPTQ skips the head (it would stay round-to-nearest); llmx runs GPTQ on it afterwards."""
-    from llmx.kernels.w4a16_gemm import unpack_int4
+    from llmx.kernels.w4a16_format import unpack_int4
     from llmx.quant.methods.int4 import dequantize_int4, quantize_int4
 
     out, _ = quantized("int4_gptq", head=True)
