@@ -170,18 +170,19 @@ def detect_target(device: str) -> dict[str, Any]:
 
 def check_target_supports(ckpt: Checkpoint, target: dict[str, Any]) -> None:
     """Refuse FP8 formats (weights, activations, scales or KV cache) on GPUs without FP8 support."""
-    from llmx.recipes.schema import FP8_ALGOS, FP8_MIN_COMPUTE_CAPABILITY
+    from llmx.quant.presets import algos_without_fp8, fp8_algos
+    from llmx.recipes.schema import FP8_MIN_COMPUTE_CAPABILITY
 
     if target["compute_capability"] is None or ckpt.quant is None:
         return
     capability = tuple(int(v) for v in target["compute_capability"].split("."))
-    needs = [f"--algo {ckpt.quant.algo}"] if ckpt.quant.algo in FP8_ALGOS else []
+    needs = [f"--algo {ckpt.quant.algo}"] if ckpt.quant.algo in fp8_algos() else []
     if ckpt.quant.kv_cache_dtype == "fp8":
         needs.append("--kv-cache-dtype fp8")
     if needs and capability < FP8_MIN_COMPUTE_CAPABILITY:
         raise LlmxError(f"{ckpt.path} was quantized with {' and '.join(needs)}, which needs FP8 support (compute "
                         f"capability 8.9+), but {target['device_name']} is {target['compute_capability']}; "
-                        "re-quantize with int8_sq, int4_awq, int4_gptq or int8_wo (and an int8 KV cache) for it.")
+                        f"re-quantize with one of {', '.join(algos_without_fp8())} (and an int8 KV cache) for it.")
 
 
 def device_memory_bytes(target: dict[str, Any]) -> int | None:

@@ -36,17 +36,12 @@ from llmx.common.errors import LlmxError
 from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress
 from llmx.kernels import tuning
-from llmx.quant.methods import method_for
+from llmx.quant.methods import UNQUANTIZED, method_for
+from llmx.quant.presets import PRESETS
 from llmx.runtime.config import Mapping, ModelConfig, QuantConfig
 
 if TYPE_CHECKING:
     from llmx.quant.methods import QuantMethod
-
-# QuantMethod.name -> the Triton GEMM its `apply` launches on CUDA, by llmx.kernels.tuning's kernel names.
-# Formats not listed (unquantized, fp8, fp8_pc_pt) multiply through cuBLAS and have nothing to tune.
-KERNEL_OF_METHOD = {"int4": "w4a16", "w4a8_awq": "w4a8", "nvfp4": "nvfp4", "int8_sq": "int8", "int8_wo": "int8_wo"}
-# Kernels reading int4 weights in groups: the group size decides their K tile, so it is part of the case.
-GROUPED_KERNELS = ("w4a16", "w4a16_gemv", "w4a16_mma_decode", "w4a8")
 
 CACHE_FORMAT = "llmx-gemm-tile-cache"
 CACHE_VERSION = 1
@@ -98,6 +93,15 @@ def _rank_gemms(model: ModelConfig, quant: QuantConfig | None,
         yield method_for(quant, "lm_head"), n, k
 
 
+def kernel_of(quant: QuantConfig | None, method: "QuantMethod") -> str | None:
+    """The Triton GEMM (llmx.kernels.tuning's kernel name) a Linear stored by `method` launches on CUDA: its
+    algorithm's `kernel` in llmx.quant.presets.PRESETS; None for cuBLAS (unquantized Linears, the fp8 formats),
+    which has nothing to tune."""
+    if quant is None or method is UNQUANTIZED:
+        return None
+    return PRESETS[quant.algo].kernel
+
+
 def gemm_shapes(model: ModelConfig, quant: QuantConfig | None, mapping: Mapping) -> dict[str, list[tuple[int, int]]]:
     """kernel -> sorted distinct per-rank weight shapes (N out, K in) of its Triton GEMMs; {} when none.
 
@@ -107,7 +111,7 @@ def gemm_shapes(model: ModelConfig, quant: QuantConfig | None, mapping: Mapping)
     """
     found: dict[str, set[tuple[int, int]]] = {}
     for method, n, k in _rank_gemms(model, quant, mapping):
-        kernel = KERNEL_OF_METHOD.get(method.name)
+        kernel = kernel_of(quant, method)
         if kernel is not None:
             found.setdefault(kernel, set()).add((n, k))
     return {kernel: sorted(found[kernel]) for kernel in sorted(found)}
@@ -116,7 +120,7 @@ def gemm_shapes(model: ModelConfig, quant: QuantConfig | None, mapping: Mapping)
 def int4_group_size(model: ModelConfig, quant: QuantConfig | None) -> int | None:
     """The group size of the grouped-int4 GEMMs (one per checkpoint), None when there are none."""
     for method, _, _ in _rank_gemms(model, quant, Mapping()):
-        if KERNEL_OF_METHOD.get(method.name) in GROUPED_KERNELS:
+        if kernel_of(quant, method) in tuning.GROUPED_KERNELS:
             return method.group_size
     return None
 
@@ -260,7 +264,7 @@ def _write_atomically(path: Path, text: str) -> None:
 def case_key(kernel: str, act_dtype: str, group_size: int | None) -> str:
     """Cache key of everything besides the shape that the timing depends on (e.g. "w4a16/bfloat16/g128")."""
     key = f"{kernel}/{act_dtype}"
-    return f"{key}/g{group_size}" if kernel in GROUPED_KERNELS else key
+    return f"{key}/g{group_size}" if kernel in tuning.GROUPED_KERNELS else key
 
 
 # ---- tuning ------------------------------------------------------------------------------------------
@@ -272,7 +276,7 @@ def _default_case(kernel: str, act_dtype: str, group_size: int | None) -> Callab
 
     module, fn = tuning.TUNING_CASES[kernel]
     options: dict[str, Any] = {"dtype": getattr(torch, act_dtype)}
-    if kernel in GROUPED_KERNELS:
+    if kernel in tuning.GROUPED_KERNELS:
         if group_size is None:
             raise LlmxError(f"tuning the {kernel} GEMM needs the checkpoint's int4 group size; pass group_size.")
         options["group_size"] = group_size

@@ -43,6 +43,9 @@ TUNING_CASES = {
 
 # Weight bits per element of each kernel: decides how wide a K tile the decode defaults stream.
 _WEIGHT_BITS = {"w4a16": 4, "w4a16_gemv": 4, "w4a16_mma_decode": 4, "nvfp4": 4, "w4a8": 4, "int8": 8, "int8_wo": 8}
+# Kernels reading int4 weights in groups: the group size decides their K tile, so their tuning cases take it and
+# `llmx build`'s tile cache keys it.
+GROUPED_KERNELS = ("w4a16", "w4a16_gemv", "w4a16_mma_decode", "w4a8")
 
 # The W4A16 dispatch (`int4_kernel_for`) runs the CUDA-core GEMV (w4a16_gemv.py) for M <= GEMV_MAX_M rows when K
 # and the group size are whole int32 words of 8 nibbles. The GEMV's tiles have their own table entries, under

@@ -168,7 +168,7 @@ def _resolve_options(*, algo: str, kv_cache_dtype: str | None, calib_data: str |
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
     if algo == presets.KV_ONLY and kv_cache_dtype is None:
         raise LlmxError("--algo none quantizes nothing: add --kv-cache-dtype fp8|int8 to quantize only the KV "
-                        f"cache, or choose an algorithm ({', '.join(presets.ALGOS)}).")
+                        f"cache, or choose an algorithm ({', '.join(presets.PRESETS)}).")
     group = presets.effective_group_size(algo, group_size)
     device = _check_device(device)
     default_size, default_seq_len = CALIBRATION_DEFAULTS["cpu" if device == "cpu" else "cuda"]
@@ -244,8 +244,9 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
     if algo == presets.KV_ONLY:
         return ModulePlan(quantized=[], skipped=names, warnings=warnings)
     quantized = [m for m in linears if m.name not in skipped]
+    fixed_blocks = presets.PRESETS[algo].fixed_group_size is not None
     for m in quantized:
-        if algo == "nvfp4":
+        if fixed_blocks:
             check_block_divides(m.in_features, m.name)
         elif group_size is not None:
             check_group_divides(m.in_features, group_size, m.name)

@@ -56,8 +56,12 @@ class LinearState:
 
 
 def pre_quant_scale_patterns(algo: str) -> list[str]:
-    """Modules that keep pre_quant_scale in checkpoints of `algo` (those without a norm to fold into)."""
-    if algo in ("int8_sq", "int4_awq", "w4a8_awq"):
+    """Modules that keep pre_quant_scale in checkpoints of `algo` (those without a norm to fold into), for the
+    algorithms that smooth (their row's `smoothing` in llmx.quant.presets.PRESETS)."""
+    from llmx.quant.presets import preset_of
+
+    preset = preset_of(algo)
+    if preset is not None and preset.smoothing:
         return [f"layers.*.{block}.{proj}" for block, proj in UNFUSED]
     return []
 
@@ -190,7 +194,10 @@ def _share_per_tensor_amax(group: list[LinearState], algo: str) -> None:
     """Fused Linears of per-tensor-scaled formats get one weight amax and one input amax (the max)."""
     import torch
 
-    if algo in ("fp8", "nvfp4"):
+    from llmx.quant.presets import preset_of
+
+    preset = preset_of(algo)
+    if preset is not None and preset.per_tensor_weight_scale:
         amaxes = [s.weight.abs().amax() if s.weight_amax is None else s.weight_amax.float().reshape(())
                   for s in group]
         shared = torch.stack(amaxes).amax()

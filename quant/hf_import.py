@@ -5,18 +5,21 @@ NVIDIA's published FP8/NVFP4/AWQ checkpoints contain) into an llmx checkpoint, k
 compressed-tensors checkpoints (llmx.quant.compressed_tensors) take the same path: their scheme is read from
 config.json, int4 weights are `weight_packed` int32 words, KV-cache scales are `self_attn.k_scale` / `v_scale`.
 
-Formats (hf_quant_config.json `quant_algo` -> llmx algo): FP8 -> fp8, FP8_PER_CHANNEL_PER_TOKEN -> fp8_pc_pt,
-W8A8_SQ_PER_CHANNEL -> int8_sq, W8A16 -> int8_wo, W4A16_AWQ -> int4_awq, W4A8_AWQ -> w4a8_awq, NVFP4 -> nvfp4,
-absent (KV cache only) -> none. What differs from llmx's layout:
-- int4: ModelOpt packs two output rows per byte (uint8 [N/2, K], two's complement nibbles); llmx packs two
-  inputs per byte (uint8 [N, K/2], offset binary). Scales are float32 there, the activation dtype here.
-  W4A8's `weight_scale_2` (the per-tensor FP8 scale TensorRT-LLM's kernel applies) is not needed: the group
-  scales alone give the weight.
+Formats (hf_quant_config.json `quant_algo` -> llmx algo): each algorithm's `hf_quant_algo` in
+llmx.quant.presets.PRESETS (FP8 -> fp8, FP8_PER_CHANNEL_PER_TOKEN -> fp8_pc_pt, W8A8_SQ_PER_CHANNEL -> int8_sq,
+W8A16 -> int8_wo, W4A16_AWQ -> int4_awq, W4A8_AWQ -> w4a8_awq, NVFP4 -> nvfp4), absent (KV cache only) -> none.
+What differs from llmx's layout:
+- int4 (rows with `hf_int4_row_pairs`): ModelOpt packs two output rows per byte (uint8 [N/2, K], two's
+  complement nibbles); llmx packs two inputs per byte (uint8 [N, K/2], offset binary).
+- Scales take the shape and dtype the format's QuantMethod declares (llmx.build.checkpoint's tensor specs):
+  int4 group scales are float32 there and the activation dtype here, per-channel scales [N, 1] become [N], a
+  per-tensor scale of a per-channel format repeats over the rows. Tensors the format does not store are
+  dropped: W4A8's `weight_scale_2` (the per-tensor FP8 scale TensorRT-LLM's kernel applies; the group scales
+  alone give the weight), int8_sq's static `input_scale` (llmx quantizes SmoothQuant activations per token).
 - pre_quant_scale on q/k/v or gate/up (SmoothQuant exports keep it there) is folded into the RMSNorm in
   front when the group shares one vector, as `llmx quantize` does; o_proj/down_proj keep it. A quantized
   lm_head (ModelOpt keeps its AWQ/SmoothQuant vector, having no group to fuse) has it folded into the
   final norm.
-- int8_sq's static `input_scale` is dropped: llmx quantizes SmoothQuant activations per token.
 - KV-cache scales `self_attn.k_proj.k_scale` / `v_proj.v_scale` become `attn.k_scale` / `attn.v_scale`.
 """
 
@@ -32,27 +35,25 @@ from llmx.common.errors import LlmxError
 if TYPE_CHECKING:
     import torch
 
+    from llmx.quant.methods import TensorSpec
     from llmx.runtime.config import ModelConfig, QuantConfig
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
-QUANT_ALGOS = {
-    "FP8": "fp8",
-    "FP8_PER_CHANNEL_PER_TOKEN": "fp8_pc_pt",
-    "W8A8_SQ_PER_CHANNEL": "int8_sq",
-    "W8A16": "int8_wo",
-    "W4A16_AWQ": "int4_awq",
-    "W4A8_AWQ": "w4a8_awq",
-    "NVFP4": "nvfp4",
-    None: "none",
-}
+
+
+def quant_algos() -> dict[str | None, str]:
+    """ModelOpt's quant_algo -> llmx algo: the rows' `hf_quant_algo`, and none (KV cache only) when absent."""
+    from llmx.quant.presets import PRESETS
+
+    return {**{p.hf_quant_algo: name for name, p in PRESETS.items() if p.hf_quant_algo}, None: "none"}
+
+
 KV_ALGOS = {"FP8": "fp8", "INT8": "int8", None: None}
 # What the int4 producers' checkpoints are, for the sentence refusing them.
 _NOT_IMPORTED = {
     "awq": "AutoAWQ int4 with a zero point per group, which llmx's symmetric int4 kernels cannot run",
     "gptq": "GPTQ int4 (qweight / qzeros / g_idx packing), which llmx does not import yet",
 }
-# Per-tensor HF tensors llmx does not store (it recomputes or does not need them).
-_DROPPED = {"int8_sq": ("input_scale",), "w4a8_awq": ("weight_scale_2",)}
 
 
 def imported_format(hf_dir: Path | str) -> str | None:
@@ -115,17 +116,22 @@ def read_quant_config(hf_dir: Path, model: "ModelConfig | None" = None) -> tuple
     q = _modelopt_quantization(hf_dir)
     source = hf_dir / HF_QUANT_CONFIG
     algo_name, kv_name = q.get("quant_algo"), q.get("kv_cache_quant_algo")
-    if algo_name not in QUANT_ALGOS:
-        known = ", ".join(str(k) for k in QUANT_ALGOS if k)
+    algos = quant_algos()
+    if algo_name not in algos:
+        known = ", ".join(str(k) for k in algos if k)
         raise LlmxError(f"{source}: quant_algo {algo_name!r} is not a format llmx runs ({known}); re-quantize the "
                         "unquantized model with `llmx quantize`.")
     if kv_name not in KV_ALGOS:
         raise LlmxError(f"{source}: kv_cache_quant_algo {kv_name!r} is not supported (FP8, INT8 or none).")
-    algo, kv = QUANT_ALGOS[algo_name], KV_ALGOS[kv_name]
+    algo, kv = algos[algo_name], KV_ALGOS[kv_name]
     if algo == "none" and kv is None:
         raise LlmxError(f"{source} declares neither weight nor KV-cache quantization; convert the folder without it.")
-    group = q.get("group_size") if algo in ("int4_awq", "w4a8_awq") else (16 if algo == "nvfp4" else None)
-    if algo in ("int4_awq", "w4a8_awq") and not (isinstance(group, int) and group > 0):
+    from llmx.quant.presets import preset_of
+
+    preset = preset_of(algo)
+    grouped = preset is not None and preset.grouped
+    group = q.get("group_size") if grouped else (preset.fixed_group_size if preset is not None else None)
+    if grouped and not (isinstance(group, int) and group > 0):
         raise LlmxError(f"{source}: `group_size` is missing or invalid for {algo_name}; re-export the checkpoint.")
     excluded = [str(m) for m in q.get("exclude_modules") or []]
     exclude = tuple(dict.fromkeys(llmx_pattern(m) for m in excluded if llmx_pattern(m) is not None))
@@ -177,9 +183,11 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
         act_dtype = dtype or reader.dtype_of("embed.weight")
         if act_dtype not in SUPPORTED_DTYPES:
             raise LlmxError(f"--dtype {act_dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}.")
-        layers = [_import_layer(i, model, quant, reader, act_dtype) for i in range(model.num_layers)]
+        # The stored tensors' shapes and dtypes (pre_quant_scale aside, which the import decides next).
+        stored = checkpoint_tensor_specs(model, act_dtype, quant)
+        layers = [_import_layer(i, quant, reader, stored) for i in range(model.num_layers)]
         if quant.algo != "none" and not model.tie_word_embeddings and not is_excluded("lm_head", quant.exclude):
-            layers[-1].tensors.update(_import_head(quant.algo, reader, act_dtype))
+            layers[-1].tensors.update(_import_head(quant.algo, reader, stored))
         kept = sorted({m for layer in layers for m in layer.pre_quant_scale_modules})
         if kept:
             quant = _with_extra(quant, {PRE_QUANT_SCALE_KEY: kept})
@@ -256,7 +264,7 @@ class _Layer:
         self.pre_quant_scale_modules: set[str] = set()
 
 
-def _import_layer(layer: int, model: "ModelConfig", quant: "QuantConfig", reader: _Reader, dtype: str) -> _Layer:
+def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dict[str, "TensorSpec"]) -> _Layer:
     """The quantized Linears (and any norm a smoothing vector is folded into) of one layer."""
     from llmx.quant.export_llmx import FUSED_GROUPS, UNFUSED
     from llmx.quant.methods import is_excluded
@@ -274,20 +282,20 @@ def _import_layer(layer: int, model: "ModelConfig", quant: "QuantConfig", reader
                                 "fuses them into one GEMM and needs one shared vector: re-export the checkpoint.")
             out.tensors.update(_folded_norm(reader, f"{prefix}.{norm}.weight", scales[0]))
         for n in names:
-            out.tensors.update(_import_linear(n, quant.algo, reader, dtype, keep_pre_quant_scale=False))
+            out.tensors.update(_import_linear(n, quant.algo, reader, stored, keep_pre_quant_scale=False))
     for block, proj in UNFUSED:
         n = f"{prefix}.{block}.{proj}"
         if is_excluded(n, quant.exclude):
             continue
-        out.tensors.update(_import_linear(n, quant.algo, reader, dtype, keep_pre_quant_scale=True))
+        out.tensors.update(_import_linear(n, quant.algo, reader, stored, keep_pre_quant_scale=True))
         if f"{n}.pre_quant_scale" in out.tensors:
             out.pre_quant_scale_modules.add(f"layers.*.{block}.{proj}")
     return out
 
 
-def _import_head(algo: str, reader: _Reader, dtype: str) -> dict[str, "torch.Tensor"]:
+def _import_head(algo: str, reader: _Reader, stored: dict[str, "TensorSpec"]) -> dict[str, "torch.Tensor"]:
     """The quantized lm_head; a pre_quant_scale it carries is folded into final_norm, which alone feeds it."""
-    tensors = _import_linear("lm_head", algo, reader, dtype, keep_pre_quant_scale=False)
+    tensors = _import_linear("lm_head", algo, reader, stored, keep_pre_quant_scale=False)
     if "lm_head.pre_quant_scale" in reader:
         tensors.update(_folded_norm(reader, "final_norm.weight", reader.read("lm_head.pre_quant_scale")))
     return tensors
@@ -298,35 +306,40 @@ def _folded_norm(reader: _Reader, norm_name: str, scale: "torch.Tensor") -> dict
     return {norm_name: reader.read(norm_name).float() * scale.float().reshape(-1)}
 
 
-def _import_linear(name: str, algo: str, reader: _Reader, dtype: str, *, keep_pre_quant_scale: bool):
+def _import_linear(name: str, algo: str, reader: _Reader, stored: dict[str, "TensorSpec"], *,
+                   keep_pre_quant_scale: bool) -> dict[str, "torch.Tensor"]:
+    """The llmx tensors of one quantized Linear: the weight in llmx's packing, and every scale the format stores
+    (`stored`: the checkpoint's tensor specs) in its shape and dtype; pre_quant_scale as read, when kept."""
+    from llmx.quant.presets import PRESETS
+
+    if f"{name}.weight_packed" in reader:  # compressed-tensors pack-quantized int4, already in llmx's nibble order
+        tensors = {"weight": _ct_int4_weight(name, reader)}
+    else:
+        weight = reader.read(f"{name}.weight")
+        tensors = {"weight": _repack_int4(weight) if PRESETS[algo].hf_int4_row_pairs else weight}
+    for suffix in ("weight_scale", "input_scale", "weight_scale_2"):
+        spec = stored.get(f"{name}.{suffix}")
+        if spec is not None:
+            tensors[suffix] = _as_stored(reader.read(f"{name}.{suffix}"), spec)
+    if keep_pre_quant_scale and f"{name}.pre_quant_scale" in reader:
+        tensors["pre_quant_scale"] = reader.read(f"{name}.pre_quant_scale")
+    return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
+
+
+def _as_stored(tensor: "torch.Tensor", spec: "TensorSpec") -> "torch.Tensor":
+    """An HF scale in the shape and dtype llmx stores it: [N, 1] -> [N], one scale repeated over the rows where the
+    format keeps one per row (compressed-tensors' FP8_DYNAMIC with tensor-wise weights), then cast."""
+    import math
+
     import torch
 
-    if f"{name}.weight_packed" in reader:  # compressed-tensors pack-quantized int4
-        tensors = {"weight": _ct_int4_weight(name, reader), "weight_scale": reader.read(f"{name}.weight_scale")}
-    else:
-        tensors = {"weight": reader.read(f"{name}.weight"), "weight_scale": reader.read(f"{name}.weight_scale")}
-    for suffix in ("input_scale", "weight_scale_2", "pre_quant_scale"):
-        if f"{name}.{suffix}" in reader and suffix not in _DROPPED.get(algo, ()):
-            tensors[suffix] = reader.read(f"{name}.{suffix}")
-    if not keep_pre_quant_scale:
-        tensors.pop("pre_quant_scale", None)
-    if algo in ("int4_awq", "w4a8_awq"):
-        tensors["weight"] = _repack_int4(tensors["weight"])
-        tensors["weight_scale"] = tensors["weight_scale"].to(getattr(torch, dtype))
-    elif algo == "int4_wo":
-        tensors["weight_scale"] = tensors["weight_scale"].to(getattr(torch, dtype))
-    elif algo == "int8_wo":
-        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).to(getattr(torch, dtype))
-    elif algo in ("int8_sq", "fp8_pc_pt"):
-        # A per-tensor scale (compressed-tensors' FP8_DYNAMIC with tensor-wise weights) repeats over the rows.
-        rows = tensors["weight"].shape[0]
-        tensors["weight_scale"] = tensors["weight_scale"].reshape(-1).float().expand(rows).contiguous()
-    for suffix in ("input_scale", "weight_scale_2"):
-        if suffix in tensors:
-            tensors[suffix] = tensors[suffix].float().reshape(())
-    if algo == "fp8":
-        tensors["weight_scale"] = tensors["weight_scale"].float().reshape(())
-    return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
+    shape = tuple(spec.shape)
+    if tuple(tensor.shape) != shape:
+        if tensor.numel() == math.prod(shape):
+            tensor = tensor.reshape(shape)
+        elif tensor.numel() == 1:
+            tensor = tensor.reshape(()).expand(shape).contiguous()
+    return tensor.to(getattr(torch, spec.dtype))
 
 
 def _ct_int4_weight(name: str, reader: "_Reader") -> "torch.Tensor":

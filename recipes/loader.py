@@ -155,12 +155,12 @@ def _check_algo_names(recipe: Recipe, name: str) -> Recipe:
     algo = recipe.quantize.algo
     if algo is None:
         return recipe
-    from llmx.quant.presets import ALGOS, KV_ONLY
+    from llmx.quant.presets import KV_ONLY, PRESETS
 
     try:
         canonical = canonical_algo(algo)
     except LlmxError:
         raise LlmxError(f"{name}: `quantize.algo` {algo} is not a known algorithm; use one of "
-                        f"{', '.join((*ALGOS, KV_ONLY))}.") from None
+                        f"{', '.join((*PRESETS, KV_ONLY))}.") from None
     quantize = recipe.quantize.model_copy(update={"algo": canonical})
     return recipe.model_copy(update={"quantize": quantize})

@@ -5,8 +5,9 @@ A recipe holds the settings of every stage, keyed exactly like the command-line 
 field falls back to the command's default, and a flag given on the command line overrides the recipe.
 Unknown keys are refused, so a typo never silently turns into a default.
 
-Besides the shape, a recipe is checked against its target's hardware: FP8 formats need FP8 tensor cores
-(compute capability 8.9+), so `quantize.algo: fp8` on an A100 is refused naming the field.
+Besides the shape, a recipe is checked against its target's hardware: FP8 formats (the algorithms whose row in
+llmx.quant.presets.PRESETS says `needs_fp8`) need FP8 tensor cores (compute capability 8.9+), so
+`quantize.algo: fp8` on an A100 is refused naming the field.
 
 `llmx pipeline` reads three more things, which no single command has a flag for: `model` (where the
 model comes from), `eval.datasets` (texts to score, each with its perplexity gates) and `bench.scenarios`
@@ -43,9 +44,8 @@ TARGETS: dict[str, Target] = {
     "h200": Target("h200", "cuda", (9, 0), "NVIDIA H200 (Hopper, sm90, 141 GB HBM3e)"),
 }
 
-# Formats whose weights, activations or scales are FP8 (e4m3): GEMMs or dequantisation need FP8 hardware
-# support, first present in Ada/Hopper (compute capability 8.9).
-FP8_ALGOS = frozenset({"fp8", "fp8_pc_pt", "w4a8_awq", "nvfp4"})
+# FP8 (e4m3) weights, activations or scales need FP8 hardware support, first present in Ada/Hopper. Which
+# algorithms those are is their row's `needs_fp8` (llmx.quant.presets).
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 
@@ -238,15 +238,22 @@ def target_conflict(target_name: str, section: str, key: str, value: Any) -> str
     Only hardware facts are checked here: FP8 formats on GPUs older than compute capability 8.9, and an
     engine device that is not the target's device.
     """
+    from llmx.quant.presets import algos_without_fp8, fp8_algos
+
     target = TARGETS[target_name]
     if value is None:
         return None
     if section == "quantize" and key in ("algo", "kv_cache_dtype") and target.compute_capability is not None:
-        needs_fp8 = (key == "algo" and value in FP8_ALGOS) or (key == "kv_cache_dtype" and value == "fp8")
+        needs_fp8 = (key == "algo" and value in fp8_algos()) or (key == "kv_cache_dtype" and value == "fp8")
         if needs_fp8 and target.compute_capability < FP8_MIN_COMPUTE_CAPABILITY:
             cc = ".".join(map(str, target.compute_capability))
             return (f"{value} needs FP8 support (compute capability 8.9+) but target {target.name} is {cc}; "
-                    "use int8_sq, int4_awq, int4_gptq or int8_wo weights and an int8 KV cache there")
+                    f"use {_either(algos_without_fp8())} weights and an int8 KV cache there")
     if section in ("build", "eval") and key == "device" and value not in ("auto", target.device):
         return f"target {target.name} runs engines on {target.device}, not {value}"
     return None
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """"a, b or c"."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))

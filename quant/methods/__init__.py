@@ -1,7 +1,8 @@
 """Weight formats. `method_for(quant_config, module_name)` picks the QuantMethod a Linear uses.
 
-Formats register themselves in METHODS by name; a module listed in the checkpoint's excluded modules,
-or any module of an unquantized checkpoint, uses the unquantized method. A format whose stored tensors
+METHODS holds one QuantMethod per algorithm name, the class its row of llmx.quant.presets.PRESETS names
+(llmx.quant.methods.registry); a module listed in the checkpoint's excluded modules, or any module of an
+unquantized checkpoint, uses the unquantized method. A format whose stored tensors
 depend on the checkpoint (the int4 group size, a module's pre_quant_scale) has a `configure(quant,
 module_name)` that returns the instance for that module.
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 UNQUANTIZED = UnquantizedMethod()
 
-# algo name -> QuantMethod instance. Quantized formats add themselves in llmx.quant.methods.registry.
+# algo name -> QuantMethod instance. Quantized formats are added by llmx.quant.methods.registry.
 METHODS: dict[str, QuantMethod] = {"none": UNQUANTIZED}
 
 
@@ -41,7 +42,9 @@ def method_for(quant: "QuantConfig | None", module_name: str) -> QuantMethod:
 
 def _load_registry() -> None:
     # Imported lazily: the quantized formats pull in kernels and are not needed for bf16 engines.
-    import llmx.quant.methods.registry  # noqa: F401  (registers into METHODS)
+    from llmx.quant.methods.registry import register_all
+
+    register_all()
 
 
 __all__ = ["QuantMethod", "TensorSpec", "METHODS", "UNQUANTIZED", "method_for", "is_excluded"]

@@ -1,28 +1,28 @@
-"""Registers every quantized weight format in METHODS under each algorithm name that writes it.
+"""Registers the QuantMethod of every algorithm of llmx.quant.presets.PRESETS in METHODS, under its name.
 
-int4_wo (round to nearest), int4_awq and int4_gptq differ in how the weights were chosen, not in how they
-are stored, so they share the int4 format. Imported lazily by llmx.quant.methods.method_for.
+Each algorithm's row names the QuantMethod class storing its weights ("module:Class"); algorithms that differ in
+how the weights were chosen, not in how they are stored (int4_wo, int4_awq and int4_gptq), name the same class.
+Imported lazily by llmx.quant.methods.method_for, which asks `register_all` on every lookup: a row added to the
+table is registered at its first use.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from llmx.quant.methods import METHODS
-from llmx.quant.methods.fp8 import Fp8Method, Fp8PerChannelMethod
-from llmx.quant.methods.int4 import Int4Method
-from llmx.quant.methods.int8 import Int8SmoothQuantMethod, Int8WeightOnlyMethod
-from llmx.quant.methods.nvfp4 import Nvfp4Method
-from llmx.quant.methods.w4a8 import W4A8Method
+from llmx.quant.methods.base import QuantMethod
+from llmx.quant.presets import PRESETS
 
-_INT4 = Int4Method()
 
-METHODS.update({
-    "fp8": Fp8Method(),
-    "fp8_pc_pt": Fp8PerChannelMethod(),
-    "int8_sq": Int8SmoothQuantMethod(),
-    "int8_wo": Int8WeightOnlyMethod(),
-    "int4_wo": _INT4,
-    "int4_awq": _INT4,
-    "int4_gptq": _INT4,
-    "w4a8_awq": W4A8Method(),
-    "nvfp4": Nvfp4Method(),
-})
+def method_class(path: str) -> type[QuantMethod]:
+    """The class a row's `method` names ("llmx.quant.methods.int4:Int4Method")."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def register_all() -> None:
+    """An instance of its row's QuantMethod for every algorithm of the table not registered yet."""
+    for name, preset in PRESETS.items():
+        if name not in METHODS:
+            METHODS[name] = method_class(preset.method)()

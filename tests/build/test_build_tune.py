@@ -220,14 +220,13 @@ def test_formats_without_triton_gemms_have_nothing_to_tune(checkpoints):
     assert build_tune.gemm_shapes(ckpt.model, None, Mapping()) == {}
     for algo in ("fp8", "fp8_pc_pt", "none"):
         assert build_tune.gemm_shapes(ckpt.model, QuantConfig(algo=algo, exclude=("lm_head",)), Mapping()) == {}
-    # Every registered format is either tuned or known to run cuBLAS: a new format must choose.
-    from llmx.quant.methods import METHODS, _load_registry
+    # Every algorithm's kernel is a tunable one, or None: cuBLAS (the fp8 formats).
+    from llmx.quant.presets import PRESETS
 
-    _load_registry()
-    names = {method.name for method in METHODS.values()}
-    assert names == set(build_tune.KERNEL_OF_METHOD) | {"unquantized", "fp8", "fp8_pc_pt"}
-    # Every tunable kernel is one a format launches, or one such a kernel hands some row counts to.
-    launched = {name for kernel in build_tune.KERNEL_OF_METHOD.values() for bucket in tuning.M_BUCKETS
+    kernels = {preset.kernel for preset in PRESETS.values()}
+    assert {name for name, preset in PRESETS.items() if preset.kernel is None} == {"fp8", "fp8_pc_pt"}
+    # Every tunable kernel is one an algorithm launches, or one such a kernel hands some row counts to.
+    launched = {name for kernel in kernels - {None} for bucket in tuning.M_BUCKETS
                 for mma_decode in (False, True)
                 for name, _ in tuning.bucket_kernels(kernel, bucket, 4096, 128, mma_decode=mma_decode)}
     assert launched == set(tuning.TUNING_CASES)
@@ -249,7 +248,7 @@ def test_real_tuning_cases_take_the_engine_dtype_and_group_size():
         dtype, group, k = ("float16", 128, 256) if kernel == "w4a16_mma_decode" else ("float32", 32, 64)
         case = build_tune._default_case(kernel, dtype, group)
         assert case.func.__name__ == fn and case.keywords["dtype"] is getattr(torch, dtype)
-        assert case.keywords.get("group_size") == (group if kernel in build_tune.GROUPED_KERNELS else None)
+        assert case.keywords.get("group_size") == (group if kernel in tuning.GROUPED_KERNELS else None)
         run, check = case(3, 64, k, "cpu")
         assert callable(run) and callable(check)
     with pytest.raises(LlmxError, match="group size"):

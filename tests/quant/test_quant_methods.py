@@ -202,10 +202,10 @@ def test_method_for_configures_group_size_and_pre_quant_scale():
 
 
 def test_every_algorithm_has_a_format():
-    from llmx.quant.presets import ALGOS
+    from llmx.quant.presets import PRESETS
 
     method_for(QuantConfig(algo="fp8"), "layers.0.attn.q_proj")  # loads the registry
-    assert set(ALGOS) <= set(METHODS)
+    assert set(PRESETS) <= set(METHODS)
     with pytest.raises(LlmxError, match="not a weight format"):
         method_for(QuantConfig(algo="int3"), "layers.0.attn.q_proj")
 

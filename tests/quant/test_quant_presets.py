@@ -17,7 +17,7 @@ def test_resolve_algo(name, canonical):
 def test_unknown_algo_lists_every_valid_name():
     with pytest.raises(LlmxError) as info:
         presets.resolve_algo("int2")
-    for algo in presets.ALGOS:
+    for algo in presets.PRESETS:
         assert algo in info.value.message
     assert "awq = int4_awq" in info.value.message
 

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 
 from llmx.common.errors import LlmxError
+from llmx.quant.presets import fp8_algos
 from llmx.recipes import load_recipe, shipped_recipes
-from llmx.recipes.schema import FP8_ALGOS, TARGETS
+from llmx.recipes.schema import TARGETS
 
 GPU_WORKLOADS = {(128, 128), (2048, 128)}
 
@@ -47,7 +48,7 @@ def test_shipped_recipes_have_the_complete_form(name):
     if recipe.target == "a100":
         assert recipe.quantize.algo in ("int4_awq", "int8_sq") and recipe.quantize.kv_cache_dtype != "fp8"
     if recipe.target in ("h100", "h200"):
-        assert recipe.quantize.algo in FP8_ALGOS and recipe.quantize.kv_cache_dtype == "fp8"
+        assert recipe.quantize.algo in fp8_algos() and recipe.quantize.kv_cache_dtype == "fp8"
 
 
 @pytest.mark.parametrize("name", shipped_recipes())
