@@ -145,6 +145,9 @@ def quantize_summary(result: Any) -> dict[str, Any]:
         "calib_seq_len": result.calib_shape[1] if result.calib_shape else None,
         "group_size": result.group_size, "group_size_chosen": result.group_size_chosen,
         "warnings": list(result.warnings),
+        # Mixtures of experts: per sparse layer, the experts calibration routed no token to (null for dense models).
+        "experts_without_calibration_tokens": (None if result.experts_without_tokens is None else
+                                               {str(k): v for k, v in result.experts_without_tokens.items()}),
     }
 
 
@@ -170,5 +173,10 @@ def _print_table(summary: dict[str, Any]) -> None:
     if summary["calib_data_hash"]:
         calibration = f"{summary['calib_samples']} x {summary['calib_seq_len']} tokens, {summary['calib_data_hash']}"
     table.add_row("calibration", calibration)
+    unseen = summary["experts_without_calibration_tokens"]
+    if unseen is not None:
+        reached = sum(1 for n in unseen.values() if n == 0)
+        table.add_row("experts", f"every expert calibrated in {reached} of {len(unseen)} sparse layers"
+                      + ("" if reached == len(unseen) else " (the others are listed in the warnings)"))
     table.add_row("warnings", str(len(summary["warnings"])))
     out().print(table)

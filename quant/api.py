@@ -14,6 +14,7 @@ GPTQ runs on it after the layers). Models that tie the head to the input embeddi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -27,6 +28,9 @@ from llmx.common.errors import LlmxError
 from llmx.common.progress import Progress
 from llmx.quant import presets
 from llmx.quant.methods.kv_cache import check_kv_cache_dtype
+from llmx.quant.moe import (ExpertTokenCounts, coverage_warnings, expert_module, expert_quantizer_entries,
+                            read_expert_state)
+from llmx.quant.moe import check_algo as check_moe_algo
 
 if TYPE_CHECKING:
     from llmx.build.checkpoint import Checkpoint
@@ -58,6 +62,8 @@ class QuantizeResult:
     calib_shape: tuple[int, int] | None = None  # (samples, tokens per sample) calibrated on; None: no calibration
     group_size: int | None = None  # inputs per scale of the grouped formats, as the checkpoint records it
     group_size_chosen: bool = False  # True when quantize chose it for the model (no group_size given)
+    # Mixtures of experts: sparse layer -> how many of its experts calibration routed no token to (quant/moe.py).
+    experts_without_tokens: dict[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class CalibratedModel:
     calib: Any  # llmx.quant.calibrate.CalibrationSet, or None when the algorithm takes no data
     source_hash: str
     options: _Options
+    experts_without_tokens: dict[int, int] | None = None  # mixtures of experts: sparse layer -> experts unreached
 
     def write_llmx(self, out: Path, *, recipe: str | None = None, progress: Progress | None = None) -> None:
         """Export the calibrated model as a quantized llmx checkpoint at `out` (written atomically)."""
@@ -131,13 +138,15 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
             _write_hf(calibrated.model, calibrated.ckpt, out)
         size_before = calibrated.ckpt.rank_path(0).stat().st_size
         plan, calib, group = calibrated.plan, calibrated.calib, calibrated.quant.group_size
+        unseen = calibrated.experts_without_tokens
     warnings = plan.warnings + (calib.warnings if calib is not None else [])
     return QuantizeResult(path=out, algo=options.algo, quantized_modules=plan.quantized,
                           skipped_modules=plan.skipped, size_before_bytes=size_before,
                           size_after_bytes=_weights_size(out), seconds=time.perf_counter() - started,
                           calib_data_hash=calib.data_hash if calib is not None else None, warnings=warnings,
                           calib_shape=(calib.num_samples, options.calib_seq_len) if calib is not None else None,
-                          group_size=group, group_size_chosen=options.choose_group_size)
+                          group_size=group, group_size_chosen=options.choose_group_size,
+                          experts_without_tokens=unseen)
 
 
 @contextlib.contextmanager
@@ -192,10 +201,7 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
             raise LlmxError(f"{src}: quantizing {ckpt.model.architecture} is not supported yet (ModelOpt calibrates "
                             "transformers' Phi-3, whose fused qkv_proj / gate_up_proj llmx stores split); build and "
                             "run this checkpoint unquantized.")
-        if ckpt.model.num_experts:
-            raise LlmxError(f"{src}: quantizing the mixture of experts {ckpt.model.architecture} is not supported yet "
-                            "(ModelOpt calibrates transformers' 3-D expert tensors, which llmx stores per expert); "
-                            "build and run this checkpoint unquantized.")
+        check_moe_algo(ckpt.model, o.algo, src)
         group = o.group_size
         plan = plan_modules(ckpt.model, o.algo, o.exclude, group, quantize_lm_head=o.quantize_lm_head)
         if o.choose_group_size:
@@ -208,9 +214,11 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
             calib = build_calibration_set(o.calib_data, _tokenizer(ckpt.path), calib_size=o.calib_size,
                                           seq_len=o.calib_seq_len, batch_size=o.batch_size, seed=o.seed)
         model, source_hash = _load_model(ckpt, o.device, progress)
-        _calibrate(model, o.algo, quant, plan, calib, progress)
+        unseen = _calibrate(model, o.algo, quant, plan, calib, progress, config=ckpt.model)
+        if unseen is not None:
+            plan = dataclasses.replace(plan, warnings=plan.warnings + coverage_warnings(unseen, ckpt.model.num_experts))
         yield CalibratedModel(model=model, src=src, ckpt=ckpt, quant=quant, plan=plan, calib=calib, source_hash=source_hash,
-                              options=o)
+                              options=o, experts_without_tokens=unseen)
 
 
 def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], group_size: int | None, *,
@@ -395,7 +403,9 @@ def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
 
 
 def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, progress: Progress | None,
-               gptq: "GptqSettings | None" = None) -> None:
+               gptq: "GptqSettings | None" = None, config: "ModelConfig | None" = None) -> dict[int, int] | None:
+    """Calibrate `model` in place; for a mixture of experts (`config` with experts) return, per sparse layer, how
+    many experts calibration routed no token to."""
     from llmx.quant.calibrate import make_forward_loop
     from llmx.quant.modelopt import gptq_layerwise, gptq_module, quantize_model, quantized_linear_names
 
@@ -403,6 +413,9 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
     head = LM_HEAD in plan.quantized
     mtq_config = presets.modelopt_config(algo, group_size=quant.group_size, kv_cache_dtype=quant.kv_cache_dtype,
                                          disabled_modules=disabled, quantize_lm_head=head)
+    moe = config is not None and config.num_experts > 0
+    if moe:
+        mtq_config["quant_cfg"] += expert_quantizer_entries(mtq_config["quant_cfg"])
     use_cache = algo == presets.KV_ONLY or presets.PRESETS[algo].calib_use_cache
     loop = make_forward_loop(calib, use_cache=use_cache, progress=progress) if calib is not None else None
     if algo != presets.KV_ONLY and presets.PRESETS[algo].layerwise:
@@ -417,12 +430,18 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
             gptq_module(model.get_submodule(_hf_module(LM_HEAD)), lambda _head: loop(model),
                         group_size=quant.group_size, settings=settings)
     else:
-        quantize_model(model, mtq_config, loop)
-    expected = sorted(_hf_module(n) for n in plan.quantized)
+        counts = ExpertTokenCounts(model, config) if moe else None
+        try:
+            quantize_model(model, mtq_config, loop)
+        finally:
+            if counts is not None:
+                counts.close()
+    expected = sorted(_hf_module(n) for n in plan.quantized if expert_module(n) is None)
     got = sorted(quantized_linear_names(model))
     if got != expected:
         raise RuntimeError(f"ModelOpt quantized {got[:3]}... but llmx planned {expected[:3]}...: the preset "
                            f"patterns do not fit this transformers version")
+    return counts.unseen() if moe else None
 
 
 def _hf_module(llmx_module: str) -> str:
@@ -434,15 +453,19 @@ def _hf_module(llmx_module: str) -> str:
 class _LazyStates:
     """llmx module name -> LinearState, read from the calibrated model on access (one layer in memory)."""
 
-    def __init__(self, model, names: list[str]):
-        self._modules = {n: model.get_submodule(_hf_module(n)) for n in names}
+    def __init__(self, model, names: list[str], config: "ModelConfig"):
+        self._model, self._config = model, config
+        self._experts = {n for n in names if expert_module(n) is not None}
+        self._modules = {n: model.get_submodule(_hf_module(n)) for n in names if n not in self._experts}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._modules
+        return name in self._modules or name in self._experts
 
     def __getitem__(self, name: str) -> "LinearState":
         from llmx.quant.modelopt import read_linear_state
 
+        if name in self._experts:
+            return read_expert_state(self._model, name, self._config)
         return read_linear_state(self._modules[name])
 
 
@@ -466,7 +489,7 @@ def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePla
 
     specs = checkpoint_tensor_specs(ckpt.model, ckpt.dtype, quant)
     entries = [TensorEntry(name, spec.dtype, tuple(spec.shape)) for name, spec in specs.items()]
-    states = _LazyStates(model, plan.quantized)
+    states = _LazyStates(model, plan.quantized, ckpt.model)
     kv_amax = _kv_amax(model, ckpt.model, quant)
     with atomic_output_dir(out) as tmp, SafetensorsFile.open(ckpt.rank_path(0)) as source:
         with SafetensorsStreamWriter(rank_file(tmp, 0), entries) as writer:

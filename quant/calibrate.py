@@ -387,6 +387,7 @@ def build_calibration_model(model: Any, dtype: str, tensors: Iterator[tuple[str,
     import transformers
 
     from llmx.build.families import hf_config_from_model_config, llmx_to_hf_name
+    from llmx.quant.moe import calibration_parameter
 
     hf = hf_config_from_model_config(model, dtype)
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
@@ -395,9 +396,10 @@ def build_calibration_model(model: Any, dtype: str, tensors: Iterator[tuple[str,
     params = dict(hf_model.named_parameters(remove_duplicate=False))
     missing = set(params)
     for name, tensor in tensors:
-        hf_name = llmx_to_hf_name(name, model.family)
+        # Experts (3-D in transformers 5) and routers sit elsewhere than their hub names (llmx.quant.moe).
+        hf_name, index = calibration_parameter(name, model) or (llmx_to_hf_name(name, model.family), ())
         with torch.no_grad():
-            params[hf_name].copy_(tensor)
+            params[hf_name][index].copy_(tensor)
         missing.discard(hf_name)
     if model.tie_word_embeddings:
         hf_model.tie_weights()

@@ -117,29 +117,39 @@ def _copy(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
 def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantConfig",
                   source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
     """The quantized Linears of one layer, and its norms when a smoothing vector was folded into them."""
-    from llmx.quant.methods import method_for
+    from llmx.build.checkpoint import mlp_prefixes
 
     out: dict[str, "torch.Tensor"] = {}
     prefix = f"layers.{layer}"
+    # A sparse layer's experts are MLPs of their own under layers.{i}.mlp.experts.{e} (build/checkpoint.py).
+    blocks = {"attn": [f"{prefix}.attn"], "mlp": mlp_prefixes(model, layer)}
     for block, projs, norm in FUSED_GROUPS:
-        names = [f"{prefix}.{block}.{p}" for p in projs]
-        out.update(_export_fused(names, f"{prefix}.{norm}.weight", dtype, quant, source, states,
-                                 norm_offset=1.0 if model.family in ("gemma2", "gemma3") else 0.0))
+        for module in blocks[block]:
+            names = [f"{module}.{p}" for p in projs]
+            out.update(_export_fused(names, f"{prefix}.{norm}.weight", dtype, quant, source, states,
+                                     norm_offset=1.0 if model.family in ("gemma2", "gemma3") else 0.0))
     for block, proj in UNFUSED:
-        n = f"{prefix}.{block}.{proj}"
-        if n not in states:
-            continue
-        s, method = states[n], method_for(quant, n)
-        if getattr(method, "pre_quant_scale", False):
-            import torch
-
-            # Stored in the checkpoint dtype: divide the weight by exactly the vector apply will use.
-            scale = s.pre_quant_scale if s.pre_quant_scale is not None else torch.ones(s.weight.shape[1])
-            _rescale(s, source(f"{n}.weight"), scale.to(getattr(torch, dtype)).float())
-        elif s.pre_quant_scale is not None:
-            raise ValueError(f"{n}: calibration produced a pre_quant_scale that the {quant.algo} format cannot store")
-        out.update(_pack(n, s, method, dtype, keep_pre_quant_scale=True))
+        for n in (f"{module}.{proj}" for module in blocks[block]):
+            if n in states:
+                out.update(_export_unfused(n, dtype, quant, source, states))
     return out
+
+
+def _export_unfused(n: str, dtype: str, quant: "QuantConfig", source: Callable[[str], "torch.Tensor"],
+                    states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
+    """A Linear without a norm in front (o_proj, down_proj): packed, keeping any pre_quant_scale."""
+    from llmx.quant.methods import method_for
+
+    s, method = states[n], method_for(quant, n)
+    if getattr(method, "pre_quant_scale", False):
+        import torch
+
+        # Stored in the checkpoint dtype: divide the weight by exactly the vector apply will use.
+        scale = s.pre_quant_scale if s.pre_quant_scale is not None else torch.ones(s.weight.shape[1])
+        _rescale(s, source(f"{n}.weight"), scale.to(getattr(torch, dtype)).float())
+    elif s.pre_quant_scale is not None:
+        raise ValueError(f"{n}: calibration produced a pre_quant_scale that the {quant.algo} format cannot store")
+    return _pack(n, s, method, dtype, keep_pre_quant_scale=True)
 
 
 def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantConfig",

@@ -105,10 +105,3 @@ def test_tp_not_dividing_the_expert_intermediate_size_is_refused(tmp_path):
     with pytest.raises(LlmxError, match=r"tp 4 does not divide moe_intermediate_size 30 \(30 / 4 = 7.50\)"):
         build_engine(ckpt, tmp_path / "engine", BUILD, Mapping(tp=4))
 
-
-def test_quantize_refuses_a_mixture_of_experts_in_one_sentence(tmp_path):
-    from llmx.quant.api import quantize
-
-    ckpt = convert(make_tiny_hf_model("mixtral", tmp_path / "hf"), tmp_path / "ckpt", dtype="float32")
-    with pytest.raises(LlmxError, match="quantizing the mixture of experts MixtralForCausalLM is not supported yet"):
-        quantize(ckpt, tmp_path / "q", algo="fp8", calib_size=2)
