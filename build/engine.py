@@ -316,8 +316,8 @@ def _rank_outputs(group: _Group, ckpt: Checkpoint, specs: dict[str, TensorSpec],
     if group.fused is None:
         name = group.sources[0]
         return {name: shard_spec(name, specs[name], model, mapping, rank)}
-    out_features = sum(local_features(m, model, mapping.tp)[0] for m in group.modules)
-    in_features = local_features(group.modules[0], model, mapping.tp)[1]
+    out_features = sum(local_features(m, model, mapping.tp, mapping.ep)[0] for m in group.modules)
+    in_features = local_features(group.modules[0], model, mapping.tp, mapping.ep)[1]
     fused_specs = group.method.weight_specs(out_features, in_features, ckpt.dtype)
     outputs = {f"{group.fused}.{suffix}": spec for suffix, spec in fused_specs.items()}
     if f"{group.modules[0]}.bias" in specs:

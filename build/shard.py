@@ -5,7 +5,8 @@ Rank r of a Mapping has tp_rank = r % tp and pp_rank = r // tp.
 Tensor parallelism, per module (weights [out, in]):
 - column-parallel (q/k/v, gate/up): the output features are split; biases follow them. Each expert of a
   mixture of experts (and the shared expert) is split like the dense MLP, over its own intermediate size; the
-  router and the shared-expert gate are replicated.
+  router and the shared-expert gate are replicated. With expert parallelism (Mapping.ep = tp) each tp rank
+  holds num_experts / ep whole experts instead (rank r the r-th contiguous range), unsliced.
 - row-parallel (o_proj, down_proj): the input features are split. Their bias is stored whole on every
   rank; the runtime adds it once, after the all-reduce of the partial products.
 - vocab-parallel (embed, lm_head): vocabulary rows are split into tp slices of ceil(vocab / tp) rows;
@@ -71,6 +72,16 @@ def kv_head_start(num_kv_heads: int, tp: int, tp_rank: int) -> int:
     return tp_rank // (tp // num_kv_heads)
 
 
+def expert_index(name: str) -> int | None:
+    """The expert a tensor or module of a sparse layer belongs to (`layers.3.mlp.experts.5.up_proj` -> 5), or None."""
+    parts = name.split(".")
+    return int(parts[4]) if len(parts) > 4 and parts[2:4] == ["mlp", "experts"] and parts[4].isdigit() else None
+
+
+def experts_per_rank(model: ModelConfig, ep: int) -> int:
+    return model.num_experts // ep
+
+
 def parallel_style(module: str) -> str | None:
     """"q", "kv", "column", "row", "vocab", or None (replicated) for an llmx module name."""
     return _STYLES.get(module.rsplit(".", 1)[-1])
@@ -87,14 +98,21 @@ def rank_holds(name: str, model: ModelConfig, mapping: Mapping, rank: int) -> bo
     pp_rank = mapping.pp_rank(rank)
     first, last = pp_rank == 0, pp_rank == mapping.pp - 1
     if name.startswith("layers."):
+        expert = expert_index(name)
+        if mapping.ep > 1 and expert is not None:
+            if expert // experts_per_rank(model, mapping.ep) != mapping.tp_rank(rank):
+                return False
         return int(name.split(".", 2)[1]) in stage_layers(model.num_layers, mapping.pp, pp_rank)
     if name.startswith("embed."):
         return first or (last and model.tie_word_embeddings)
     return last  # final_norm, lm_head
 
 
-def local_features(module: str, model: ModelConfig, tp: int) -> tuple[int, int]:
-    """(out_features, in_features) of one rank's slice of Linear `module` (any tp rank: slices are equal)."""
+def local_features(module: str, model: ModelConfig, tp: int, ep: int = 1) -> tuple[int, int]:
+    """(out_features, in_features) of one rank's slice of Linear `module` (any tp rank: slices are equal).
+    ep > 1: experts are held whole."""
+    if ep > 1 and expert_index(module) is not None:
+        tp = 1
     style = parallel_style(module)
     if style == "row":
         start, stop = _row_range(module, model, tp, 0)
@@ -139,7 +157,8 @@ def _element_range(name: str, spec: TensorSpec, model: ModelConfig, mapping: Map
     """(axis, first element, stop element) this rank takes of tensor `name`, or None when replicated."""
     module, _ = split_name(name)
     style = parallel_style(module)
-    axis_info = _sliced_axis(style, spec) if mapping.tp > 1 else None
+    whole_expert = mapping.ep > 1 and expert_index(module) is not None
+    axis_info = _sliced_axis(style, spec) if mapping.tp > 1 and not whole_expert else None
     if axis_info is None:
         return None
     axis, per_element = axis_info
@@ -198,8 +217,20 @@ def validate_mapping(model: ModelConfig, mapping: Mapping, quant: QuantConfig | 
     if kv % tp and tp % kv:
         raise LlmxError(f"tp {tp} neither divides the {kv} KV heads nor is a multiple of them, so KV heads can be "
                         f"neither split nor replicated evenly; choose a tp among {_valid_tps(model)}.")
+    ep = mapping.ep
+    if ep != 1 and not model.num_experts:
+        raise LlmxError(f"expert parallelism (--expert-parallel) splits the experts of a mixture of experts over the "
+                        f"tp ranks, and {model.architecture} has none; build without it.")
+    if ep not in (1, tp):
+        raise LlmxError(f"expert parallelism over {ep} ranks must span the {tp} tensor-parallel ranks (ep 1 or {tp}): "
+                        "the experts are split over the ranks of the tensor-parallel group.")
+    if ep > 1 and model.num_experts % ep:
+        raise LlmxError(f"expert parallelism (--expert-parallel) over --tp {ep} ranks does not divide the "
+                        f"{model.num_experts} experts ({model.num_experts} / {ep} = {model.num_experts / ep:g}); "
+                        f"choose a --tp that divides {model.num_experts}, or build without --expert-parallel to split "
+                        "each expert by tp instead.")
     sizes = {"intermediate_size": model.intermediate_size} if len(model.sparse_layers) < model.num_layers else {}
-    sizes.update({"moe_intermediate_size": model.moe_intermediate_size} if model.sparse_layers else {})
+    sizes.update({"moe_intermediate_size": model.moe_intermediate_size} if model.sparse_layers and ep == 1 else {})
     sizes.update({"shared_expert_intermediate_size": model.shared_expert_intermediate_size}
                  if model.sparse_layers and model.shared_expert_intermediate_size else {})
     for field, size in sizes.items():
@@ -211,6 +242,8 @@ def validate_mapping(model: ModelConfig, mapping: Mapping, quant: QuantConfig | 
     if tp == 1:
         return
     for m in linear_modules(model):
+        if ep > 1 and expert_index(m.name) is not None:
+            continue  # held whole
         style = parallel_style(m.name)
         specs = method_for(quant, m.name).weight_specs(m.out_features, m.in_features, act_dtype)
         for suffix, spec in specs.items():
@@ -251,7 +284,8 @@ def layout_summary(model: ModelConfig, mapping: Mapping) -> dict[str, Any]:
         "kv_heads_per_rank": kv_heads_per_rank(model.num_kv_heads, mapping.tp),
         "kv_heads_replicated": model.num_kv_heads % mapping.tp != 0,
         "intermediate_per_rank": model.intermediate_size // mapping.tp,
-        **({"moe_intermediate_per_rank": model.moe_intermediate_size // mapping.tp} if model.sparse_layers else {}),
+        **({"moe_intermediate_per_rank": model.moe_intermediate_size // (mapping.tp // mapping.ep),
+            "experts_per_rank": experts_per_rank(model, mapping.ep)} if model.sparse_layers else {}),
         "stage_layers": [[r.start, r.stop] for r in
                          (stage_layers(model.num_layers, mapping.pp, p) for p in range(mapping.pp))],
     }

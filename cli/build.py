@@ -45,6 +45,10 @@ def build_command(
     force: Annotated[bool, typer.Option(
         "--force", help="Rebuild even when the inputs are unchanged, and replace an output directory that llmx "
                         "did not write.")] = False,
+    expert_parallel: Annotated[bool, typer.Option(
+        "--expert-parallel", help="Mixtures of experts: each of the --tp ranks holds num_experts / tp whole experts "
+                                  "instead of a 1/tp slice of every expert (attention and dense MLPs stay split by "
+                                  "tp). The experts must divide by --tp.")] = False,
     tune: Annotated[bool, typer.Option(
         "--tune/--no-tune", help="Time the tile configs of the quantized formats' Triton GEMMs on this GPU for the "
                                  "engine's shapes and store the fastest in engine.json (CUDA builds only; results "
@@ -82,7 +86,7 @@ def build_command(
     build = BuildConfig(max_batch_size=values["max_batch_size"], max_seq_len=values["max_seq_len"],
                         max_num_tokens=values["max_num_tokens"], kv_block_size=values["kv_block_size"],
                         device=resolve_device(values["device"]))
-    mapping = Mapping(tp=values["tp"], pp=values["pp"])
+    mapping = Mapping(tp=values["tp"], pp=values["pp"], ep=values["tp"] if expert_parallel else 1)
     with progress_bars() as bars:
         result = build_engine(ckpt, target, build, mapping, force=force, recipe=settings.recipe,
                               progress=stage_callback(bars), tune=tune)

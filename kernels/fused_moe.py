@@ -1,7 +1,8 @@
 """Fused mixture-of-experts MLP: the routed tokens of every expert in two grouped-GEMM launches.
 
 Input x [T, H], the experts' stacked weights w13 [E, 2I, H] (each expert's gate rows then up rows) and w2
-[E, H, I], and the routing (weights [T, k] float32, expert ids [T, k]). Each of the T * k (token, choice) pairs is
+[E, H, I], and the routing (weights [T, k] float32, expert ids [T, k]; id -1 drops the pair: an expert another
+rank holds under expert parallelism). Each of the T * k (token, choice) pairs is
 a "slot" s = token * k + choice. `align_by_expert` sorts the slots by expert into groups padded to BLOCK_M rows
 (padding rows hold the sentinel T * k), and lists each BLOCK_M block's expert (-1 past the last group). Then:
 
@@ -31,7 +32,8 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.
                         f"hidden, inter], got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}.")
     experts, two_inter, hidden = w13.shape
     if hidden != x.shape[1] or two_inter % 2 or tuple(w2.shape) != (experts, hidden, two_inter // 2):
-        raise LlmxError(f"fused_moe: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}.")
+        raise LlmxError(f"fused_moe: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+                        f"w2 {tuple(w2.shape)}.")
     if weights.shape != ids.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
         raise LlmxError(f"fused_moe: routing weights and ids must both be [tokens, top_k], got {tuple(weights.shape)} "
                         f"and {tuple(ids.shape)} for {x.shape[0]} tokens.")
@@ -46,7 +48,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
 
     _check(x, w13, w2, weights, ids)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
+    for e in torch.unique(ids[ids >= 0]).tolist():
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         h = silu_and_mul_ref(torch.nn.functional.linear(x[token], w13[e]))
         out.index_add_(0, token, torch.nn.functional.linear(h, w2[e]).float() * weights[token, slot, None].float())
@@ -56,17 +58,18 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T, k] -> (slots [blocks * block_m] int32: slot numbers grouped by expert, each group padded to a
     multiple of block_m with the sentinel T * k; block_experts [blocks] int32: each block's expert, -1 past the
-    groups). blocks = ceil(T * k / block_m) + min(E, T * k), the most the groups can fill."""
-    flat = ids.reshape(-1)
+    groups and for the dropped pairs (id -1), grouped last). blocks = ceil(T * k / block_m) + min(E + 1, T * k),
+    the most the groups can fill."""
+    flat = torch.where(ids.reshape(-1) < 0, num_experts, ids.reshape(-1))  # dropped pairs: a group after the last
     n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     group_end = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
     expert_of = flat[order]
     rank_in_group = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
-    blocks = cdiv(n, block_m) + min(num_experts, n)
+    blocks = cdiv(n, block_m) + min(num_experts + 1, n)
     slots = torch.full((blocks * block_m,), n, dtype=torch.int32, device=ids.device)
     slots[(group_end - padded)[expert_of] + rank_in_group] = order.to(torch.int32)
     block_start = torch.arange(blocks, device=ids.device) * block_m
@@ -145,6 +148,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     gate_up = torch.empty((tokens * top_k, w13.shape[1]), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, slots, block_experts, None, top_k, block_m)
     act = silu_and_mul(gate_up)
-    down = torch.empty((tokens * top_k, hidden), dtype=torch.float32, device=x.device)
+    down = torch.zeros((tokens * top_k, hidden), dtype=torch.float32, device=x.device)  # dropped pairs stay 0
     _grouped_gemm(act, w2, down, slots, block_experts, weights.reshape(-1), 1, block_m)
     return down.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -174,10 +174,17 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class Mapping:
-    """Parallel layout: tensor-parallel size times pipeline-parallel size = world size."""
+    """Parallel layout: tensor-parallel size times pipeline-parallel size = world size.
+
+    ep: expert parallelism for mixtures of experts, 1 or tp: with ep = tp each rank of a tensor-parallel group holds
+    num_experts / ep whole experts instead of a 1/tp slice of every expert (attention and dense MLPs stay split by
+    tp). The activations are the same on every rank of the group, so routing needs no exchange of tokens: each rank
+    runs its own experts on the tokens routed to them and the all-reduce that ends the layer sums the ranks.
+    """
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1
 
     @property
     def world_size(self) -> int:
@@ -190,7 +197,10 @@ class Mapping:
         return rank // self.tp
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["ep"] == 1:  # files of layouts without expert parallelism read as before it existed
+            del d["ep"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Mapping":
@@ -370,4 +380,6 @@ def mapping_problem(mapping: Mapping) -> tuple[str, str] | None:
         allowed = check_number(value, SETTING_LIMITS[field_name])
         if allowed is not None:
             return field_name, f"must be {allowed}, got {value!r}"
+    if isinstance(mapping.ep, bool) or mapping.ep not in (1, mapping.tp):
+        return "ep", f"must be 1 or tp ({mapping.tp}), got {mapping.ep!r}"
     return None

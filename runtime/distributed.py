@@ -20,6 +20,7 @@ class ParallelContext:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: object | None = None  # torch.distributed ProcessGroup of this rank's TP peers
+    ep_size: int = 1  # 1, or tp_size: a mixture of experts' experts are split whole over the TP group (Mapping.ep)
 
     @property
     def is_first_stage(self) -> bool:

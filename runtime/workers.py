@@ -78,7 +78,8 @@ def init_rank(rank: int, mapping: Mapping, opts: RankOptions) -> dist.ProcessGro
         if rank in ranks:
             tp_group = group
     set_parallel_context(ParallelContext(tp_rank=mapping.tp_rank(rank), tp_size=mapping.tp,
-                                         pp_rank=mapping.pp_rank(rank), pp_size=mapping.pp, tp_group=tp_group))
+                                         pp_rank=mapping.pp_rank(rank), pp_size=mapping.pp, tp_group=tp_group,
+                                         ep_size=mapping.ep))
     return control
 
 

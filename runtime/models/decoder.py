@@ -71,7 +71,7 @@ class DecoderLayer(nn.Module):
                               sliding_window=config.sliding_window)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(index):
-            self.mlp = SparseMoE(config, quant, tp, index)
+            self.mlp = SparseMoE(config, quant, ctx, index)
             return
         gate_up = Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias,
                          method=method_for(quant, f"{prefix}.mlp.gate_proj"), parallel="column")

@@ -8,7 +8,10 @@ Per token x [hidden]:
 Module names equal the engine's tensor names (`layers.3.mlp.router`, `layers.3.mlp.experts.5.gate_up_proj`), so
 the loader fills them like any Linear. With tensor parallelism each expert holds a column slice of gate|up and
 a row slice of down (build/shard.py), so every rank routes the same way and the block's partial sums (experts and
-shared expert alike) are all-reduced once, at its end.
+shared expert alike) are all-reduced once, at its end. With expert parallelism (ParallelContext.ep_size = tp_size)
+each rank holds a contiguous range of whole experts instead: the tokens are the same on every rank, so each rank
+runs the routed (token, expert) pairs of its own experts, drops the others (expert id -1), and the same all-reduce
+sums the ranks.
 
 Unquantized experts are stacked after loading into [experts, 2 * inter, hidden] and [experts, hidden, inter] (each
 expert's Linear keeps a view into them), which the fused kernel reads (ops.fused_moe: kernels/fused_moe.py on
@@ -23,7 +26,7 @@ from torch import nn
 from llmx.quant.methods import method_for
 from llmx.quant.methods.unquantized import UnquantizedMethod
 from llmx.runtime.config import ModelConfig, QuantConfig
-from llmx.runtime.distributed import tp_all_reduce
+from llmx.runtime.distributed import ParallelContext, tp_all_reduce
 from llmx.runtime.layers import ops
 from llmx.runtime.layers.linear import Linear
 
@@ -51,16 +54,21 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig, quant: QuantConfig | None, tp: int, index: int):
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None, ctx: ParallelContext, index: int):
         super().__init__()
         prefix = f"layers.{index}.mlp"
-        hidden, inter = config.hidden_size, config.moe_intermediate_size // tp
+        tp = ctx.tp_size
+        # Expert parallelism: whole experts, this rank's range [first_expert, first_expert + local experts).
+        local = config.num_experts // ctx.ep_size
+        self.first_expert = ctx.tp_rank * local if ctx.ep_size > 1 else 0
+        hidden = config.hidden_size
+        inter = config.moe_intermediate_size // (1 if ctx.ep_size > 1 else tp)
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         # The router stays in the activation dtype whatever the experts' format (build never quantizes it).
         self.router = Linear(hidden, config.num_experts, bias=False, method=UnquantizedMethod())
-        self.experts = nn.ModuleList(Expert(hidden, inter, quant, f"{prefix}.experts.{e}")
-                                     for e in range(config.num_experts))
+        self.experts = nn.ModuleDict({str(e): Expert(hidden, inter, quant, f"{prefix}.experts.{e}")
+                                      for e in range(self.first_expert, self.first_expert + local)})
         self.shared_expert = self.shared_expert_gate = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = Expert(hidden, config.shared_expert_intermediate_size // tp, quant,
@@ -71,7 +79,7 @@ class SparseMoE(nn.Module):
 
     def weights_loaded(self) -> None:
         """Stack unquantized experts for the fused path; each expert's Linear keeps a view of its slice."""
-        linears = [(e.gate_up_proj, e.down_proj) for e in self.experts]
+        linears = [(e.gate_up_proj, e.down_proj) for e in self.experts.values()]
         if not all(isinstance(lin.method, UnquantizedMethod) and not lin.has_bias for pair in linears for lin in pair):
             return
         self.w13 = torch.stack([gate_up.tensors["weight"] for gate_up, _ in linears])
@@ -83,6 +91,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (all-reduced over the tensor-parallel ranks)."""
         weights, ids = route(self.router(x), self.top_k, self.renormalize)
+        if len(self.experts) < self.router.out_features:  # expert parallelism: this rank's experts, local ids
+            ids = ids - self.first_expert
+            ids = torch.where((ids >= 0) & (ids < len(self.experts)), ids, -1)
         if self.w13 is not None:
             out = ops.fused_moe(x, self.w13, self.w2, weights, ids)
         else:
@@ -92,10 +103,10 @@ class SparseMoE(nn.Module):
         return tp_all_reduce(out)
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Any expert format: each expert that some token chose runs on its tokens; sums in float32."""
+        """Any expert format: each local expert that some token chose runs on its tokens; sums in float32."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(ids).tolist():
+        for e in torch.unique(ids[ids >= 0]).tolist():
             token, slot = torch.nonzero(ids == e, as_tuple=True)
-            y = self.experts[e](x[token]).float() * weights[token, slot, None]
+            y = self.experts[str(self.first_expert + e)](x[token]).float() * weights[token, slot, None]
             out.index_add_(0, token, y)
         return out.to(x.dtype)

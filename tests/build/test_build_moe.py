@@ -86,7 +86,8 @@ def test_top_k_above_the_expert_count_is_refused(tmp_path):
     config = json.loads((hf / "config.json").read_text())
     config["num_experts_per_tok"] = 5
     (hf / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LlmxError, match=r"`num_experts_per_tok` is 5 but the model has 4 experts \(`num_local_experts`"):
+    with pytest.raises(LlmxError, match=r"`num_experts_per_tok` is 5 but the model has 4 experts "
+                                        r"\(`num_local_experts`"):
         convert(hf, tmp_path / "ckpt")
 
 
@@ -105,3 +106,14 @@ def test_tp_not_dividing_the_expert_intermediate_size_is_refused(tmp_path):
     with pytest.raises(LlmxError, match=r"tp 4 does not divide moe_intermediate_size 30 \(30 / 4 = 7.50\)"):
         build_engine(ckpt, tmp_path / "engine", BUILD, Mapping(tp=4))
 
+
+
+def test_expert_parallel_layouts_that_cannot_split_are_refused(tmp_path):
+    qwen2 = convert(make_tiny_hf_model("qwen2_moe", tmp_path / "hf"), tmp_path / "ckpt", dtype="float32")
+    with pytest.raises(LlmxError, match=r"over --tp 4 ranks does not divide the 6 experts \(6 / 4 = 1.5\)"):
+        build_engine(qwen2, tmp_path / "e1", BUILD, Mapping(tp=4, ep=4))
+    with pytest.raises(LlmxError, match=r"must span the 2 tensor-parallel ranks"):
+        build_engine(qwen2, tmp_path / "e2", BUILD, Mapping(tp=2, ep=4))
+    dense = convert(make_tiny_hf_model("llama", tmp_path / "hf-dense"), tmp_path / "dense", dtype="float32")
+    with pytest.raises(LlmxError, match=r"LlamaForCausalLM has none; build without it"):
+        build_engine(dense, tmp_path / "e3", BUILD, Mapping(tp=2, ep=2))

@@ -57,6 +57,23 @@ def test_reference_equals_experts_one_by_one():
     torch.testing.assert_close(moe.fused_moe_ref(x, w13, w2, weights, ids), expect, atol=1e-5, rtol=1e-5)
 
 
+def _drop_odd_experts(weights, ids):
+    """Expert parallelism's view of a rank holding the even experts: the others' pairs dropped (id -1)."""
+    keep = ids % 2 == 0
+    return weights * keep, torch.where(keep, ids, -1)
+
+
+def test_dropped_pairs_contribute_nothing():
+    x, w13, w2, weights, ids = _problem(9, 16, 12, 6, 2)
+    kept_weights, dropped_ids = _drop_odd_experts(weights, ids)
+    # Same as routing the odd experts' pairs with weight 0.
+    expect = moe.fused_moe_ref(x, w13, w2, kept_weights, torch.where(dropped_ids < 0, 0, dropped_ids))
+    torch.testing.assert_close(moe.fused_moe_ref(x, w13, w2, weights, dropped_ids), expect, atol=1e-6, rtol=1e-6)
+    slots, block_experts = moe.align_by_expert(dropped_ids, 6, 16)
+    assert sorted(slots[slots < 18].tolist()) == list(range(18))
+    assert set(block_experts.tolist()) <= {-1, 0, 2, 4}
+
+
 def test_rejects_mismatched_shapes():
     x, w13, w2, weights, ids = _problem(3, 16, 12, 4, 2)
     with pytest.raises(LlmxError, match="shapes disagree"):
@@ -66,7 +83,8 @@ def test_rejects_mismatched_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k", [(1, 64, 32, 8, 2), (9, 32, 48, 4, 2), (40, 64, 32, 3, 3)])
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k",
+                         [(1, 64, 32, 8, 2), (9, 32, 48, 4, 2), (40, 64, 32, 3, 3)])
 @interpreted
 def test_interpreted_fused_moe_matches_reference(tokens, hidden, inter, experts, top_k, dtype):
     x, w13, w2, weights, ids = _problem(tokens, hidden, inter, experts, top_k, dtype=dtype)
@@ -74,6 +92,14 @@ def test_interpreted_fused_moe_matches_reference(tokens, hidden, inter, experts,
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-3, rtol=5e-3)
     torch.testing.assert_close(out, moe.fused_moe_ref(x, w13, w2, weights, ids), **tol)
     assert out.shape == x.shape and out.dtype == dtype
+
+
+@interpreted
+def test_interpreted_fused_moe_drops_pairs_of_other_ranks():
+    x, w13, w2, weights, ids = _problem(11, 32, 32, 6, 2)
+    weights, ids = _drop_odd_experts(weights, ids)
+    torch.testing.assert_close(moe.fused_moe(x, w13, w2, weights, ids), moe.fused_moe_ref(x, w13, w2, weights, ids),
+                               atol=1e-4, rtol=1e-4)
 
 
 @needs_cuda
