@@ -132,12 +132,15 @@ async def served_model(endpoint: Endpoint) -> str:
 async def _send(endpoint: Endpoint, model: str, request: BenchRequest, record: RequestRecord,
                 clock: Callable[[], float]) -> None:
     payload = {"model": model, "prompt": list(request.prompt_token_ids), "max_tokens": request.output_len,
-               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+               "return_token_ids": True}
     usage = None
     try:
         async for event in endpoint.events("/completions", payload):
             now = clock()
-            if any(choice.get("text") for choice in event.get("choices") or ()):
+            # a chunk that carries text or token ids (servers that know `return_token_ids`, as llmx and vLLM
+            # do, send ids even where the text is empty, e.g. an engine built without a tokenizer)
+            if any(choice.get("text") or choice.get("token_ids") for choice in event.get("choices") or ()):
                 record.token_times.append(now)
             usage = event.get("usage") or usage
     except (EndpointError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -146,7 +149,7 @@ async def _send(endpoint: Endpoint, model: str, request: BenchRequest, record: R
     if record.error is None:
         record.output_len = usage["completion_tokens"] if usage else len(record.token_times)
         if not record.token_times:
-            record.error = "the stream carried no text"
+            record.error = "the stream carried no text or token ids"
 
 
 async def drive_endpoint(endpoint: Endpoint, model: str, requests: list[BenchRequest], *,

@@ -236,6 +236,8 @@ async def completions(state: ServeState, request: Request) -> Response:
                                                    logprobs)
         out.append({"index": i, "text": echoes[i // req.n] + choice.text, "logprobs": logprobs,
                     "finish_reason": choice.finish_reason})
+        if req.return_token_ids:
+            out[-1]["token_ids"] = list(choice.token_ids)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     body = responses.envelope("text_completion", rid, state.model_name, out,
                               usage=responses.usage(sum(map(len, prompts)), completion_tokens))
@@ -259,9 +261,11 @@ async def _completion_events(call: _Call, req, rid: str, model: str, prompts: li
             if req.echo and logprobs is not None:
                 logprobs = responses.join_logprobs(responses.echo_logprobs(ids, piece.prompt_logprobs, text_of),
                                                    logprobs)
-        if not text and not piece.finished:
+        if not text and not piece.finished and not (req.return_token_ids and piece.token_ids):
             continue
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(piece.token_ids)
         yield responses.sse(responses.envelope("text_completion", rid, model, [choice]))
     if req.stream_options is not None and req.stream_options.include_usage:
         usage = responses.usage(sum(map(len, prompts)), completion_tokens)

@@ -51,6 +51,10 @@ class CompletionRequest(_Request):
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: StrictInt | None = None
     suffix: str | None = None
+    # Each choice (and stream chunk) also carries the generated ids as `token_ids`, and a chunk is sent for every
+    # step that generated tokens even when their text is empty (an engine without a tokenizer, a partial UTF-8
+    # character): what a benchmark client needs to time each token.
+    return_token_ids: StrictBool = False
 
 
 class TextPart(BaseModel):

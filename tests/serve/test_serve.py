@@ -369,6 +369,34 @@ def test_queue_limit_answers_429_and_sigterm_under_load_exits_cleanly(engine, tm
     assert "Traceback" not in log and "server stopped" in log
 
 
+def test_an_engine_without_tokenizer_serves_token_ids_and_is_benchmarked_through_them(tmp_path, capsys):
+    """A bare config.json with dummy weights (how peers' tables are measured): no text, so each chunk carries
+    `token_ids` when asked, and `llmx bench --endpoint` times tokens by them."""
+    from helpers.tiny_models import make_tiny_hf_model
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((make_tiny_hf_model("llama", tmp_path / "hf") / "config.json").read_text())
+    assert run_cli(["convert", str(bare), "-o", str(tmp_path / "ckpt"), "--dummy-weights"]) == 0
+    assert run_cli(["build", str(tmp_path / "ckpt"), "-o", str(tmp_path / "engine"), *BUILD]) == 0
+    srv = Server(tmp_path / "engine", log=tmp_path / "server.log")
+    try:
+        status, body = srv.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True,
+                                                    "return_token_ids": True})
+        assert status == 200 and len(body["choices"][0]["token_ids"]) == 5, body
+        status, body = srv.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True})
+        assert status == 200 and "token_ids" not in body["choices"][0]
+        args = ["bench", str(tmp_path / "engine"), "--endpoint", f"http://127.0.0.1:{srv.port}/v1", "--api-key", KEY,
+                "--isl", "8", "--osl", "4", "--num-requests", "4", "--warmup", "0", "--json", "-"]
+        capsys.readouterr()
+        assert run_cli(args) == 0
+        m = json.loads(capsys.readouterr().out)["metrics"]
+        assert m["completed_requests"] == 4 and m["failed_requests"] == 0 and m["total_output_tokens"] == 16
+        assert m["tpot_ms"]["p50"] > 0
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()
+
+
 @pytest.mark.parametrize("load", [["--concurrency", "4"], ["--request-rate", "50"]], ids=["concurrency", "rate"])
 def test_llmx_bench_endpoint_measures_the_live_server(server, engine, load, capsys, tmp_path):
     args = ["bench", str(engine), "--endpoint", f"http://127.0.0.1:{server.port}/v1", "--api-key", KEY, "--isl", "8",
