@@ -140,13 +140,25 @@ def fresh_scheduler(llm: Any, *, max_batch: int | None = None, admission: str | 
 
 
 def run_sweep(llm: Any, sweep: Sweep, *, warmup: int = 2, seed: int = 0,
-              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Run every cell of `sweep` on `llm` and return the `llmx-bench-sweep/1` report."""
+              progress: Callable[[str, int, int], None] | None = None,
+              on_cell: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every cell of `sweep` on `llm` and return the `llmx-bench-sweep/1` report.
+
+    on_cell(report): called after each cell with the report of the cells finished so far, so a run that is
+    stopped (a time limit, Ctrl-C) keeps the figures it measured.
+    """
     from llmx.bench.report import engine_description, environment_description
 
     engine = llm.engine
     check_sweep_fits(sweep, max_batch_size=engine.build.max_batch_size, max_seq_len=llm.max_seq_len)
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def report() -> dict[str, Any]:
+        return {"schema": SCHEMA, "engine": engine_description(engine),
+                "peer": {"name": sweep.peer, "source": sweep.source, "file": str(sweep.path)},
+                "cells": list(results), "cells_planned": len(sweep.cells),
+                "environment": environment_description(llm.stats())}
+
     for i, cell in enumerate(sweep.cells, 1):
         fresh_scheduler(llm, max_batch=cell.max_batch)
         options = BenchOptions(isl=cell.isl, osl=cell.osl, num_requests=cell.num_requests, warmup=warmup, seed=seed)
@@ -163,9 +175,9 @@ def run_sweep(llm: Any, sweep: Sweep, *, warmup: int = 2, seed: int = 0,
             "ratio": ours / cell.peer_output_tok_s if ours is not None else None,
             "metrics": metrics,
         })
-    return {"schema": SCHEMA, "engine": engine_description(engine),
-            "peer": {"name": sweep.peer, "source": sweep.source, "file": str(sweep.path)},
-            "cells": results, "environment": environment_description(llm.stats())}
+        if on_cell is not None:
+            on_cell(report())
+    return report()
 
 
 def print_sweep(console: Any, report: dict[str, Any]) -> None:
@@ -189,6 +201,15 @@ def print_sweep(console: Any, report: dict[str, Any]) -> None:
     console.print(table)
     if report["peer"]["source"]:
         console.print(f"peer figures: {report['peer']['source']}")
+
+
+def cell_line(report: dict[str, Any]) -> str:
+    """One line for the report's last finished cell: its figure next to the peer's, with the ratio."""
+    cell = report["cells"][-1]
+    done, planned = len(report["cells"]), report["cells_planned"]
+    return (f"cell {done}/{planned} {cell['isl']}/{cell['osl']} x{cell['num_requests']:,}: "
+            f"{_number(cell['metrics']['output_throughput_tok_s'], 0)} output tok/s, peer "
+            f"{_number(cell['peer_output_tok_s'], 0)}, ratio {_number(cell['ratio'], 2)}")
 
 
 def _number(value: float | None, digits: int) -> str:

@@ -23,7 +23,7 @@ def sweep_command(engine: Path, sweep_path: Path, values: dict[str, Any], source
         raise LlmxError("--baseline compares one workload's report; it cannot come with --sweep. Compare sweep "
                         "reports cell by cell, or run a cell alone with --baseline.")
     from llmx.bench.report import write_report
-    from llmx.bench.sweep import load_sweep, print_sweep, run_sweep
+    from llmx.bench.sweep import cell_line, load_sweep, print_sweep, run_sweep
     from llmx.runtime.engine import LLM
 
     sweep = load_sweep(sweep_path)  # before the engine loads: a bad file costs no GPU time
@@ -32,9 +32,16 @@ def sweep_command(engine: Path, sweep_path: Path, values: dict[str, Any], source
     cells = ", ".join(f"{c.name} x{c.num_requests}" for c in sweep.cells)
     print_info(f"benchmarking {engine} on {llm.stats()['device_name']}: {len(sweep.cells)} cells ({cells}) "
                f"against {sweep.peer}, {values['warmup']} warmup each")
-    with progress_bars() as bars:
-        report = run_sweep(llm, sweep, warmup=values["warmup"], seed=values["seed"], progress=stage_callback(bars))
     to_stdout = json_path is not None and str(json_path) == "-"
+
+    def cell_done(partial: dict[str, Any]) -> None:  # a stopped sweep keeps the cells it finished
+        print_info(cell_line(partial))
+        if json_path is not None and not to_stdout:
+            write_report(partial, json_path)
+
+    with progress_bars() as bars:
+        report = run_sweep(llm, sweep, warmup=values["warmup"], seed=values["seed"], progress=stage_callback(bars),
+                           on_cell=cell_done)
     if json_path is not None:
         write_report(report, json_path)
     if not to_stdout:

@@ -134,3 +134,27 @@ def test_bench_sweep_end_to_end_and_its_refusals(tiny_engine, tmp_path, capsys):
     too_big = write(tmp_path, "peer: P\ncells: [{isl: 8, osl: 3, num_requests: 3, max_batch: 8, "
                               "peer_output_tok_s: 1}]")
     refused(["bench", str(tiny_engine), "--sweep", str(too_big)], "asks for max_batch 8")
+
+
+def test_a_sweep_stopped_in_its_second_cell_keeps_the_first_in_its_report(tiny_engine, tmp_path, capsys,
+                                                                           monkeypatch):
+    import llmx.bench.sweep as sweep_module
+
+    measure = sweep_module.measure
+    calls = []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "measure", stopped_in_the_second)
+    sweep = write(tmp_path, "peer: P\ncells:\n  - {isl: 8, osl: 3, num_requests: 3, peer_output_tok_s: 1000}\n"
+                            "  - {isl: 16, osl: 2, num_requests: 2, peer_output_tok_s: 500}\n")
+    out = tmp_path / "sweep.json"
+    assert run_cli(["bench", str(tiny_engine), "--sweep", str(sweep), "--warmup", "0", "--json", str(out)]) == 130
+    report = json.loads(out.read_text())
+    assert report["cells_planned"] == 2 and [(c["isl"], c["osl"]) for c in report["cells"]] == [(8, 3)]
+    assert report["cells"][0]["metrics"]["total_output_tokens"] == 9
+    assert "cell 1/2 8/3 x3:" in capsys.readouterr().err
