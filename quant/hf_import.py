@@ -185,7 +185,7 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
             raise LlmxError(f"--dtype {act_dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}.")
         # The stored tensors' shapes and dtypes (pre_quant_scale aside, which the import decides next).
         stored = checkpoint_tensor_specs(model, act_dtype, quant)
-        layers = [_import_layer(i, quant, reader, stored) for i in range(model.num_layers)]
+        layers = [_import_layer(i, quant, reader, stored, model) for i in range(model.num_layers)]
         if quant.algo != "none" and not model.tie_word_embeddings and not is_excluded("lm_head", quant.exclude):
             layers[-1].tensors.update(_import_head(quant.algo, reader, stored))
         kept = sorted({m for layer in layers for m in layer.pre_quant_scale_modules})
@@ -264,8 +264,10 @@ class _Layer:
         self.pre_quant_scale_modules: set[str] = set()
 
 
-def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dict[str, "TensorSpec"]) -> _Layer:
+def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dict[str, "TensorSpec"],
+                  model: "ModelConfig") -> _Layer:
     """The quantized Linears (and any norm a smoothing vector is folded into) of one layer."""
+    from llmx.build.checkpoint import mlp_prefixes
     from llmx.quant.export_llmx import FUSED_GROUPS, UNFUSED
     from llmx.quant.methods import is_excluded
 
@@ -273,8 +275,11 @@ def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dic
     prefix = f"layers.{layer}"
     if quant.algo == "none":
         return out
-    for block, projs, norm in FUSED_GROUPS:
-        names = [f"{prefix}.{block}.{p}" for p in projs if not is_excluded(f"{prefix}.{block}.{p}", quant.exclude)]
+    # A sparse layer's experts are MLPs of their own under layers.{i}.mlp.experts.{e} (build/checkpoint.py).
+    blocks = {"attn": [f"{prefix}.attn"], "mlp": mlp_prefixes(model, layer)}
+    groups = [(module, projs, norm) for block, projs, norm in FUSED_GROUPS for module in blocks[block]]
+    for module, projs, norm in groups:
+        names = [f"{module}.{p}" for p in projs if not is_excluded(f"{module}.{p}", quant.exclude)]
         scales = [reader.read(f"{n}.pre_quant_scale") if f"{n}.pre_quant_scale" in reader else None for n in names]
         if any(s is not None for s in scales):
             if any(s is None for s in scales) or any(not _equal(s, scales[0]) for s in scales[1:]):
@@ -284,12 +289,12 @@ def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dic
         for n in names:
             out.tensors.update(_import_linear(n, quant.algo, reader, stored, keep_pre_quant_scale=False))
     for block, proj in UNFUSED:
-        n = f"{prefix}.{block}.{proj}"
-        if is_excluded(n, quant.exclude):
-            continue
-        out.tensors.update(_import_linear(n, quant.algo, reader, stored, keep_pre_quant_scale=True))
-        if f"{n}.pre_quant_scale" in out.tensors:
-            out.pre_quant_scale_modules.add(f"layers.*.{block}.{proj}")
+        for n in (f"{module}.{proj}" for module in blocks[block]):
+            if is_excluded(n, quant.exclude):
+                continue
+            out.tensors.update(_import_linear(n, quant.algo, reader, stored, keep_pre_quant_scale=True))
+            if f"{n}.pre_quant_scale" in out.tensors:
+                out.pre_quant_scale_modules.add(f"layers.*.{block}.{proj}")
     return out
 
 

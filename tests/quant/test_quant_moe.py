@@ -78,3 +78,4 @@ def test_smoothing_algorithms_are_refused_for_experts(setup):
     tmp, calib, ckpts, _ = setup
     with pytest.raises(LlmxError, match="--algo int4_awq is not supported for the mixture of experts"):
         quantize(ckpts["qwen3_moe"], tmp / "awq", algo="int4_awq", calib_data=str(calib), calib_size=2)
+
