@@ -280,7 +280,9 @@ class ModelRunner:
         self.graphs = None  # decode CUDA graphs, captured once the KV cache exists
         self.num_blocks = self._agree(self._size_kv_cache(kv_cache_tokens, kv_cache_fraction))
         self._allocate_kv_cache()
-        if device.type == "cuda" and ctx.pp_size == 1 and not enforce_eager:
+        # Quantized experts run one expert at a time, choosing experts on the host: no graph can hold that.
+        capturable = all(getattr(m, "capturable", True) for m in self.model.modules())
+        if device.type == "cuda" and ctx.pp_size == 1 and not enforce_eager and capturable:
             self._capture_graphs()
         self.generators: dict[int, torch.Generator] = {}
         self.histories: dict[int, TokenHistory] = {}

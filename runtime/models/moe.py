@@ -88,6 +88,11 @@ class SparseMoE(nn.Module):
             gate_up.tensors = {"weight": self.w13[e]}
             down.tensors = {"weight": self.w2[e]}
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold this block: the fused path; the one-by-one path syncs with the host."""
+        return self.w13 is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (all-reduced over the tensor-parallel ranks)."""
         weights, ids = route(self.router(x), self.top_k, self.renormalize)

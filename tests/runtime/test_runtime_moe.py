@@ -57,3 +57,15 @@ def test_logits_greedy_tokens_and_batching_match_transformers(tiny):
     assert together == alone
     assert together[:2] == [_hf_greedy(hf, p, GREEDY.max_new_tokens) for p in PROMPTS[:2]]
 
+
+
+def test_only_stacked_experts_are_capturable(tiny):
+    """The fused path (stacked unquantized experts) can sit in a CUDA graph; experts run one by one cannot."""
+    from llmx.runtime.models.moe import SparseMoE
+
+    family, _, ckpt, tmp = tiny
+    with LLM(_engine(ckpt, tmp / "capturable"), kv_cache_tokens=512) as llm:
+        blocks = [m for m in llm.runner.model.modules() if isinstance(m, SparseMoE)]
+        assert blocks and all(b.capturable for b in blocks)
+        blocks[0].w13 = None
+        assert not blocks[0].capturable
