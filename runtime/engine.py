@@ -18,6 +18,7 @@ import torch
 
 from llmx.common import env
 from llmx.common.errors import LlmxError
+from llmx.runtime.chat_template import render_chat_ids
 from llmx.runtime.detokenizer import OutputText, decoder_for
 from llmx.runtime.config import BuildConfig
 from llmx.runtime.distributed import ParallelContext
@@ -162,8 +163,7 @@ class LLM:
         if not getattr(self.tokenizer, "chat_template", None):
             raise LlmxError(f"{self._name}: the tokenizer has no chat template; drop --chat or use an "
                             "instruct model whose tokenizer_config.json defines one.")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return render_chat_ids(self.tokenizer, messages, self._name)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *, chat: bool = False) -> int:
         """Queue a request; its outputs come from `step`. Prompt log-probabilities (params.prompt_logprobs) are
