@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from llmx.runtime.config import ModelConfig
 
 # Weight formats whose expert Linears export without smoothing: per-tensor / per-channel scales or groups.
-EXPERT_ALGOS = ("fp8", "fp8_pc_pt", "int4_wo")
+EXPERT_ALGOS = ("fp8", "fp8_pc_pt", "int8_wo", "int4_wo", "nvfp4")
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj")
 _ROUTER = re.compile(r"layers\.(\d+)\.mlp\.router\.weight")
 
