@@ -2,7 +2,8 @@
 
 Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one decoder block and differ only in switches (biases, q/k norm,
 sliding window, RoPE scaling, partial rotary), so one reader serves them; Gemma 2 / 3 add the fields
-build/gemma_config.py reads. Both config.json spellings are read:
+build/gemma_config.py reads, and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) those build/moe_config.py
+reads. Both config.json spellings are read:
 transformers <5 writes `rope_theta` + `rope_scaling` ({"type"|"rope_type": ..., "factor": ...}),
 transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", "factor", ...}).
 """

@@ -63,7 +63,7 @@ class ModelConfig:
     """
 
     architecture: str  # HF `architectures[0]`, the runtime registry key
-    family: str  # llama | mistral | qwen2 | qwen3
+    family: str  # build.families.SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2, ..., mixtral, qwen3_moe
     vocab_size: int
     hidden_size: int
     intermediate_size: int
