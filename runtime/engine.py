@@ -390,6 +390,9 @@ def _load_tokenizer(path: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise LlmxError(f"{path}: could not load the tokenizer ({exc}); the engine directory needs the tokenizer "
-                        "files copied from the source model — rebuild it with `llmx build`.") from exc
+    except Exception as exc:  # damaged files surface as any exception type (KeyError for a tokenizer.json that
+        # parses but lacks a section, the tokenizers library's own Exception for bad contents, OSError, ValueError)
+        detail = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        files = ", ".join(str(path / name) for name in TOKENIZER_MARKERS if (path / name).exists())
+        raise LlmxError(f"could not load the tokenizer from {files} ({detail}); the engine directory needs the "
+                        "tokenizer files copied from the source model — rebuild it with `llmx build`.") from exc

@@ -67,6 +67,9 @@ TOKENIZER_FAULTS = [
     ("tokenizer.json", lambda d: edit_tokenizer(d, model={"type": "BPE", "merges": []}),
      "field `model.vocab` is missing from this BPE tokenizer"),
     ("tokenizer.json", lambda d: [d], "holds a JSON list, not the object a tokenizer file is"),
+    # passes the structural check; the tokenizers library refuses its contents
+    ("tokenizer.json", lambda d: edit_tokenizer(d, model={"type": "BPE", "vocab": 7, "merges": []}),
+     "could not load the tokenizer"),
     ("tokenizer.json", b'{"model": ', "is not valid JSON (line 1 column 11"),
     ("tokenizer_config.json", b"\xff\xfe{}", "byte 0 (ff) is not valid UTF-8"),
     ("tokenizer_config.json", b"[]", "holds a JSON list"),
