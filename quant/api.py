@@ -89,6 +89,7 @@ class _Options:
     device: str
     seed: int
     quantize_lm_head: bool
+    gptq: "GptqSettings | None"  # int4_gptq's settings; None for the other algorithms
 
 
 @dataclass
@@ -119,12 +120,15 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
              group_size: int | None = None,
              exclude: tuple[str, ...] = (), device: str = "cpu", seed: int = 0, export_format: str = "llmx",
              force: bool = False, recipe: str | None = None, progress: Progress | None = None,
-             quantize_lm_head: bool = False) -> QuantizeResult:
+             quantize_lm_head: bool = False, gptq_damp: float | None = None, gptq_block_size: int | None = None,
+             gptq_act_order: bool | None = None) -> QuantizeResult:
+    """gptq_*: int4_gptq's settings (llmx.quant.gptq.GptqSettings; None: its default), refused with other algos."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     options = _resolve_options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                                calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
-                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head)
+                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head,
+                               gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
     if export_format not in EXPORT_FORMATS:
         raise LlmxError(f"--export-format {export_format!r} is not supported; choose {' or '.join(EXPORT_FORMATS)}.")
     _check_output(src, out, export_format, force)
@@ -153,7 +157,8 @@ def quantize(src: Path, out: Path, *, algo: str, kv_cache_dtype: str | None = No
 def calibrated_model(src: Path, *, algo: str, kv_cache_dtype: str | None = None, calib_data: str | None = None,
                      calib_size: int | None = None, calib_seq_len: int | None = None, batch_size: int = 8,
                      group_size: int | None = None, exclude: tuple[str, ...] = (), device: str = "cpu",
-                     seed: int = 0, quantize_lm_head: bool = False,
+                     seed: int = 0, quantize_lm_head: bool = False, gptq_damp: float | None = None,
+                     gptq_block_size: int | None = None, gptq_act_order: bool | None = None,
                      progress: Progress | None = None) -> Iterator[CalibratedModel]:
     """ModelOpt's calibrated model for `src`, exactly as quantize() calibrates it with the same options.
 
@@ -162,7 +167,8 @@ def calibrated_model(src: Path, *, algo: str, kv_cache_dtype: str | None = None,
     """
     options = _resolve_options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                                calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
-                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head)
+                               exclude=exclude, device=device, seed=seed, quantize_lm_head=quantize_lm_head,
+                               gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
     if options.quantize_lm_head:
         _check_untied_head(Path(src))
     with _calibrated(Path(src), options, progress) as calibrated:
@@ -171,7 +177,8 @@ def calibrated_model(src: Path, *, algo: str, kv_cache_dtype: str | None = None,
 
 def _resolve_options(*, algo: str, kv_cache_dtype: str | None, calib_data: str | None, calib_size: int | None,
                      calib_seq_len: int | None, batch_size: int, group_size: int | None, exclude: tuple[str, ...],
-                     device: str, seed: int, quantize_lm_head: bool) -> _Options:
+                     device: str, seed: int, quantize_lm_head: bool, gptq_damp: float | None = None,
+                     gptq_block_size: int | None = None, gptq_act_order: bool | None = None) -> _Options:
     """Every option checked (one sentence each) before any heavy work, and the defaults filled in."""
     algo = presets.resolve_algo(algo)
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
@@ -188,7 +195,27 @@ def _resolve_options(*, algo: str, kv_cache_dtype: str | None, calib_data: str |
                     batch_size=batch_size, group_size=group,
                     choose_group_size=presets.chooses_group_size(algo, group_size),
                     calibrates=presets.needs_calibration(algo, kv_cache_dtype), exclude=exclude, device=device,
-                    seed=seed, quantize_lm_head=_check_lm_head_options(quantize_lm_head, algo, exclude))
+                    seed=seed, quantize_lm_head=_check_lm_head_options(quantize_lm_head, algo, exclude),
+                    gptq=_gptq_settings(algo, gptq_damp, gptq_block_size, gptq_act_order))
+
+
+def _gptq_settings(algo: str, damp: float | None, block_size: int | None,
+                   act_order: bool | None) -> "GptqSettings | None":
+    """int4_gptq's settings, defaults filled in; a GPTQ option given with another algorithm is refused."""
+    from llmx.quant.gptq import GptqSettings
+
+    given = {"--gptq-damp": damp, "--gptq-block-size": block_size, "--gptq-act-order": act_order}
+    if algo == presets.KV_ONLY or not presets.PRESETS[algo].layerwise:
+        flag = next((name for name, value in given.items() if value is not None), None)
+        if flag is not None:
+            raise LlmxError(f"{flag} sets GPTQ, and --algo {algo} does not run GPTQ; drop {flag} or use "
+                            "--algo int4_gptq.")
+        return None
+    defaults = GptqSettings()
+    settings = GptqSettings(damp=defaults.damp if damp is None else damp,
+                            block_size=defaults.block_size if block_size is None else block_size,
+                            act_order=defaults.act_order if act_order is None else act_order)
+    return settings.check(group_size=1)  # the block size against the group size once the group is known
 
 
 @contextlib.contextmanager
@@ -207,6 +234,8 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
         if o.choose_group_size:
             group = presets.choose_group_size(_in_features(ckpt.model, plan))
         quant = _quant_config(o.algo, group, o.kv_cache_dtype, o.exclude, plan, quantize_lm_head=o.quantize_lm_head)
+        if o.gptq is not None:
+            o.gptq.check(group)
         calib = None
         if o.calibrates:
             from llmx.quant.calibrate import build_calibration_set
@@ -422,7 +451,7 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
         # GPTQ is llmx's own (llmx.quant.gptq) in ModelOpt's layerwise pass: ModelOpt only inserts the quantizers.
         from llmx.quant.gptq import GptqSettings
 
-        settings = (gptq or GptqSettings()).check(quant.group_size)
+        settings = gptq or GptqSettings()
         quantize_model(model, {**mtq_config, "algorithm": None}, loop)
         gptq_layerwise(model, loop, group_size=quant.group_size, settings=settings)
         if head:

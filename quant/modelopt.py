@@ -20,6 +20,8 @@ from llmx.quant.export_llmx import LinearState
 if TYPE_CHECKING:
     import torch
 
+    from llmx.quant.gptq import GptqSettings
+
 
 def modelopt_version() -> str | None:
     try:
@@ -61,26 +63,80 @@ def quantize_model(model: Any, config: dict, forward_loop: Callable[[Any], None]
         mtq.quantize(model, config, forward_loop)
 
 
-def calibrate_module(model: Any, module_name: str, algorithm: dict, forward_loop: Callable[[Any], None]) -> None:
-    """Run the layerwise `algorithm` (GPTQ) on one quantized module outside the decoder layers, after quantize_model.
+def gptq_layerwise(model: Any, forward_loop: Callable[[Any], None], *, group_size: int,
+                   settings: "GptqSettings") -> None:
+    """llmx's GPTQ (llmx.quant.gptq) on every decoder layer, after quantize_model inserted the quantizers.
 
-    ModelOpt's layerwise calibration visits only the decoder layers, leaving e.g. the LM head with an
-    uncalibrated weight quantizer. GPTQ runs here on `module_name` alone with the preset's own settings
-    (max calibration of its quantizers, Hessian of its inputs, column-wise weight update); each of its
-    passes forwards the whole model, whose layers are already quantized, so the module's Hessian comes from
-    quantized activations as ModelOpt's layerwise GPTQ gives each layer.
+    ModelOpt's layerwise pass calibrates one decoder layer at a time on inputs it caches from the layers
+    before, which are already quantized (get_qdq_activations_from_prev_layer): each layer's Hessians come
+    from the activations the quantized model will really produce.
     """
-    _mtq()  # imports ModelOpt quietly, or names the missing extra
-    from modelopt.torch.quantization import model_calib
-    from modelopt.torch.quantization.config import GPTQCalibConfig
+    _mtq()
+    from modelopt.torch.quantization.model_calib import layerwise_calibrate
 
-    if algorithm.get("method") != "gptq":
-        raise ValueError(f"calibrate_module runs GPTQ only, not {algorithm.get('method')!r}")
-    settings = GPTQCalibConfig(**algorithm).model_dump()
-    kwargs = {k: v for k, v in settings.items() if k not in ("method", "layerwise", "moe_calib_experts_ratio")}
-    module = model.get_submodule(module_name)
+    def calibrate_layer(layer, layer_loop):
+        gptq_module(layer, layer_loop, group_size=group_size, settings=settings)
+
     with _quiet():
-        model_calib.gptq(module, lambda _module: forward_loop(model), **kwargs)
+        layerwise_calibrate(model, forward_loop, calibrate_layer, get_qdq_activations_from_prev_layer=True)
+
+
+def gptq_module(module: Any, forward_loop: Callable[[Any], None], *, group_size: int,
+                settings: "GptqSettings") -> None:
+    """GPTQ on the quantized Linears inside `module` (a decoder layer, or one Linear such as the LM head).
+
+    `forward_loop(module)` replays the calibration data through `module`. The Linears go stage by stage
+    (llmx.quant.gptq.STAGES): one forward per stage collects the Hessians of that stage's inputs, computed
+    by the already-quantized stages before it; then each weight is replaced by its GPTQ dequantized values
+    and its weight quantizer's amax by the group amax GPTQ chose, so export finds GPTQ's codes again.
+    """
+    import torch
+
+    _mtq()
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+    from modelopt.torch.quantization.model_calib import max_calibrate
+
+    from llmx.quant.gptq import HessianAccumulator, gptq_quantize, stage_of
+
+    with _quiet():
+        max_calibrate(module, forward_loop, skip_forward_without_activation_calib=True)  # shapes every amax
+    linears = [(name, m) for name, m in module.named_modules()
+               if _enabled(_first_stage(getattr(m, "weight_quantizer", None)))]
+    for stage in sorted({stage_of(name) for name, _ in linears}):
+        members = [(name, m) for name, m in linears if stage_of(name) == stage]
+        sums = {name: HessianAccumulator(m.weight.shape[1]) for name, m in members}
+        hooks = [m.register_forward_pre_hook(lambda _m, args, acc=sums[name]: acc.add(args[0]))
+                 for name, m in members]
+        try:
+            # Earlier stages already hold dequantized GPTQ weights; later ones must run unquantized.
+            with _quiet(), set_quantizer_by_cfg_context(module, [{"quantizer_name": "*weight_quantizer",
+                                                                  "enable": False}]):
+                forward_loop(module)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, m in members:
+            with torch.no_grad():
+                dequantized, amax = gptq_quantize(m.weight.detach().cpu(), sums[name].hessian(),
+                                                  group_size=group_size, settings=settings)
+                m.weight.data = dequantized.to(device=m.weight.device, dtype=m.weight.dtype)
+                quantizer = m.weight_quantizer
+                quantizer.amax = amax.reshape(quantizer.amax.shape).to(quantizer.amax)
+
+
+def quantize_inputs_per_token(model: Any, modules: list[str], num_bits: Any) -> None:
+    """Make the input quantizers of `modules` quantize each token with its own amax at every forward.
+
+    That is what llmx's engine does for int8_sq and fp8_pc_pt (kernels/quantize_act.py), where the ModelOpt
+    calibration config has a static per-tensor input scale (int8_sq) or none (fp8_pc_pt). A smoothing
+    vector already on a quantizer (SmoothQuant's pre_quant_scale) is kept.
+    """
+    _mtq()
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
+
+    cfg = {"num_bits": num_bits, "axis": None, "type": "dynamic", "block_sizes": {-1: None}}
+    with _quiet():
+        set_quantizer_by_cfg(model, [{"quantizer_name": f"{name}.input_quantizer", "cfg": cfg} for name in modules])
 
 
 def quantized_linear_names(model: Any) -> list[str]:
