@@ -116,3 +116,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
     fn = m.fused_moe if use_kernels(x) else m.fused_moe_ref
     return fn(x, w13, w2, weights, ids)
+
+
+def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, a13_scale: torch.Tensor,
+                  w2: torch.Tensor, w2_scale: torch.Tensor, a2_scale: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """fused_moe with fp8 experts: e4m3 weights with a scale per expert, one static input scale per projection."""
+    from llmx.kernels import fused_moe as m
+
+    fn = m.fused_moe_fp8 if use_kernels(x) else m.fused_moe_fp8_ref
+    return fn(x, w13, w13_scale, a13_scale, w2, w2_scale, a2_scale, weights, ids)

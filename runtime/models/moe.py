@@ -15,7 +15,9 @@ sums the ranks.
 
 Unquantized experts are stacked after loading into [experts, 2 * inter, hidden] and [experts, hidden, inter] (each
 expert's Linear keeps a view into them), which the fused kernel reads (ops.fused_moe: kernels/fused_moe.py on
-CUDA, its torch reference elsewhere). Quantized experts run one expert at a time through their QuantMethod.
+CUDA, its torch reference elsewhere); fp8 experts likewise, with a weight scale per expert and the largest input
+scale of the layer's experts per projection (quantize gives them one shared scale; ops.fused_moe_fp8). Experts of
+the other formats run one expert at a time through their QuantMethod.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from llmx.quant.methods import method_for
+from llmx.quant.methods.fp8 import Fp8Method
 from llmx.quant.methods.unquantized import UnquantizedMethod
 from llmx.runtime.config import ModelConfig, QuantConfig
 from llmx.runtime.distributed import ParallelContext, tp_all_reduce
@@ -74,19 +77,29 @@ class SparseMoE(nn.Module):
             self.shared_expert = Expert(hidden, config.shared_expert_intermediate_size // tp, quant,
                                         f"{prefix}.shared_expert")
             self.shared_expert_gate = Linear(hidden, 1, bias=False, method=UnquantizedMethod())
-        self.w13: torch.Tensor | None = None  # [experts, 2 * inter, hidden]: stacked unquantized gate|up
-        self.w2: torch.Tensor | None = None  # [experts, hidden, inter]: stacked unquantized down
+        self.w13: torch.Tensor | None = None  # [experts, 2 * inter, hidden]: stacked gate|up (unquantized or fp8)
+        self.w2: torch.Tensor | None = None  # [experts, hidden, inter]: stacked down
+        # fp8 experts: (gate|up weight scales [experts], its input scale [], down weight scales, its input scale).
+        self.fp8_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def weights_loaded(self) -> None:
-        """Stack unquantized experts for the fused path; each expert's Linear keeps a view of its slice."""
+        """Stack unquantized or fp8 experts for the fused path; each expert's Linear keeps views of its slices."""
         linears = [(e.gate_up_proj, e.down_proj) for e in self.experts.values()]
-        if not all(isinstance(lin.method, UnquantizedMethod) and not lin.has_bias for pair in linears for lin in pair):
+        methods = {type(lin.method) for pair in linears for lin in pair}
+        if len(methods) != 1 or methods - {UnquantizedMethod, Fp8Method} or any(
+                lin.has_bias for pair in linears for lin in pair):
             return
         self.w13 = torch.stack([gate_up.tensors["weight"] for gate_up, _ in linears])
         self.w2 = torch.stack([down.tensors["weight"] for _, down in linears])
+        if methods == {Fp8Method}:
+            def scales(i: int, name: str) -> torch.Tensor:
+                return torch.stack([pair[i].tensors[name].float().reshape(()) for pair in linears])
+
+            self.fp8_scales = (scales(0, "weight_scale"), scales(0, "input_scale").amax(),
+                               scales(1, "weight_scale"), scales(1, "input_scale").amax())
         for e, (gate_up, down) in enumerate(linears):
-            gate_up.tensors = {"weight": self.w13[e]}
-            down.tensors = {"weight": self.w2[e]}
+            gate_up.tensors = {**gate_up.tensors, "weight": self.w13[e]}
+            down.tensors = {**down.tensors, "weight": self.w2[e]}
 
     @property
     def capturable(self) -> bool:
@@ -99,7 +112,10 @@ class SparseMoE(nn.Module):
         if len(self.experts) < self.router.out_features:  # expert parallelism: this rank's experts, local ids
             ids = ids - self.first_expert
             ids = torch.where((ids >= 0) & (ids < len(self.experts)), ids, -1)
-        if self.w13 is not None:
+        if self.fp8_scales is not None:
+            w13_scale, a13_scale, w2_scale, a2_scale = self.fp8_scales
+            out = ops.fused_moe_fp8(x, self.w13, w13_scale, a13_scale, self.w2, w2_scale, a2_scale, weights, ids)
+        elif self.w13 is not None:
             out = ops.fused_moe(x, self.w13, self.w2, weights, ids)
         else:
             out = self._experts_one_by_one(x, weights, ids)

@@ -125,3 +125,47 @@ def test_gpu_fused_moe_replays_in_a_cuda_graph():
     ids.copy_(new_ids)
     graph.replay()
     torch.testing.assert_close(out, moe.fused_moe_ref(x, w13, w2, weights, ids), atol=2e-2, rtol=2e-2)
+
+
+def _fp8_problem(tokens, hidden, inter, experts, top_k, dtype=torch.float32, device="cpu"):
+    """Experts quantized as llmx's fp8 format stores them: e4m3 weights, a scale per expert, static input scales."""
+    from llmx.kernels.activation import silu_and_mul_ref
+    from llmx.quant.methods.fp8 import fp8_scale, to_fp8
+
+    x, w13, w2, weights, ids = _problem(tokens, hidden, inter, experts, top_k, dtype=dtype)
+    w13_scale = fp8_scale(w13.float().abs().amax(dim=(1, 2)))
+    w2_scale = fp8_scale(w2.float().abs().amax(dim=(1, 2)))
+    w13q = torch.stack([to_fp8(w13[e], w13_scale[e]) for e in range(experts)])
+    w2q = torch.stack([to_fp8(w2[e], w2_scale[e]) for e in range(experts)])
+    act_amax = max(silu_and_mul_ref(x.float() @ w13[e].float().T).abs().amax() for e in range(experts))
+    a13_scale, a2_scale = fp8_scale(x.float().abs().amax()), fp8_scale(act_amax)  # calibrated on these tokens
+    tensors = (x, w13q, w13_scale, a13_scale, w2q, w2_scale, a2_scale, weights, ids)
+    return [t.to(device) for t in tensors], (w13, w2)
+
+
+def test_fp8_reference_is_close_to_the_unquantized_experts():
+    (x, w13q, s13, a13, w2q, s2, a2, weights, ids), (w13, w2) = _fp8_problem(9, 32, 24, 4, 2)
+    out = moe.fused_moe_fp8_ref(x, w13q, s13, a13, w2q, s2, a2, weights, ids)
+    exact = moe.fused_moe_ref(x, w13, w2, weights, ids)
+    assert (out - exact).norm() / exact.norm() < 0.1  # e4m3 keeps 3 mantissa bits
+    with pytest.raises(LlmxError, match="must be float8_e4m3fn"):
+        moe.fused_moe_fp8_ref(x, w13, s13, a13, w2q, s2, a2, weights, ids)
+
+
+@interpreted
+def test_interpreted_fused_moe_fp8_matches_reference():
+    (x, w13q, s13, a13, w2q, s2, a2, weights, ids), _ = _fp8_problem(13, 64, 32, 6, 2)
+    weights, ids = _drop_odd_experts(weights, ids)
+    torch.testing.assert_close(moe.fused_moe_fp8(x, w13q, s13, a13, w2q, s2, a2, weights, ids),
+                               moe.fused_moe_fp8_ref(x, w13q, s13, a13, w2q, s2, a2, weights, ids),
+                               atol=1e-3, rtol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_gpu_fused_moe_fp8_matches_reference_qwen3_30b_shapes(tokens):
+    tensors, _ = _fp8_problem(tokens, 2048, 768, 128, 8, dtype=torch.bfloat16, device="cuda")
+    out = moe.fused_moe_fp8(*tensors)
+    ref = moe.fused_moe_fp8_ref(*tensors)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
