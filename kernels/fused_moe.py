@@ -12,12 +12,12 @@ a "slot" s = token * k + choice. `align_by_expert` sorts the slots by expert int
   4. out[t] = sum over its k slots of y                                  [T, H], x.dtype
 
 Each program of a GEMM takes one block of rows (one expert) and BLOCK_N output features, and reads only its
-expert's weights.
+expert's weights. Every shape is fixed by T, k and E (the grid covers the most blocks the groups can need), and
+sorting is torch ops without a host sync, so a decode step with it is captured in a CUDA graph.
 
 FP8 experts (`fused_moe_fp8`: the fp8 format, per-tensor scales): each GEMM's input is quantized to e4m3 with the
 layer's static input scale first (kernels/quantize_act.py), the tensor cores multiply e4m3 by e4m3 into float32,
-and the accumulator is scaled by input scale * the expert's weight scale: what the fp8 Linear computes per expert. Every shape is fixed by T, k and E (the grid covers the most blocks the groups can need), and
-sorting is torch ops without a host sync, so a decode step with it is captured in a CUDA graph.
+and the accumulator is scaled by input scale * the expert's weight scale: what the fp8 Linear computes per expert.
 
 `fused_moe_ref` is the torch reference: the experts one by one, transformers' arithmetic, sums in float32;
 `fused_moe_fp8_ref` the same through kernels/fp8_gemm.py's reference Linear.
