@@ -83,6 +83,15 @@ def change(value: float, base: float) -> float:
     return (value / base - 1.0) * 100.0
 
 
+def write_json(path: Path, doc: dict) -> None:
+    """`doc` at `path`, replaced whole (a run stopped midway leaves the algorithms measured so far)."""
+    from llmx.common import jsonio
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(jsonio.dumps(doc) + "\n")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF folder (default: SmolLM2 at /tmp/smollm2)")
@@ -97,13 +106,15 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    ap.add_argument("--gptq-damp", type=float, default=None, help="int4_gptq's damping (default: quantize's)")
+    ap.add_argument("--gptq-block-size", type=int, default=None, help="int4_gptq's block size (default: quantize's)")
+    ap.add_argument("--gptq-act-order", action="store_true", help="int4_gptq with activation order")
     args = ap.parse_args()
 
     import torch
     import transformers
 
     from llmx.build.convert import convert
-    from llmx.common import jsonio
     from llmx.quant.api import calibrated_model
     from llmx.quant.modelopt import quantize_inputs_per_token, quantized_linear_names
     from llmx.runtime.perplexity import evaluate_perplexity
@@ -128,12 +139,18 @@ def main() -> None:
         del bf16_model
         llmx_base = llmx_ppl(ckpt)
         print(f"bf16: reference {ref_base:.3f}, llmx {llmx_base:.3f}", file=sys.stderr, flush=True)
+        doc = {"model": str(args.model), "data": args.data.name, "calib": args.calib.name, "seq_len": args.seq_len,
+               "windows": args.windows, "device": device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "created": datetime.now(timezone.utc).isoformat(),
+               "bf16": {"reference_perplexity": ref_base, "llmx_perplexity": llmx_base}, "algos": rows}
         for algo in filter(None, args.algos.split(",")):
             out = workdir / algo
+            gptq = {"gptq_damp": args.gptq_damp, "gptq_block_size": args.gptq_block_size,
+                    "gptq_act_order": args.gptq_act_order or None} if algo in ("int4_gptq", "gptq") else {}
             t0 = time.perf_counter()
             with calibrated_model(ckpt, algo=algo, calib_data=str(args.calib), calib_size=args.calib_size,
-                                  calib_seq_len=args.calib_seq_len, group_size=args.group_size,
-                                  device=device) as calibrated:
+                                  calib_seq_len=args.calib_seq_len, group_size=args.group_size, device=device,
+                                  **gptq) as calibrated:
                 seconds = time.perf_counter() - t0
                 calibrated.write_llmx(out)  # before the reference's quantizers change below
                 reference = transformers_perplexity(calibrated.model, windows)
@@ -145,7 +162,8 @@ def main() -> None:
                 calib = calibrated.calib
                 settings = {"group_size": calibrated.quant.group_size,
                             "calibration": None if calib is None else [calib.num_samples, calib.seq_len],
-                            "calib_data_hash": None if calib is None else calib.data_hash}
+                            "calib_data_hash": None if calib is None else calib.data_hash,
+                            "gptq": None if calibrated.options.gptq is None else vars(calibrated.options.gptq)}
             engine = llmx_ppl(out)
             ref_change = change(runtime_acts if runtime_acts is not None else reference, ref_base)
             row = {"algo": algo, **settings, "reference_perplexity": reference,
@@ -156,6 +174,8 @@ def main() -> None:
                    "llmx_perplexity": engine, "llmx_change_pct": change(engine, llmx_base),
                    "gap_points": change(engine, llmx_base) - ref_change, "calibrate_seconds": seconds}
             rows.append(row)
+            if args.json is not None:
+                write_json(args.json, doc)
             print(f"{algo}: reference {reference:.3f}"
                   + (f" (run-time activations {runtime_acts:.3f})" if runtime_acts is not None else "")
                   + f", llmx {engine:.3f}, gap {row['gap_points']:+.2f} points", file=sys.stderr, flush=True)
@@ -178,14 +198,6 @@ def main() -> None:
         print(f"| {r['algo']} | {r['group_size'] or '-'} | {calibration} | {pct(r['reference_change_pct'])} | "
               f"{pct(r['reference_runtime_activations_change_pct'])} | {pct(r['llmx_change_pct'])} | "
               f"{r['gap_points']:+.2f} |")
-    if args.json is not None:
-        doc = {"model": str(args.model), "data": args.data.name, "calib": args.calib.name, "seq_len": args.seq_len,
-               "windows": args.windows, "device": device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "created": datetime.now(timezone.utc).isoformat(),
-               "bf16": {"reference_perplexity": ref_base, "llmx_perplexity": llmx_base}, "algos": rows}
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(jsonio.dumps(doc) + "\n")
-        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "export_format": "llmx",
     "quantize_lm_head": False,
+    "gptq_damp": None,  # int4_gptq's settings: llmx.quant.gptq.GptqSettings
+    "gptq_block_size": None,
+    "gptq_act_order": None,
 }
 
 
@@ -72,6 +75,17 @@ def quantize_command(
              "higher with int4_awq than with the head left in bf16 (int4_gptq 2.1%, fp8 2.3%, int8_sq 0.6%; see "
              "QUANTIZATION.md). Refused for models whose head is tied to the input embedding, and with an --exclude "
              "matching lm_head [default: no].")] = None,
+    gptq_damp: Annotated[Optional[float], typer.Option(
+        show_default=False, help="int4_gptq: the fraction of the Hessian's mean diagonal added to it before "
+                                 "inversion [default: 0.01].")] = None,
+    gptq_block_size: Annotated[Optional[int], typer.Option(
+        show_default=False, help="int4_gptq: columns updated together, a multiple of the group size [default: 128]. "
+                                 "It changes speed, not the result.")] = None,
+    gptq_act_order: Annotated[Optional[bool], typer.Option(
+        "--gptq-act-order/--no-gptq-act-order", show_default=False,
+        help="int4_gptq: quantize the input columns with the largest activations first, with group scales fixed "
+             "from the original weights (llmx's format has contiguous groups) [default: no; QUANTIZATION.md "
+             "compares both].")] = None,
     device: Annotated[Optional[Literal["cuda", "cpu", "auto"]], typer.Option(
         show_default=False, help="Where calibration runs [default: auto = cuda when a GPU is visible].")] = None,
     seed: Annotated[Optional[int], typer.Option(
@@ -108,7 +122,8 @@ def quantize_command(
     flags = {"algo": algo, "kv_cache_dtype": kv_cache_dtype, "calib_data": calib_data, "calib_size": calib_size,
              "calib_seq_len": calib_seq_len, "batch_size": batch_size, "group_size": group_size,
              "exclude": exclude or None, "device": device, "seed": seed, "export_format": export_format,
-             "quantize_lm_head": quantize_lm_head}
+             "quantize_lm_head": quantize_lm_head, "gptq_damp": gptq_damp, "gptq_block_size": gptq_block_size,
+             "gptq_act_order": gptq_act_order}
     settings = resolve_settings("quantize", recipe=recipe, flags=flags, defaults=DEFAULTS)
     if print_config:
         emit_json(settings.to_dict())
@@ -124,7 +139,8 @@ def quantize_command(
             calib_size=values["calib_size"], calib_seq_len=values["calib_seq_len"], batch_size=values["batch_size"],
             group_size=values["group_size"], exclude=tuple(values["exclude"]), device=resolve_device(values["device"]),
             seed=values["seed"], export_format=values["export_format"], force=force, recipe=settings.recipe,
-            progress=stage_callback(bars), quantize_lm_head=values["quantize_lm_head"])
+            progress=stage_callback(bars), quantize_lm_head=values["quantize_lm_head"], gptq_damp=values["gptq_damp"],
+            gptq_block_size=values["gptq_block_size"], gptq_act_order=values["gptq_act_order"])
     summary = quantize_summary(result)
     if json_output:
         emit_json(summary)

@@ -218,7 +218,10 @@ def _quantize_options(values: dict[str, Any], name: str, paths: _Paths) -> tuple
             "calib_seq_len": values["calib_seq_len"], "batch_size": values["batch_size"],
             "group_size": values["group_size"], "exclude": tuple(values["exclude"]),
             "device": _resolve_device(values["device"]), "seed": values["seed"],
-            "quantize_lm_head": values["quantize_lm_head"]}, None
+            "quantize_lm_head": values["quantize_lm_head"],
+            # int4_gptq's settings, passed only when set: stage keys of recipes without them stay as they were.
+            **{k: values[k] for k in ("gptq_damp", "gptq_block_size", "gptq_act_order") if values.get(k) is not None}
+            }, None
 
 
 def _calibration_source(value: str, name: str, paths: _Paths) -> str:

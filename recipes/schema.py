@@ -80,6 +80,9 @@ class QuantizeSection(_Section):
     seed: NonNegativeInt | None = None
     export_format: Literal["llmx", "hf"] | None = None
     quantize_lm_head: bool | None = None
+    gptq_damp: Annotated[float, Field(gt=0, le=1)] | None = None  # int4_gptq only (llmx.quant.gptq)
+    gptq_block_size: PositiveInt | None = None
+    gptq_act_order: bool | None = None
 
 
 class BuildSection(_Section):

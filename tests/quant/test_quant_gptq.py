@@ -166,3 +166,24 @@ def test_quantize_refuses_gptq_options_that_do_not_apply(tiny_ckpt, tmp_path, kw
         quantize(tiny_ckpt, tmp_path / "out", calib_data=str(tmp_path / "unused.txt"), **kwargs)
     assert words in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_gptq_flag_for_another_algorithm_in_one_line(tmp_path, capsys):
+    from llmx.cli.main import run_cli
+
+    assert run_cli(["quantize", str(tmp_path), "-o", str(tmp_path / "q"), "--algo", "int8_wo",
+                    "--gptq-act-order"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --gptq-act-order sets GPTQ, and --algo int8_wo does not run GPTQ; drop --gptq-act-order "
+                   "or use --algo int4_gptq."]
+    assert not (tmp_path / "q").exists()
+
+
+def test_recipe_gptq_fields_reach_quantize(tmp_path):
+    from llmx.cli._settings import resolve_settings
+    from llmx.cli.quantize import DEFAULTS
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("family: llama\ntarget: cpu\nquantize: {algo: int4_gptq, gptq_damp: 0.05, gptq_act_order: true}\n")
+    values = resolve_settings("quantize", recipe=str(recipe), flags={"gptq_damp": None}, defaults=DEFAULTS).values
+    assert (values["gptq_damp"], values["gptq_act_order"], values["gptq_block_size"]) == (0.05, True, None)
