@@ -85,6 +85,9 @@ LLMX_CACHE_DIR = EnvVar(
 LLMX_COLLECTIVE_TIMEOUT = EnvVar(
     "LLMX_COLLECTIVE_TIMEOUT", "float", "120",
     "seconds a multi-GPU collective may wait for a rank before the job ends with an error naming it")
+LLMX_RANK_STALL_TIMEOUT = EnvVar(
+    "LLMX_RANK_STALL_TIMEOUT", "float", "10",
+    "seconds a rank llmx started may stop responding (no heartbeat) before the job ends with an error naming it")
 LLMX_FUSED_MLP = EnvVar(
     "LLMX_FUSED_MLP", "bool", "1",
     "0 keeps the MLP's silu(gate) * up out of the int4 gate_up GEMV (a separate activation kernel instead)")
@@ -104,7 +107,7 @@ MASTER_PORT = EnvVar("MASTER_PORT", "int", None, "rendezvous port of a torchrun 
                      "for its own control group", set_by="torchrun")
 
 VARIABLES: tuple[EnvVar, ...] = (LLMX_API_KEY, LLMX_CACHE_DIR, LLMX_COLLECTIVE_TIMEOUT, LLMX_DEBUG, LLMX_FUSED_MLP,
-                                 LLMX_PDL, TRITON_DEFAULT_FP_FUSION, RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+                                 LLMX_PDL, LLMX_RANK_STALL_TIMEOUT, TRITON_DEFAULT_FP_FUSION, RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
                                  MASTER_PORT)
 
 

@@ -4,6 +4,7 @@ what one rank computes."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -98,3 +99,89 @@ def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang(tmp_path):
     llm.close()
     assert not any(p.is_alive() for p in llm.runner.procs)
     assert not torch.distributed.is_initialized()
+
+
+def _tp2_engine(tmp_path):
+    ckpt = convert(make_tiny_hf_model("llama", tmp_path / "hf"), tmp_path / "ckpt", dtype="float32")
+    return build_engine(ckpt, tmp_path / "tp2", BUILD, Mapping(tp=2)).path
+
+
+def test_a_rank_that_stops_responding_ends_the_job_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMX_RANK_STALL_TIMEOUT", "2")
+    llm = LLM(_tp2_engine(tmp_path), kv_cache_tokens=512)
+    worker = llm.runner.procs[0]
+    llm.generate([[1, 2, 3]], GREEDY)
+    os.kill(worker.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(LlmxError, match=r"rank 1 of 2 stopped responding for \d+ s"):
+        llm.generate([[1, 2, 3]], GREEDY)
+    assert time.monotonic() - started < 2 + 10
+    llm.close()
+    assert not any(p.is_alive() for p in llm.runner.procs)
+
+
+def test_a_rank_that_dies_while_starting_is_named_at_once(tmp_path):
+    import multiprocessing
+    import threading
+
+    engine = _tp2_engine(tmp_path)
+    killed = []
+
+    def kill_the_rank_as_it_starts():  # the started rank imports torch for seconds before it joins
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+            time.sleep(0.01)
+
+    threading.Thread(target=kill_the_rank_as_it_starts, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(LlmxError, match="rank 1 of 2 exited with code -9 while starting"):
+        LLM(engine, kv_cache_tokens=512)
+    assert killed and time.monotonic() - started < 30
+    assert not torch.distributed.is_initialized()
+
+
+def test_ctrl_c_during_a_multi_rank_run_exits_130_and_stops_every_rank(tmp_path):
+    import subprocess
+    import sys
+
+    engine = _tp2_engine(tmp_path)
+    # Ctrl-C in a terminal signals the whole process group: rank 0 and the ranks it started
+    process = subprocess.Popen([sys.executable, "-m", "llmx", "bench", str(engine), "--isl", "8", "--osl", "40",
+                                "--num-requests", "100000", "--warmup", "0", "--concurrency", "1",
+                                "--kv-cache-tokens", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:  # until the ranks run requests
+        time.sleep(0.5)
+        children = _children(process.pid)
+        if children and all(_cpu_seconds(pid) > 2 for pid in children):
+            break
+    assert process.poll() is None, process.communicate()[1]
+    children = _children(process.pid)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    time.sleep(1)
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    # the ranks are spawned through multiprocessing's resource tracker too: keep python processes running llmx
+    return [c for c in found if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
