@@ -23,7 +23,7 @@ from llmx.build.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config
 from llmx.build.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
                                            TensorEntry)
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
-from llmx.common.atomic import atomic_output_dir, check_output_dir
+from llmx.common.atomic import atomic_output_dir, check_free_space, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.runtime.config import SUPPORTED_DTYPES, Mapping, ModelConfig
 
@@ -95,6 +95,9 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
         if index_file is not None:
             check_index(index_file, sources)
         items = plan_items(model, dtype, sources, hf_dir)
+        specs = checkpoint_tensor_specs(model, dtype, None)
+        check_free_space(out, sum(TensorEntry(n, s.dtype, tuple(s.shape)).nbytes for n, s in specs.items()),
+                         "checkpoint")
         hashed = sorted([config_path, *weight_files] + ([index_file] if index_file else []))
         with atomic_output_dir(out) as tmp:
             source_hash = _stream(items, hashed, hf_dir, rank_file(tmp, 0), dtype,
@@ -103,7 +106,7 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
             pin_tokenizer_class(hf_dir, tmp)
             provenance = make_provenance(hf_dir.resolve(), source_hash, **origin)
             write_checkpoint_meta(tmp, model, dtype, None, Mapping(), provenance)
-            verify_tensors(rank_file(tmp, 0), checkpoint_tensor_specs(model, dtype, None))
+            verify_tensors(rank_file(tmp, 0), specs)
     return out
 
 

@@ -30,7 +30,7 @@ from llmx.build.shard import (layout_summary, local_features, rank_holds, shard_
 from llmx.build.tokenizer_check import check_tokenizer_files
 from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.build.tune import TuneReport, gemm_shapes, tune_for_engine
-from llmx.common.atomic import atomic_output_dir, check_output_dir
+from llmx.common.atomic import atomic_output_dir, check_free_space, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.common.jsonio import dumps
 from llmx.common.hashing import hash_json
@@ -101,6 +101,8 @@ def build_engine(ckpt_dir: Path | str, out: Path | str, build: BuildConfig, mapp
     check_tokenizer_files(ckpt_dir, "re-create the checkpoint with `llmx convert` from a model folder whose "
                                     "tokenizer files are intact")
     plan = _plan(ckpt, mapping)
+    # the engine holds the checkpoint's weights resharded (replicated norms add a few kilobytes a rank)
+    check_free_space(out, sum(f.stat().st_size for f in Path(ckpt_dir).glob("rank*.safetensors")), "engine")
     tokenizer_files = find_tokenizer_files(ckpt_dir, trust_remote_code=True)  # vetted when the checkpoint was made
     tuned = None
     if tune_gemm:  # before writing anything: a GPU that cannot run any tile fails the build in seconds

@@ -56,6 +56,25 @@ def check_output_dir(out: Path, *, force: bool, marker_files: tuple[str, ...], i
         )
 
 
+def check_free_space(out: Path, need_bytes: int, what: str) -> None:
+    """Refuse before the work starts when the disk that will hold `out` has less free space than it needs.
+
+    need_bytes: the output's size (an estimate within a few percent); 2% more is asked for, for file headers and
+    the files that travel with the weights.
+    """
+    ancestor = Path(out).resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if free < need_bytes * 1.02:
+        raise LlmxError(f"{out}: the {what} needs about {_gb(need_bytes)} and {ancestor} has {_gb(free)} free; "
+                        "free some space or choose an output directory on another disk.")
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:,.1f} MB"
+
+
 def _check_parent_writable(out: Path, resolved: Path) -> None:
     """The nearest existing ancestor must be a directory this process can create entries in."""
     ancestor = resolved.parent

@@ -132,3 +132,20 @@ def test_an_index_entry_leaving_the_model_folder_is_refused(tiny_hf, tmp_path, f
     index = {"metadata": {}, "weight_map": {name: "../outside.safetensors" for name in names}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     fails(["convert", model, "-o", tmp_path / "ckpt"], "must be a file name in the same folder", code=2)
+
+
+def test_too_little_free_space_is_refused_before_any_work(tiny_hf, tmp_path, fails, monkeypatch):
+    import collections
+
+    import llmx.common.atomic as atomic
+
+    ckpt = tmp_path / "ckpt"
+    assert run_cli(["convert", str(tiny_hf), "-o", str(ckpt)]) == 0
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    line = fails(["convert", tiny_hf, "-o", tmp_path / "ckpt2"], "the checkpoint needs about", code=2)
+    assert f"and {tmp_path} has 0.0 MB free; free some space" in line
+    fails(["build", ckpt, "-o", tmp_path / "engine", *ENGINE_OPTIONS], "the engine needs about", code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.undo()
+    assert run_cli(["build", str(ckpt), "-o", str(tmp_path / "engine"), *ENGINE_OPTIONS]) == 0
