@@ -106,9 +106,11 @@ class OutputText:
             ends.append(len(self._state.text))
         return self._state.text[ends[start]:ends[end]]
 
-    def check_stops(self, num_tokens: int, finished: bool) -> bool:
+    def check_stops(self, num_tokens: int, finished: bool, search: bool = True) -> bool:
         """Detokenize up to the request's num_tokens-th output token right away and find the stop strings in
-        the new text; True if one ends the request (its text then ends before the stop string).
+        the new text; True if one ends the request (its text then ends before the stop string). search=False
+        (the request has fewer than its min_tokens) finds none but keeps the same characters invisible, so a
+        stop string completed by a later token is still found.
 
         While no stop string is found, the last len(longest stop) - 1 characters stay invisible, since a later
         token may complete a stop string that begins in them. A request already finished (length, EOS, stop
@@ -125,7 +127,7 @@ class OutputText:
         if not finished:
             longest = self._longest_stop
             search_from = max(0, shown - longest)
-            hits = [i for x in self.stops if (i := decoded.find(x, search_from)) >= 0]
+            hits = [i for x in self.stops if (i := decoded.find(x, search_from)) >= 0] if search else []
             if hits:
                 visible, stopped = min(hits), True
             else:

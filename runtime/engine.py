@@ -284,8 +284,10 @@ class LLM:
                 and tokens[-1] in self.scheduler.eos_token_ids:
             req.text.hide(num_tokens - 1)  # the EOS token that ended the request is not text
         # A stop string must be seen the step it appears, so these requests are detokenized now; streamed
-        # pieces then leave out the characters that a later token could still turn into a stop string.
-        if req.text.stops and new_ids and req.text.check_stops(num_tokens, finished):
+        # pieces then leave out the characters that a later token could still turn into a stop string. Before
+        # min_tokens no stop string ends the request, as no stop token or EOS does.
+        if req.text.stops and new_ids and req.text.check_stops(num_tokens, finished,
+                                                               search=num_tokens >= seq.params.min_tokens):
             self.scheduler.finish(seq, FinishReason.STOP)
             finished = True
         if finished:

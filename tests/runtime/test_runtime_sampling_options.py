@@ -166,3 +166,16 @@ def test_llmx_run_takes_the_options(engine, capsys):
     assert [r["output_token_ids"] for r in records] == expected
     assert run_cli([*args[:-2], "--logprobs", "2"]) == 2
     assert "add --json" in capsys.readouterr().err
+
+
+def test_min_tokens_holds_back_stop_strings_too(engine):
+    llm = LLM(engine)
+    [free] = llm.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    early = next(t for t in free.text.split() if t.strip())[:2]  # text the first tokens produce
+    assert early and free.text.find(early) < len(free.text) // 2
+    [stopped] = llm.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, ignore_eos=True, stop=[early]))
+    assert stopped.finish_reason == "stop" and len(stopped.output_token_ids) < 8
+    [held] = llm.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, ignore_eos=True, stop=[early],
+                                                       min_tokens=8))
+    assert held.output_token_ids == free.output_token_ids and held.finish_reason == "length"
+    assert held.text == free.text
