@@ -39,3 +39,25 @@ def test_expert_parallel_equals_one_rank(family, tmp_path):
             gate_up = next(k for k in f.keys() if ".mlp.experts." in k and k.endswith("gate_up_proj.weight"))
             assert experts == set(range(rank * half, (rank + 1) * half))
             assert f.get_slice(gate_up).get_shape()[0] == 2 * (128 if family == "mixtral" else 32)
+
+
+def test_fp8_experts_under_expert_parallelism(tmp_path):
+    """fp8 experts stacked per rank (the fused fp8 path) give one rank's distribution; bf16 partial sums are
+    all-reduced, so the comparison is by KL rather than exact logits."""
+    import torch
+
+    from helpers.corpus import CORPUS
+    from llmx.quant.api import quantize
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text((CORPUS / "austen_emma.txt").read_text()[:20_000])
+    ckpt = convert(make_tiny_hf_model("qwen3_moe", tmp_path / "hf", dtype=torch.bfloat16), tmp_path / "ckpt",
+                   dtype="bfloat16")
+    fp8 = quantize(ckpt, tmp_path / "fp8", algo="fp8", calib_data=str(calib), calib_size=8, calib_seq_len=64).path
+    ids = list(range(3, 50))
+    logprobs = []
+    for name, layout in (("one", Mapping()), ("ep2", Mapping(tp=2, ep=2))):
+        with LLM(build_engine(fp8, tmp_path / name, BUILD, layout).path, kv_cache_tokens=512) as llm:
+            logprobs.append(torch.log_softmax(llm.runner.prompt_logits(ids), dim=-1))
+    one, ep2 = logprobs
+    assert (one.exp() * (one - ep2)).sum(-1).mean().item() < 1e-3
