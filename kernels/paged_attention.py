@@ -626,10 +626,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, *,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                     sliding_window: int | None = None, max_query_len: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, num_leading_decodes: int = 0) -> torch.Tensor:
     """Triton paged attention: the decode kernel when every sequence brings one query token, the prefill
     kernel otherwise. Pass max_query_len (known to the scheduler) to avoid a device-to-host sync.
-    softcap: Gemma 2's attention-logit cap, scores -> cap * tanh(scores / cap) before the softmax."""
+    softcap: Gemma 2's attention-logit cap, scores -> cap * tanh(scores / cap) before the softmax.
+    num_leading_decodes: in a mixed step, how many sequences at the front bring one query token each; they go
+    to the decode kernel (split over the context), the rest to the prefill kernel. In the prefill kernel a
+    decode row fills one of a tile's 64-128 query rows and walks its whole context alone: 2.5x slower per
+    byte than the decode kernel in an H100 profile (benchmarks/results/2026-12-07-h100-b)."""
     if max_query_len is None:
         _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
                       sliding_window, softcap)
@@ -637,5 +641,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kwargs = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window, softcap=softcap)
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         return paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, **kwargs)
+    d = num_leading_decodes
+    if 0 < d < seq_lens.shape[0]:
+        decoded = paged_attention_decode(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d],
+                                         query_start_loc[:d + 1], scale, **kwargs)
+        prefilled = paged_attention_prefill(q[d:], k_cache, v_cache, block_tables[d:], seq_lens[d:],
+                                            query_start_loc[d:] - d, scale, max_query_len=max_query_len, **kwargs)
+        return torch.cat([decoded, prefilled])
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                    max_query_len=max_query_len, **kwargs)

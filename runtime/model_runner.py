@@ -164,6 +164,12 @@ class TokenHistory:
     num_sampled: int = 0
 
 
+def _leading_ones(query_lens: np.ndarray) -> int:
+    """How many sequences at the front of the batch bring one new token each."""
+    longer = np.flatnonzero(query_lens != 1)
+    return int(longer[0]) if longer.size else len(query_lens)
+
+
 class StepInputsBuilder:
     """A step's input tensors from its WorkItems, built on the host with a few whole-batch operations.
 
@@ -218,7 +224,8 @@ class StepInputsBuilder:
                          logits_rows=logits_rows)
         meta = AttentionMetadata(slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
                                  seq_lens=t["seq_lens"], query_start_loc=t["query_start_loc"],
-                                 max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
+                                 max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+                                 num_leading_decodes=_leading_ones(query_lens))
         return StepInputs(input_ids=t.get("input_ids"), positions=t["positions"], meta=meta,
                           logits_rows=t["logits_rows"], sampling=list(compress(work, samples)),
                           token_rows=t.get("token_rows"))

@@ -20,6 +20,7 @@ class AttentionMetadata:
     slot_mapping [T] int64: KV-cache slot of each new token (block * block_size + offset).
     block_tables [B, max_blocks] int32; seq_lens [B] int32: KV length of each sequence after this step;
     query_start_loc [B+1] int32: offsets of each sequence's tokens in the packed batch.
+    num_leading_decodes: how many sequences at the front bring one token each (all B in a decode step).
     """
 
     slot_mapping: torch.Tensor
@@ -28,6 +29,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    num_leading_decodes: int = 0
 
 
 class Attention(nn.Module):
@@ -73,5 +75,6 @@ class Attention(nn.Module):
         out = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, k_scale=self.k_scale,
                                   v_scale=self.v_scale, sliding_window=self.sliding_window,
-                                  max_query_len=meta.max_query_len, softcap=self.softcap)
+                                  max_query_len=meta.max_query_len, softcap=self.softcap,
+                                  num_leading_decodes=meta.num_leading_decodes)
         return self.o_proj(out.reshape(tokens, self.q_size))

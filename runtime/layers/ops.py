@@ -100,12 +100,16 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
-                    k_scale=None, v_scale=None, sliding_window=None, max_query_len=None, softcap=None):
+                    k_scale=None, v_scale=None, sliding_window=None, max_query_len=None, softcap=None,
+                    num_leading_decodes=0):
     from llmx.kernels import paged_attention as a
 
-    fn = a.paged_attention if use_kernels(q) else a.paged_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale,
-              v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len, softcap=softcap)
+    kwargs = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window, max_query_len=max_query_len,
+                  softcap=softcap)
+    if use_kernels(q):
+        return a.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                 num_leading_decodes=num_leading_decodes, **kwargs)
+    return a.paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, **kwargs)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

@@ -164,6 +164,31 @@ def test_interpreted_kernel_matches_reference(case):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
+# (q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window, kv_dtype): decode rows first,
+# then prompt chunks, as a mixed step of running sequences and newly admitted ones comes
+MIXED_CASES = {
+    "decodes_then_chunks": ([1, 1, 1, 9, 20], [30, 17, 130, 20, 66], 6, 2, 40, 16, None, None),
+    "decodes_then_chunks_window": ([1, 1, 25], [300, 6, 60], 4, 2, 32, 16, 37, None),
+    "decodes_then_chunks_fp8": ([1, 1, 4, 1], [50, 21, 8, 40], 4, 2, 32, 16, None, torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("case", MIXED_CASES.values(), ids=MIXED_CASES.keys())
+@interpreted
+def test_interpreted_mixed_step_with_leading_decodes_split_over_both_kernels(case):
+    """num_leading_decodes sends the leading one-token sequences to the decode kernel and the rest to the
+    prefill kernel (a decode row after a chunk stays with the prefill kernel); the output equals the reference."""
+    q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window, kv_dtype = case
+    batch = make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, kv_dtype=kv_dtype, seed=2)
+    expected = attention.paged_attention_ref(*batch.args(), **batch.scales(), sliding_window=window)
+    leading = next(i for i, n in enumerate(q_lens) if n != 1)
+    for num_leading_decodes in (leading, 1, 0):
+        out = attention.paged_attention(*batch.args(), **batch.scales(), sliding_window=window,
+                                        max_query_len=max(q_lens), num_leading_decodes=num_leading_decodes)
+        assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
 def dense_soft_capped_attention(batch: PagedBatch, sliding_window: int | None, softcap: float) -> torch.Tensor:
     """Gemma 2's eager attention written out: scores * scale, cap * tanh(scores / cap), mask, softmax, @ V."""
     out = torch.zeros(batch.q.shape, dtype=torch.float32)

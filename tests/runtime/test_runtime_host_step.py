@@ -63,6 +63,9 @@ def check_inputs(inputs, work, block_size):
     expected = reference_inputs(work, block_size)
     tensors = {"input_ids": inputs.input_ids, "positions": inputs.positions, "logits_rows": inputs.logits_rows,
                **{k: getattr(inputs.meta, k) for k in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc")}}
+    lens = [len(item.tokens) for item in work]
+    leading = next((i for i, n in enumerate(lens) if n != 1), len(lens))  # one-token sequences at the front
+    assert inputs.meta.num_leading_decodes == leading
     for name, tensor in tensors.items():
         values, dtype = expected[name]
         assert tensor.dtype == dtype, name
