@@ -39,7 +39,9 @@ _ROUTER = re.compile(r"layers\.(\d+)\.mlp\.router\.weight")
 
 
 def check_algo(model: "ModelConfig", algo: str, source: Any) -> None:
-    if model.num_experts and algo not in EXPERT_ALGOS:
+    from llmx.quant.presets import KV_ONLY
+
+    if model.num_experts and algo not in (*EXPERT_ALGOS, KV_ONLY):
         raise LlmxError(f"{source}: --algo {algo} is not supported for the mixture of experts {model.architecture} "
                         f"yet; choose one of {', '.join(EXPERT_ALGOS)} (smoothing and GPTQ have no per-expert norm to "
                         "fold into).")

@@ -1,5 +1,6 @@
 """ModelOpt's unified HF export of a quantized mixture of experts (the experts stored per expert, under the hub's
-names) imports through `llmx convert` and runs within the per-format bound of the bf16 engine."""
+names) imports through `llmx convert` and runs within the per-format bound of the bf16 engine; a KV-cache-only
+quantization leaves the experts as they are."""
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def test_modelopt_hf_export_of_experts_imports_and_runs(tmp_path):
     ids = torch.randint(3, 256, (48,), generator=torch.Generator().manual_seed(3)).tolist()
     base, logprobs = _logprobs(ckpt, tmp_path / "e-base", ids), _logprobs(imported, tmp_path / "e-imported", ids)
     assert 0 < (base.exp() * (base - logprobs)).sum(-1).mean().item() < FP8_KL
+
+
+def test_kv_cache_only_quantization_of_a_mixture_of_experts(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text((CORPUS / "austen_emma.txt").read_text()[:20_000])
+    ckpt = convert(make_tiny_hf_model("mixtral", tmp_path / "hf", dtype=torch.bfloat16), tmp_path / "ckpt",
+                   dtype="bfloat16")
+    out = quantize(ckpt, tmp_path / "kv", algo="none", kv_cache_dtype="fp8", calib_data=str(calib), calib_size=8,
+                   calib_seq_len=64).path
+    tensors, source = load_file(out / "rank0.safetensors"), load_file(ckpt / "rank0.safetensors")
+    assert tensors["layers.1.attn.k_scale"].dtype == torch.float32
+    assert torch.equal(tensors["layers.1.mlp.experts.3.up_proj.weight"], source["layers.1.mlp.experts.3.up_proj.weight"])
+    ids = list(range(3, 40))
+    base, logprobs = _logprobs(ckpt, tmp_path / "e-base", ids), _logprobs(out, tmp_path / "e-kv", ids)
+    assert (base.exp() * (base - logprobs)).sum(-1).mean().item() < FP8_KL
