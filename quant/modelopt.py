@@ -117,7 +117,7 @@ def gptq_module(module: Any, forward_loop: Callable[[Any], None], *, group_size:
                 hook.remove()
         for name, m in members:
             with torch.no_grad():
-                dequantized, amax = gptq_quantize(m.weight.detach().cpu(), sums[name].hessian(),
+                dequantized, amax = gptq_quantize(m.weight.detach(), sums[name].hessian(),
                                                   group_size=group_size, settings=settings)
                 m.weight.data = dequantized.to(device=m.weight.device, dtype=m.weight.dtype)
                 quantizer = m.weight_quantizer
