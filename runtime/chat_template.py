@@ -1,9 +1,11 @@
 """Rendering a tokenizer's chat template: bounded in time, and every failure one sentence.
 
 A chat template is code from the model folder (Jinja, run by transformers in its sandbox). The sandbox refuses
-attribute tricks, but not work: nested loops over `range` can run for hours. Rendering therefore runs under a
-deadline; a template that raises (`raise_exception`), that the sandbox refuses, or that outruns the deadline
-ends in an LlmxError naming the engine.
+attribute tricks, but not work: nested loops over `range` can run for hours, and one expression can make a
+gigabyte of text. Rendering therefore runs under a deadline, and its text is measured before it is tokenized
+(tokenizing runs in native code that no deadline interrupts); a template that raises (`raise_exception`), that
+the sandbox refuses, that outruns the deadline or makes more text than the engine could hold ends in an
+LlmxError naming the engine.
 """
 
 from __future__ import annotations
@@ -22,14 +24,26 @@ class _Deadline(BaseException):
     """Raised inside the rendering thread when its time is up (a BaseException: no template code catches it)."""
 
 
-def render_chat_ids(tokenizer: Any, messages: list[dict[str, str]], name: str,
+def render_chat_ids(tokenizer: Any, messages: list[dict[str, str]], name: str, max_chars: int,
                     seconds: float = RENDER_SECONDS) -> list[int]:
-    """Token ids of `messages` through the tokenizer's chat template, ending with the assistant's prompt."""
+    """Token ids of `messages` through the tokenizer's chat template, ending with the assistant's prompt.
+
+    max_chars: the most text the rendering may make (a bound well above what the engine's context holds).
+    """
+    text = _render_text(tokenizer, messages, name, seconds)
+    if len(text) > max_chars:
+        raise LlmxError(f"{name}: the tokenizer's chat template made {len(text):,} characters of these messages, "
+                        f"more than the {max_chars:,} the engine's context could hold; shorten the conversation "
+                        "or fix the template.")
+    # what apply_chat_template(tokenize=True) does with the text: the template wrote the special tokens
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _render_text(tokenizer: Any, messages: list[dict[str, str]], name: str, seconds: float) -> str:
     from jinja2 import TemplateError
 
-    def render() -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+    def render() -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     try:
         return _with_deadline(render, seconds)

@@ -163,7 +163,8 @@ class LLM:
         if not getattr(self.tokenizer, "chat_template", None):
             raise LlmxError(f"{self._name}: the tokenizer has no chat template; drop --chat or use an "
                             "instruct model whose tokenizer_config.json defines one.")
-        return render_chat_ids(self.tokenizer, messages, self._name)
+        # 32 characters a token: more text than that cannot fit the context, whatever the tokenizer
+        return render_chat_ids(self.tokenizer, messages, self._name, max_chars=32 * self.max_seq_len)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *, chat: bool = False) -> int:
         """Queue a request; its outputs come from `step`. Prompt log-probabilities (params.prompt_logprobs) are
