@@ -117,3 +117,17 @@ def test_expert_parallel_layouts_that_cannot_split_are_refused(tmp_path):
     dense = convert(make_tiny_hf_model("llama", tmp_path / "hf-dense"), tmp_path / "dense", dtype="float32")
     with pytest.raises(LlmxError, match=r"LlamaForCausalLM has none; build without it"):
         build_engine(dense, tmp_path / "e3", BUILD, Mapping(tp=2, ep=2))
+
+
+def test_cli_build_expert_parallel(tmp_path, capsys):
+    """`llmx build --expert-parallel` records ep = tp; experts that do not divide over the ranks are one line."""
+    from llmx.cli.main import run_cli
+
+    qwen2 = convert(make_tiny_hf_model("qwen2_moe", tmp_path / "hf"), tmp_path / "ckpt", dtype="float32")
+    base = ["build", str(qwen2), "--device", "cpu", "--max-seq-len", "64", "--max-num-tokens", "64",
+            "--expert-parallel"]
+    assert run_cli([*base, "-o", str(tmp_path / "bad"), "--tp", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not divide the 6 experts" in err[0], err
+    assert run_cli([*base, "-o", str(tmp_path / "good"), "--tp", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mapping"] == {"tp": 2, "pp": 1, "ep": 2}
