@@ -243,10 +243,11 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
             calib = build_calibration_set(o.calib_data, _tokenizer(ckpt.path), calib_size=o.calib_size,
                                           seq_len=o.calib_seq_len, batch_size=o.batch_size, seed=o.seed)
         model, source_hash = _load_model(ckpt, o.device, progress)
-        unseen = _calibrate(model, o.algo, quant, plan, calib, progress, config=ckpt.model)
+        unseen = _calibrate(model, o.algo, quant, plan, calib, progress, gptq=o.gptq, config=ckpt.model)
         if unseen is not None:
             plan = dataclasses.replace(plan, warnings=plan.warnings + coverage_warnings(unseen, ckpt.model.num_experts))
-        yield CalibratedModel(model=model, src=src, ckpt=ckpt, quant=quant, plan=plan, calib=calib, source_hash=source_hash,
+        yield CalibratedModel(model=model, src=src, ckpt=ckpt, quant=quant, plan=plan, calib=calib,
+                              source_hash=source_hash,
                               options=o, experts_without_tokens=unseen)
 
 

@@ -184,6 +184,31 @@ def test_recipe_gptq_fields_reach_quantize(tmp_path):
     from llmx.cli.quantize import DEFAULTS
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("family: llama\ntarget: cpu\nquantize: {algo: int4_gptq, gptq_damp: 0.05, gptq_act_order: true}\n")
+    recipe.write_text("family: llama\ntarget: cpu\n"
+                      "quantize: {algo: int4_gptq, gptq_damp: 0.05, gptq_act_order: true}\n")
     values = resolve_settings("quantize", recipe=str(recipe), flags={"gptq_damp": None}, defaults=DEFAULTS).values
     assert (values["gptq_damp"], values["gptq_act_order"], values["gptq_block_size"]) == (0.05, True, None)
+
+
+def test_quantize_hands_its_gptq_settings_to_the_layerwise_pass(tiny_ckpt, tmp_path, monkeypatch):
+    import llmx.quant.modelopt as modelopt_glue
+    from llmx.quant.api import quantize
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def capture(model, loop, *, group_size, settings):
+        seen.update(group_size=group_size, settings=settings)
+        raise Reached
+
+    monkeypatch.setattr(modelopt_glue, "gptq_layerwise", capture)
+    calib = tmp_path / "calib.txt"
+    from helpers.corpus import CORPUS
+
+    calib.write_text((CORPUS / "austen_emma.txt").read_text()[:20_000])
+    with pytest.raises(Reached):
+        quantize(tiny_ckpt, tmp_path / "out", algo="int4_gptq", calib_data=str(calib), calib_size=2, calib_seq_len=32,
+                 group_size=32, gptq_damp=0.05, gptq_block_size=64, gptq_act_order=True)
+    assert seen == {"group_size": 32, "settings": GptqSettings(damp=0.05, block_size=64, act_order=True)}
