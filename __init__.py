@@ -1,9 +1,10 @@
 """llmx: Hugging Face LLM checkpoints to fast inference on NVIDIA GPUs.
 
-Stages: convert -> quantize -> build -> run / bench / eval. Each subpackage is one stage or layer:
-llmx.build (convert, checkpoint and engine formats, sharding), llmx.quant, llmx.runtime, llmx.kernels,
-llmx.recipes, llmx.cli. Heavy dependencies (torch, transformers, modelopt) are imported lazily by the
-code that needs them so `llmx --help` stays fast.
+Stages: convert -> quantize -> build -> run / bench / eval. Each subpackage is one stage or layer, and imports
+run down the layers (docs/ARCHITECTURE.md): llmx.cli; llmx.pipeline, llmx.serve; llmx.bench, llmx.eval,
+llmx.recipes; llmx.build; llmx.quant; llmx.ingest (convert); llmx.runtime; llmx.formats (configs, checkpoint
+and engine directories, rank layouts, weight formats); llmx.kernels; llmx.common. Heavy dependencies (torch,
+transformers, modelopt) are imported lazily by the code that needs them so `llmx --help` stays fast.
 
 The public Python API, importable from here (`from llmx import LLM, SamplingParams`):
 
@@ -28,10 +29,10 @@ _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _ro
 _PUBLIC_API = {
     "LLM": "llmx.runtime.engine",
     "SamplingParams": "llmx.runtime.sequence",
-    "convert": "llmx.build.convert",
+    "convert": "llmx.ingest.convert",
     "quantize": "llmx.quant.api",
     "build_engine": "llmx.build.engine",
-    "evaluate_perplexity": "llmx.runtime.perplexity",
+    "evaluate_perplexity": "llmx.eval.perplexity",
     "run_benchmark": "llmx.bench.runner",
 }
 __all__ = ["__version__", *_PUBLIC_API]

@@ -21,8 +21,14 @@ from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from llmx.bench.driver import RequestRecord, poisson_arrival_offsets
+from llmx.bench.metrics import compute_metrics
+from llmx.bench.report import build_report, environment_description
+from llmx.bench.runner import make_requests, report_config
 from llmx.bench.workload import BenchRequest
 from llmx.common.errors import LlmxError
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
 
 
 class EndpointError(Exception):
@@ -178,7 +184,7 @@ def workload_source(engine_dir) -> Any:
     without loading its weights: the prompts sent to the server are those the in-process bench would run."""
     from types import SimpleNamespace
 
-    from llmx.build.engine import read_engine
+    from llmx.formats.engine_dir import read_engine
     from llmx.runtime.engine import _load_tokenizer
 
     engine = read_engine(engine_dir)
@@ -187,10 +193,6 @@ def workload_source(engine_dir) -> Any:
 
 def run_endpoint_benchmark(endpoint: Endpoint, engine_dir, options, *, recipe: str | None = None) -> dict[str, Any]:
     """Warm up, measure, and return the `llmx-bench/1` report of a server (options: bench.runner.BenchOptions)."""
-    from llmx.bench.metrics import compute_metrics
-    from llmx.bench.report import build_report, environment_description
-    from llmx.bench.runner import make_requests, report_config
-
     requests, warmup = make_requests(workload_source(engine_dir), options)
 
     async def measure() -> tuple[str, list[RequestRecord]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmx.bench.metrics import LATENCY_METRICS, THROUGHPUT_METRICS
+from llmx.bench.report import load_report
 from llmx.common.errors import LlmxError
 from llmx.common.jsonio import non_finite_fields, read_json_object
 
@@ -215,8 +216,6 @@ def _check_number(container: dict[str, Any], key: str, name: str, remedy: str, *
 
 def load_bench_baseline(path: Path) -> dict[str, Any]:
     """Read and check a bench baseline report before anything is measured (exit 2 when it is unusable)."""
-    from llmx.bench.report import load_report
-
     doc = load_report(path)
     check_bench_baseline(doc, str(path))
     return doc

@@ -17,8 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import llmx
 from llmx.bench.metrics import LATENCY_METRICS, PERCENTILES
 from llmx.common.errors import LlmxError
+from llmx.common.jsonio import dumps, read_json_object
 
 SCHEMA = "llmx-bench/1"
 
@@ -51,8 +53,6 @@ def engine_description(engine: Any) -> dict[str, Any]:
 def environment_description(stats: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    import llmx
-
     return {
         "device": stats.get("device"),
         "device_name": stats.get("device_name"),
@@ -75,8 +75,6 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
     A NaN or infinite metric is written as null and listed under `non_finite` (llmx.common.jsonio).
     """
-    from llmx.common.jsonio import dumps
-
     text = dumps(report) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
@@ -90,8 +88,6 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 def load_report(path: Path) -> dict[str, Any]:
     """Read a previous report (a baseline), refusing anything that is not an `llmx-bench/1` document."""
-    from llmx.common.jsonio import read_json_object
-
     report = read_json_object(path, what="baseline report", remedy=f"write one with `llmx bench ENGINE --json {path}`")
     if report.get("schema") != SCHEMA:
         raise LlmxError(f"{path}: is not an {SCHEMA} report (schema: {report.get('schema')}); write one with "

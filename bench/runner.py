@@ -10,9 +10,10 @@ from typing import Any, Callable
 from llmx.bench.driver import drive
 from llmx.bench.metrics import compute_metrics, memory_metrics, per_device_throughput
 from llmx.bench.report import build_report, engine_description, environment_description
-from llmx.bench.workload import (BenchRequest, check_fits, dataset_requests, sampleable_token_ids,
-                                 synthetic_requests, warmup_requests)
+from llmx.bench.workload import (BenchRequest, check_fits, dataset_requests, sampleable_token_ids, synthetic_requests,
+                                 warmup_requests)
 from llmx.common.errors import LlmxError
+from llmx.common.hashing import hash_files
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,6 @@ def measure(llm: Any, options: BenchOptions, *, progress: Callable[[str, int, in
 
 def report_config(options: BenchOptions, recipe: str | None) -> dict[str, Any]:
     """The report's `config`: what the workload is (a baseline's must match it, checked before running)."""
-    from llmx.common.hashing import hash_files
-
     synthetic = options.dataset is None
     return {
         "isl": options.isl if synthetic else None,

@@ -1,6 +1,6 @@
 """Steps of a benchmark run by type (prefill-only, mixed, decode-only), timed from their tokens' return, and the
-kernel groups a profile is summed into: the measuring half of benchmarks/step_breakdown.py (and the groups of
-benchmarks/profile_decode.py), kept in the package so that tests import it.
+kernel groups a profile is summed into: the measuring half of measurements/step_breakdown.py (and the groups of
+measurements/profile_decode.py), kept in the package so that tests import it.
 
 A step's time is the gap between its tokens' return and the previous step's: while the device never idles that is
 the step's device time, and where the host is slower it is host time. Steps with prompt tokens and no decode rows
@@ -13,6 +13,11 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+
+from llmx.runtime.sequence import SamplingParams
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
 
 # Kernel names (GPU profiles) -> group, first match wins.
 KERNEL_GROUPS = (
@@ -146,7 +151,6 @@ def synthetic_step(shape: dict, block_size: int, num_blocks: int):
     """WorkItems of one step of `shape` (a summarize() entry) over distinct KV blocks (wrapping around the
     cache if it is smaller than the step needs): what the runner would be handed for such a step."""
     from llmx.runtime.model_runner import WorkItem
-    from llmx.runtime.sequence import SamplingParams
 
     greedy = SamplingParams(max_new_tokens=1)
     next_block = 0

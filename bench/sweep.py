@@ -61,7 +61,7 @@ def load_sweep(path: Path) -> Sweep:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise LlmxError(f"{path}: no such sweep file; pass a YAML or JSON file listing the cells "
-                        "(see benchmarks/peers/ for one).") from exc
+                        "(see measurements/peers/ for one).") from exc
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise LlmxError(f"{path}: not a readable YAML/JSON sweep file ({exc}).") from exc
     if not isinstance(doc, dict):

@@ -29,19 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from llmx.build.checkpoint import llmx_version
-from llmx.build.shard import local_features
+from llmx.formats.checkpoint import llmx_version
+from llmx.formats.shard import local_features
 from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress
 from llmx.kernels import tuning
-from llmx.quant.methods import UNQUANTIZED, method_for
-from llmx.quant.presets import PRESETS
-from llmx.runtime.config import Mapping, ModelConfig, QuantConfig
+from llmx.formats.weights import UNQUANTIZED, method_for
+from llmx.formats.presets import PRESETS
+from llmx.formats.config import Mapping, ModelConfig, QuantConfig
 
 if TYPE_CHECKING:
-    from llmx.quant.methods import QuantMethod
+    from llmx.formats.weights import QuantMethod
 
 CACHE_FORMAT = "llmx-gemm-tile-cache"
 CACHE_VERSION = 1
@@ -95,7 +95,7 @@ def _rank_gemms(model: ModelConfig, quant: QuantConfig | None,
 
 def kernel_of(quant: QuantConfig | None, method: "QuantMethod") -> str | None:
     """The Triton GEMM (llmx.kernels.tuning's kernel name) a Linear stored by `method` launches on CUDA: its
-    algorithm's `kernel` in llmx.quant.presets.PRESETS; None for cuBLAS (unquantized Linears, the fp8 formats),
+    algorithm's `kernel` in llmx.formats.presets.PRESETS; None for cuBLAS (unquantized Linears, the fp8 formats),
     which has nothing to tune."""
     if quant is None or method is UNQUANTIZED:
         return None
@@ -106,7 +106,7 @@ def gemm_shapes(model: ModelConfig, quant: QuantConfig | None, mapping: Mapping)
     """kernel -> sorted distinct per-rank weight shapes (N out, K in) of its Triton GEMMs; {} when none.
 
     Fused q|k|v has N = (heads + 2 * kv heads per rank) * head_dim, row-parallel o_proj/down_proj split K,
-    column-parallel gate|up split N (llmx.build.shard decides every slice). Excluded modules run unquantized
+    column-parallel gate|up split N (llmx.formats.shard decides every slice). Excluded modules run unquantized
     and are left out; lm_head counts only when its format is quantized.
     """
     found: dict[str, set[tuple[int, int]]] = {}

@@ -12,7 +12,11 @@ import functools
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
+from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -57,8 +61,6 @@ def emit_json(obj: Any) -> None:
 
     Non-finite floats are written as null and listed under `non_finite` (llmx.common.jsonio).
     """
-    from llmx.common.jsonio import dumps
-
     sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
 

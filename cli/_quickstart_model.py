@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmx.build.gguf import is_hf_folder
 from llmx.common.atomic import atomic_output_dir
+from llmx.ingest.gguf import is_hf_folder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -12,6 +12,9 @@ from typing import Any
 
 from llmx.common.errors import LlmxError
 
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
+
 
 @dataclass(frozen=True)
 class Settings:

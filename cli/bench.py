@@ -7,11 +7,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from llmx.bench.regression import (check_metric_names, check_percent, check_same_workload, compare_bench,
+                                   load_bench_baseline)
+from llmx.bench.report import print_report, write_report
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
 from llmx.cli._options import KvCacheFractionOption, PrintConfigOption, RecipeOption, SyncStepsOption
 from llmx.cli._settings import resolve_settings
 from llmx.common import env
 from llmx.common.errors import GateFailure, LlmxError
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 DEFAULTS: dict[str, Any] = {
     "isl": 2048,
@@ -57,7 +63,7 @@ def bench_command(
         metavar="FILE.yaml", show_default=False,
         help="Run every ISL/OSL cell the file lists (requests all at once, optional max batch per cell), each next to "
              "the peer figure it gives, with the ratio; --json writes an llmx-bench-sweep/1 report. Example: "
-             "benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml.")] = None,
+             "measurements/peers/tensorrt-llm-1.0-h100-fp8.yaml.")] = None,
     endpoint: Annotated[Optional[str], typer.Option(
         metavar="URL", show_default=False,
         help="Benchmark an OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000/v1, `llmx serve` or another) "
@@ -110,7 +116,7 @@ def bench_command(
 
       llmx bench engines/llama8b --baseline bench.json --baseline-metric output_throughput_tok_s --tolerance 10
 
-      llmx bench engines/llama8b --sweep benchmarks/peers/tensorrt-llm-1.0-h100-fp8.yaml --json sweep.json
+      llmx bench engines/llama8b --sweep measurements/peers/tensorrt-llm-1.0-h100-fp8.yaml --json sweep.json
     """
     flags = {"isl": isl, "osl": osl, "num_requests": num_requests, "concurrency": concurrency,
              "request_rate": request_rate, "warmup": warmup, "dataset": str(dataset) if dataset else None,
@@ -138,13 +144,10 @@ def bench_command(
         return
     if values["dataset"] is not None and settings.sources["num_requests"] == "default":
         values["num_requests"] = None  # a dataset runs whole unless a count is asked for
-    from llmx.bench.report import print_report, write_report
     from llmx.bench.runner import BenchOptions, run_benchmark
 
     baseline_report = None
     if baseline is not None:  # checked whole before the benchmark runs, not after
-        from llmx.bench.regression import check_metric_names, check_percent, load_bench_baseline
-
         check_percent(values["tolerance"], "--tolerance")
         baseline_report = load_bench_baseline(baseline)
         check_metric_names(baseline_metrics, baseline_report, str(baseline))
@@ -153,7 +156,6 @@ def bench_command(
                            warmup=values["warmup"], dataset=Path(values["dataset"]) if values["dataset"] else None,
                            seed=values["seed"], kv_cache_tokens=values["kv_cache_tokens"])
     if baseline_report is not None:  # a baseline of another workload is refused before the engine loads
-        from llmx.bench.regression import check_same_workload
         from llmx.bench.runner import report_config
 
         check_same_workload(report_config(options, settings.recipe), baseline_report, str(baseline))
@@ -177,8 +179,6 @@ def bench_command(
 
 def _gate(report: dict, baseline_report: dict, tolerance: float, baseline: Path, metrics: list[str] | None = None,
           *, show_table: bool) -> None:
-    from llmx.bench.regression import compare_bench
-
     comparisons = compare_bench(report, baseline_report, tolerance, baseline_name=str(baseline))
     if metrics:
         comparisons = [c for c in comparisons if c.metric in metrics]

@@ -5,16 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmx.bench.regression import check_metric_names, check_percent, load_bench_baseline
+from llmx.bench.report import print_report, write_report
 from llmx.cli._console import out, print_info
 from llmx.cli._settings import Settings
 from llmx.common.errors import LlmxError
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 
 def endpoint_command(engine: Path, url: str, model: str | None, api_key: str | None, values: dict[str, Any],
                      settings: Settings, *, json_path: Path | None, baseline: Path | None,
                      baseline_metrics: list[str] | None, sweep: Path | None) -> None:
     from llmx.bench.endpoint import Endpoint, run_endpoint_benchmark
-    from llmx.bench.report import print_report, write_report
     from llmx.bench.runner import BenchOptions
 
     if sweep is not None:
@@ -23,8 +27,6 @@ def endpoint_command(engine: Path, url: str, model: str | None, api_key: str | N
         values["num_requests"] = None  # a dataset runs whole unless a count is asked for
     baseline_report = None
     if baseline is not None:
-        from llmx.bench.regression import check_metric_names, check_percent, load_bench_baseline
-
         check_percent(values["tolerance"], "--tolerance")
         baseline_report = load_bench_baseline(baseline)
         check_metric_names(baseline_metrics, baseline_report, str(baseline))

@@ -7,12 +7,14 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from llmx.cli._console import (emit_json, out, print_info, print_warning, progress_bars, resolve_device,
-                               stage_callback)
+from llmx.cli._console import emit_json, out, print_info, print_warning, progress_bars, resolve_device, stage_callback
 from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import resolve_settings
 
-# Mirrors llmx.runtime.config.BuildConfig's defaults (a test keeps them equal); "auto" picks cuda when visible.
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
+
+# Mirrors llmx.formats.config.BuildConfig's defaults (a test keeps them equal); "auto" picks cuda when visible.
 DEFAULTS: dict[str, Any] = {
     "tp": 1,
     "pp": 1,
@@ -80,7 +82,7 @@ def build_command(
         return
     target = require_out(out_dir, f"llmx build {ckpt} -o engines/{ckpt.name}")
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig, Mapping
+    from llmx.formats.config import BuildConfig, Mapping
 
     values = settings.values
     build = BuildConfig(max_batch_size=values["max_batch_size"], max_seq_len=values["max_seq_len"],

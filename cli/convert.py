@@ -13,6 +13,9 @@ from llmx.cli._console import emit_json, format_bytes, out, print_info, progress
 from llmx.cli._options import ForceOption, JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import resolve_settings
 
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
+
 DEFAULTS = {"dtype": "bfloat16"}
 
 
@@ -60,7 +63,7 @@ def convert_command(
         return
     target = require_out(out_dir, "llmx convert MODEL -o ckpt/")
     _check_local_config(hf_dir)
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     start = time.perf_counter()
     with progress_bars() as bars:
@@ -92,6 +95,6 @@ def _check_local_config(source: str) -> None:
     the architecture, sizes and fields are validated by the same code convert runs."""
     config = Path(source) / "config.json"
     if config.is_file():
-        from llmx.build.families import read_hf_config
+        from llmx.formats.families import read_hf_config
 
         read_hf_config(config)

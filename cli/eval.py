@@ -8,11 +8,14 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
+from llmx.bench.regression import check_percent, compare_perplexity, describe_value, load_eval_baseline
 from llmx.cli._console import emit_json, out, print_info, progress_bars, stage_callback
 from llmx.cli._options import JsonOption, PrintConfigOption, RecipeOption
 from llmx.cli._settings import require, resolve_settings
-from llmx.bench.regression import describe_value
 from llmx.common.errors import GateFailure
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 DEFAULTS: dict[str, Any] = {
     "data": None,
@@ -68,11 +71,9 @@ def eval_command(
     text = Path(require(settings, "data"))
     baseline_result = None
     if baseline is not None:  # checked whole before anything is measured
-        from llmx.bench.regression import check_percent, load_eval_baseline
-
         check_percent(settings["max_increase"], "--max-increase")
         baseline_result = load_eval_baseline(baseline)
-    from llmx.runtime.perplexity import evaluate_perplexity
+    from llmx.eval.perplexity import evaluate_perplexity
 
     device_name = None if settings["device"] == "auto" else settings["device"]  # None: the library picks
     with progress_bars() as bars:
@@ -81,8 +82,6 @@ def eval_command(
     summary = {"schema": "llmx-eval/1", "path": str(engine_or_ckpt), **result.to_dict()}
     comparison = None
     if baseline_result is not None:
-        from llmx.bench.regression import compare_perplexity
-
         comparison = compare_perplexity(summary, baseline_result, settings["max_increase"], baseline_name=str(baseline))
         summary["baseline"] = comparison.to_dict()
     if json_output:

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from llmx.cli._console import (emit_json, err, out, print_info, print_warning, progress_bars,
-                               stage_callback)
+from llmx.cli._console import emit_json, err, out, print_info, print_warning, progress_bars, stage_callback
 from llmx.cli._options import JsonOption
 from llmx.common.errors import GateFailure, LlmxError
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 if TYPE_CHECKING:
     from llmx.pipeline.runner import PipelineResult, StageResult
@@ -58,7 +60,7 @@ def pipeline_command(
 
       llmx pipeline --recipe llama/h100 --model ./Llama-3.1-8B-Instruct --junit pipeline.xml
 
-      llmx pipeline --recipe ci/smollm2-cpu.yaml --model "$SMOLLM2" --workdir .llmx-work/ci
+      llmx pipeline --recipe regression/smollm2-cpu.yaml --model "$SMOLLM2" --workdir .llmx-work/ci
 
       llmx pipeline --recipe my.yaml --model ckpt/llama8b --only eval,bench --json > summary.json
     """
@@ -89,7 +91,8 @@ def pipeline_command(
 
 def stage_defaults() -> dict[str, dict[str, Any]]:
     """Each command's defaults: a stage run by the pipeline gets the same settings as the command would."""
-    from llmx.cli import bench, build, convert, eval as eval_, quantize
+    from llmx.cli import bench, build, convert, quantize
+    from llmx.cli import eval as eval_
 
     return {"convert": convert.DEFAULTS, "quantize": quantize.DEFAULTS, "build": build.DEFAULTS,
             "eval": eval_.DEFAULTS, "bench": bench.DEFAULTS}

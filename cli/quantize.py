@@ -12,6 +12,9 @@ from llmx.cli._console import (emit_json, format_bytes, out, print_warning, prog
 from llmx.cli._options import ForceOption, JsonOption, PrintConfigOption, RecipeOption, require_out
 from llmx.cli._settings import require, resolve_settings
 
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
+
 DEFAULTS: dict[str, Any] = {
     "algo": None,
     "kv_cache_dtype": None,
@@ -19,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "calib_size": None,  # by device: quant.api.CALIBRATION_DEFAULTS
     "calib_seq_len": None,
     "batch_size": 8,
-    "group_size": None,  # chosen for the model: quant.presets.AUTO_GROUP_SIZES
+    "group_size": None,  # chosen for the model: formats.presets.AUTO_GROUP_SIZES
     "exclude": [],
     "device": "auto",
     "seed": 0,

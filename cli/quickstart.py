@@ -11,6 +11,10 @@ import typer
 from llmx.cli._console import emit_json, out, print_info, progress_bars, resolve_device, stage_callback
 from llmx.cli._options import JsonOption
 from llmx.common.errors import LlmxError
+from llmx.runtime.sequence import SamplingParams
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.")
 DEFAULT_WORKDIR = Path(".llmx-work")
@@ -83,8 +87,8 @@ def quickstart_command(
 
 
 def _stage_model(model: Path | None, random_model: bool, workdir: Path, stage) -> tuple[Path, str, bool]:
-    from llmx.build.gguf import hf_folder_from_gguf, smollm2_gguf
     from llmx.cli._quickstart_model import write_random_llama
+    from llmx.ingest.gguf import hf_folder_from_gguf, smollm2_gguf
 
     start = time.perf_counter()
     if model is not None:
@@ -105,8 +109,8 @@ def _stage_model(model: Path | None, random_model: bool, workdir: Path, stage) -
 
 
 def _stage_convert(hf_dir: Path, workdir: Path, stage) -> Path:
-    from llmx.build.convert import convert
     from llmx.cli.convert import checkpoint_summary
+    from llmx.ingest.convert import convert
 
     start = time.perf_counter()
     ckpt, stamp_file = workdir / "ckpt", workdir / "ckpt.source.json"
@@ -138,7 +142,7 @@ def _source_stamp(hf_dir: Path) -> str:
 
 def _stage_build(ckpt: Path, workdir: Path, device: str, stage) -> Path:
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
 
     build = BuildConfig(device=device, **BUILD[device])
     with progress_bars() as bars:
@@ -150,9 +154,6 @@ def _stage_build(ckpt: Path, workdir: Path, device: str, stage) -> Path:
 
 
 def _stage_run(llm, max_new_tokens: int, stage, *, show: bool) -> list[dict[str, Any]]:
-    from llmx.common.errors import LlmxError
-    from llmx.runtime.sequence import SamplingParams
-
     start = time.perf_counter()
     chat = bool(getattr(llm.tokenizer, "chat_template", None))
     results = llm.generate(list(PROMPTS), SamplingParams(max_new_tokens=max_new_tokens), chat=chat)

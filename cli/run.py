@@ -14,6 +14,10 @@ from llmx.cli._options import JsonOption, KvCacheFractionOption, PrintConfigOpti
 from llmx.cli._settings import resolve_settings
 from llmx.common.errors import LlmxError
 from llmx.common.text import check_utf8_argument, read_utf8
+from llmx.runtime.sequence import SamplingParams
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 128,
@@ -181,8 +185,6 @@ def _jsonl_prompt(path: Path, line_no: int, line: str) -> str:
 
 
 def _sampling_params(values: dict[str, Any]):
-    from llmx.runtime.sequence import SamplingParams
-
     try:
         return SamplingParams(max_new_tokens=values["max_new_tokens"], temperature=values["temperature"],
                               top_k=values["top_k"], top_p=values["top_p"], seed=values["seed"],

@@ -15,6 +15,9 @@ from llmx.cli._settings import resolve_settings
 from llmx.common import env
 from llmx.common.errors import LlmxError
 
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
+
 # The KV-cache settings come from the recipe's `run` section: serving runs the engine as `llmx run` does.
 DEFAULTS: dict[str, Any] = {"kv_cache_tokens": None, "kv_cache_fraction": 0.9}
 

@@ -11,7 +11,7 @@ as it would inside a forward pass (where each layer's weights are read once); th
 measured by a graph of them alone, is subtracted. Reading, not writing, keeps the evicted lines clean:
 a written buffer would leave the L2 full of dirty lines whose write-back the timed kernel would pay.
 
-Used by `llmx build`'s tile tuning (kernels/tuning.py) and by the kernel benchmarks under benchmarks/.
+Used by `llmx build`'s tile tuning (kernels/tuning.py) and by the kernel benchmarks under measurements/.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterable
 
 from llmx.common.errors import LlmxError
 
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
+
 TABLE_FORMAT = "llmx-gemm-tiles"
 TABLE_VERSION = 1
 

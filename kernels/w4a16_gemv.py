@@ -27,7 +27,7 @@ worth 2^-p), gives exactly the float 2^(23 - p) + nibble. One AND-OR (a LOP3) pe
     shifted right by 9 put nibble i at p = 11, 15, 19 (i = 0-2), 12, 16 (i = 3-4) and 11, 15, 19 (i = 5-7), and
     the loop multiplies 2^(23 - p) + nibble itself into x. The offsets sum_i (2^(23 - p_i) + 8) x_i are the same
     for every weight row: computed once per word column, they start the row sums. Two shifts per word and no
-    subtract, so the K loop is shorter at M = 1 and 2 (sm_90 SASS, `benchmarks/gemv_sass.py`); at M = 4 it would
+    subtract, so the K loop is shorter at M = 1 and 2 (sm_90 SASS, `measurements/gemv_sass.py`); at M = 4 it would
     be longer, since the subtract loop shares each subtract among the rows. The price is precision: the
     products carry a part up to 4,096x the activation that the offset cancels, which costs float32 about 12 of
     its 24 bits. The error stays near 2^-14 of the largest output (K = 4,096), under a bf16 or fp16 output's own

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmx.bench.regression import compare_bench, compare_perplexity
 from llmx.common.errors import LlmxError
 from llmx.common.jsonio import loads, restore_non_finite
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan, ScenarioPlan
@@ -112,8 +113,6 @@ def _absolute(name: str, stage: str, measured: float | None, threshold: float, c
 
 
 def _against_baseline(prefix: str, dataset: DatasetPlan, result: dict[str, Any]) -> Gate:
-    from llmx.bench.regression import compare_perplexity
-
     name = f"{prefix}.max_increase"
     assert dataset.baseline is not None and dataset.max_increase is not None
     try:
@@ -127,8 +126,6 @@ def _against_baseline(prefix: str, dataset: DatasetPlan, result: dict[str, Any])
 
 
 def _against_reference(prefix: str, dataset: DatasetPlan, result: dict[str, Any], reference: dict[str, Any]) -> Gate:
-    from llmx.bench.regression import compare_perplexity
-
     assert dataset.max_increase is not None
     name = f"{prefix}.max_increase"
     try:
@@ -151,8 +148,6 @@ def _number(value: Any) -> float:
 
 
 def _bench_baseline(prefix: str, scenario: ScenarioPlan, report: dict[str, Any]) -> list[Gate]:
-    from llmx.bench.regression import compare_bench
-
     assert scenario.baseline is not None
     tolerance = scenario.tolerance
     try:

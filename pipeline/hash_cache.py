@@ -20,6 +20,7 @@ from typing import Callable
 
 from llmx.common.hashing import hash_file
 from llmx.common.jsonio import dumps
+from llmx.pipeline.workdir import write_text_atomic
 
 CACHE_VERSION = 1
 RACY_NS = 2_000_000_000  # file timestamps can be this coarse (FAT: 2 s; ext4/tmpfs: a clock tick)
@@ -85,7 +86,6 @@ class HashCache:
         """Write the cache back (atomically) if anything new was hashed."""
         if not self._dirty:
             return
-        from llmx.pipeline.workdir import write_text_atomic
 
         write_text_atomic(self.file, dumps({"version": CACHE_VERSION, "files": self._entries}, indent=0) + "\n")
         self._dirty = False

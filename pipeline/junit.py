@@ -12,6 +12,7 @@ import platform
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import llmx
 from llmx.pipeline.gates import Gate
 from llmx.pipeline.runner import PipelineResult, StageResult
 from llmx.pipeline.workdir import write_text_atomic
@@ -20,8 +21,6 @@ SUITE_NAME = "llmx pipeline"
 
 
 def junit_xml(result: PipelineResult) -> str:
-    from llmx import __version__
-
     skipped = sum(s.status in ("skipped", "not run") for s in result.stages)
     suite = ET.Element("testsuite", {
         "name": SUITE_NAME,
@@ -36,7 +35,7 @@ def junit_xml(result: PipelineResult) -> str:
     properties = ET.SubElement(suite, "properties")
     plan = result.plan
     for name, value in (("recipe", plan.recipe), ("model", str(plan.model)), ("workdir", str(plan.workdir)),
-                        ("llmx", __version__)):
+                        ("llmx", llmx.__version__)):
         ET.SubElement(properties, "property", {"name": name, "value": value})
     for stage in result.stages:
         suite.append(_stage_case(stage))

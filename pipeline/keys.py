@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llmx
 from llmx.common.hashing import hash_json
 from llmx.pipeline.hash_cache import HashCache
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan
@@ -34,9 +35,7 @@ class StageKeys:
 
 
 def stage_key(stage: str, payload: dict[str, Any]) -> str:
-    from llmx import __version__
-
-    return hash_json({"llmx": __version__, "stage": stage, **payload})
+    return hash_json({"llmx": llmx.__version__, "stage": stage, **payload})
 
 
 def compute_keys(plan: PipelinePlan, hashes: HashCache) -> StageKeys:

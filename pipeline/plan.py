@@ -5,7 +5,7 @@ recipe's section (the pipeline has no per-stage flags: the recipe file is where 
 the recipe (model.source, quantize.calib_data, eval data and baselines, bench baselines and dataset) are
 relative to the recipe file's folder, or to the current directory for a shipped recipe (`llama/h100`),
 so a recipe committed next to its data works from any directory. A model source that is no existing path
-but a hub model ID (ORG/NAME[@REVISION], llmx.build.hub) is fetched into the Hugging Face cache here.
+but a hub model ID (ORG/NAME[@REVISION], llmx.ingest.hub) is fetched into the Hugging Face cache here.
 
 Checks that span sections (a window or a request longer than the engine's max_seq_len, a calibrating
 algorithm without data, a missing baseline file) happen here, before any stage runs, naming the field.
@@ -18,10 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmx.bench.regression import gated_metrics, load_bench_baseline, load_eval_baseline
 from llmx.common.errors import LlmxError
+from llmx.common.limits import SETTING_LIMITS, out_of_range
+from llmx.ingest.hub import download_model, parse_hub_id
+from llmx.formats.presets import KV_ONLY, needs_calibration
+
+# The recipe loader imports pydantic; it is imported inside the function that reads a recipe.
 
 STAGES = ("convert", "quantize", "build", "eval", "bench")
-# The file that marks an llmx checkpoint (llmx.build.checkpoint.CHECKPOINT_FILE): such a source skips convert.
+# The file that marks an llmx checkpoint (llmx.formats.checkpoint.CHECKPOINT_FILE): such a source skips convert.
 CHECKPOINT_MARKER = "llmx.json"
 # Suffixes that make a calibration spec a file path rather than a hub dataset name (llmx.quant.calibrate).
 _CALIB_FILE_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".parquet")
@@ -169,8 +175,6 @@ def _model_source(recipe: Any, name: str, model: str | Path | None, paths: _Path
         raise LlmxError(f"no model to run: pass --model PATH (a Hugging Face folder, a hub model ID ORG/NAME or an "
                         f"llmx checkpoint) or set `model.source` in {name}.")
     if not source.exists():
-        from llmx.build.hub import download_model, parse_hub_id
-
         hub_id = parse_hub_id(spec)
         if hub_id is not None:  # fetched (or found in the hub cache) now: convert's key hashes its files
             return download_model(*hub_id).path, False
@@ -195,8 +199,6 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quantize_options(values: dict[str, Any], name: str, paths: _Paths) -> tuple[dict[str, Any] | None, str | None]:
-    from llmx.quant.presets import KV_ONLY, needs_calibration
-
     algo, kv = values["algo"], values["kv_cache_dtype"]
     if algo is None:
         return None, "the recipe sets no quantize.algo"
@@ -325,16 +327,12 @@ def _scenarios(recipe: Any, values: dict[str, Any], build: dict[str, Any], name:
 
 def _check_ranges(values: dict[str, Any], field: str, name: str) -> None:
     """The numbers of one recipe section or entry within their ranges (common.limits), as the commands check."""
-    from llmx.common.limits import SETTING_LIMITS, out_of_range
-
     problem = out_of_range(values, SETTING_LIMITS)
     if problem is not None:
         raise LlmxError(f"{name}: `{field}.{problem[0]}` {problem[1]}.")
 
 
 def _check_metric_names(names: list[str], where: str) -> None:
-    from llmx.bench.regression import gated_metrics
-
     known = list(gated_metrics({}))
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -345,8 +343,6 @@ def _check_metric_names(names: list[str], where: str) -> None:
 def _check_schema(path: Path, schema: str, where: str) -> None:
     """Refuse a baseline that is malformed (wrong kind, missing or non-finite values) now, not after every
     stage has run: the same checks `llmx eval --baseline` and `llmx bench --baseline` make."""
-    from llmx.bench.regression import load_bench_baseline, load_eval_baseline
-
     load = load_eval_baseline if schema == "llmx-eval/1" else load_bench_baseline
     try:
         load(path)

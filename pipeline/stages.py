@@ -16,14 +16,22 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmx.bench.report import write_report
+from llmx.bench.runner import BenchOptions, run_benchmark
+from llmx.common.atomic import atomic_output_dir
 from llmx.common.jsonio import dumps
 from llmx.common.progress import Progress, relabel
+from llmx.eval.perplexity import evaluate_perplexity
+from llmx.formats.config import BuildConfig, Mapping
 from llmx.pipeline.plan import DatasetPlan, PipelinePlan, ScenarioPlan
 from llmx.pipeline.workdir import Workdir
 
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
+
 
 def run_convert(plan: PipelinePlan, work: Workdir, progress: Progress | None) -> dict[str, Any]:
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     out = convert(plan.model, work.output("convert"), dtype=plan.convert["dtype"],
                   dummy_weights=plan.convert["dummy_weights"], force=True,
@@ -58,8 +66,6 @@ def run_eval(plan: PipelinePlan, work: Workdir, engine: Path, unquantized: Path,
     previous eval output instead of building and scoring the reference engine again (it depends only on
     convert, the build options and the dataset, not on quantize).
     """
-    from llmx.common.atomic import atomic_output_dir
-
     old_dir = work.output("eval")
     summary: dict[str, Any] = {}
     with contextlib.ExitStack() as stack, atomic_output_dir(old_dir) as tmp:
@@ -89,9 +95,6 @@ def run_eval(plan: PipelinePlan, work: Workdir, engine: Path, unquantized: Path,
 
 def run_bench(plan: PipelinePlan, work: Workdir, engine: Path, progress: Progress | None) -> dict[str, Any]:
     """Benchmark every scenario on a freshly loaded engine each (no prefix cache or KV state carried over)."""
-    from llmx.bench.report import write_report
-    from llmx.common.atomic import atomic_output_dir
-
     summary = {}
     with atomic_output_dir(work.output("bench")) as tmp:
         for scenario in plan.scenarios:
@@ -107,7 +110,6 @@ def run_bench(plan: PipelinePlan, work: Workdir, engine: Path, progress: Progres
 
 def _build(plan: PipelinePlan, checkpoint: Path, out: Path, progress: Progress | None) -> Any:
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig, Mapping
 
     options = plan.build
     build = BuildConfig(max_batch_size=options["max_batch_size"], max_seq_len=options["max_seq_len"],
@@ -130,8 +132,6 @@ def _reference_engine(plan: PipelinePlan, work: Workdir, unquantized: Path,
 def _score(engine: Path, dataset: DatasetPlan, device: str | None, progress: Progress | None,
            label: str) -> dict[str, Any]:
     """An `llmx eval --json` result (schema llmx-eval/1), so it can serve as a committed baseline as is."""
-    from llmx.runtime.perplexity import evaluate_perplexity
-
     report = (lambda stage, done, total: progress(label, done, total)) if progress is not None else None
     try:
         result = evaluate_perplexity(engine, dataset.data, seq_len=dataset.seq_len, windows=dataset.windows,
@@ -142,7 +142,6 @@ def _score(engine: Path, dataset: DatasetPlan, device: str | None, progress: Pro
 
 
 def _benchmark(engine: Path, scenario: ScenarioPlan, recipe: str, progress: Progress | None) -> dict[str, Any]:
-    from llmx.bench.runner import BenchOptions, run_benchmark
     from llmx.runtime.engine import LLM
 
     options = BenchOptions(isl=scenario.isl, osl=scenario.osl, num_requests=scenario.num_requests,

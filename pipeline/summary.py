@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import llmx
 from llmx.pipeline.runner import PipelineResult
 
 SCHEMA = "llmx-pipeline/1"
 
 
 def summary_dict(result: PipelineResult) -> dict[str, Any]:
-    from llmx import __version__
-
     plan = result.plan
     return {
         "schema": SCHEMA,
         "recipe": plan.recipe,
         "model": str(plan.model),
         "workdir": str(plan.workdir),
-        "llmx": __version__,
+        "llmx": llmx.__version__,
         "started_at": result.started_at,
         "seconds": round(result.seconds, 3),
         "stages": [s.to_dict() for s in result.stages],

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from llmx.common.errors import LlmxError
 from llmx.common.progress import Progress
-from llmx.quant import presets
-from llmx.quant.methods.kv_cache import check_kv_cache_dtype
+from llmx.formats import presets
+from llmx.formats.weights.kv_cache import check_kv_cache_dtype
 from llmx.quant.moe import (ExpertTokenCounts, coverage_warnings, expert_module, expert_quantizer_entries,
                             read_expert_state)
 from llmx.quant.moe import check_algo as check_moe_algo
 
 if TYPE_CHECKING:
-    from llmx.build.checkpoint import Checkpoint
+    from llmx.formats.checkpoint import Checkpoint
     from llmx.quant.gptq import GptqSettings
     from llmx.quant.export_llmx import LinearState
-    from llmx.runtime.config import ModelConfig, QuantConfig
+    from llmx.formats.config import ModelConfig, QuantConfig
 
 EXPORT_FORMATS = ("llmx", "hf")
 LM_HEAD = "lm_head"
@@ -163,7 +163,7 @@ def calibrated_model(src: Path, *, algo: str, kv_cache_dtype: str | None = None,
     """ModelOpt's calibrated model for `src`, exactly as quantize() calibrates it with the same options.
 
     The model is transformers' with ModelOpt's fake quantizers: scoring it measures the algorithm alone
-    (benchmarks/quant_reference.py), and `write_llmx` exports the very same calibration.
+    (measurements/quant_reference.py), and `write_llmx` exports the very same calibration.
     """
     options = _resolve_options(algo=algo, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                                calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
@@ -257,10 +257,10 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
 
     The LM head is skipped unless `quantize_lm_head` (the caller has checked the head is not tied).
     """
-    from llmx.build.checkpoint import linear_modules
-    from llmx.quant.export_llmx import FUSED_GROUPS
-    from llmx.quant.methods.int4 import check_group_divides
-    from llmx.quant.methods.nvfp4 import check_block_divides
+    from llmx.formats.checkpoint import linear_modules
+    from llmx.formats.checkpoint import FUSED_GROUPS
+    from llmx.formats.weights.int4 import check_group_divides
+    from llmx.formats.weights.nvfp4 import check_block_divides
 
     linears = linear_modules(model)
     names = [m.name for m in linears]
@@ -294,7 +294,7 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
 
 def _in_features(model: "ModelConfig", plan: ModulePlan) -> dict[str, int]:
     """Input features of each Linear the plan quantizes."""
-    from llmx.build.checkpoint import linear_modules
+    from llmx.formats.checkpoint import linear_modules
 
     quantized = set(plan.quantized)
     return {m.name: m.in_features for m in linear_modules(model) if m.name in quantized}
@@ -302,8 +302,9 @@ def _in_features(model: "ModelConfig", plan: ModulePlan) -> dict[str, int]:
 
 def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, exclude: tuple[str, ...],
                   plan: ModulePlan, *, quantize_lm_head: bool = False) -> "QuantConfig":
-    from llmx.quant.export_llmx import PRE_QUANT_SCALE_KEY, pre_quant_scale_patterns
-    from llmx.runtime.config import QuantConfig
+    from llmx.formats.config import PRE_QUANT_SCALE_KEY
+    from llmx.quant.export_llmx import pre_quant_scale_patterns
+    from llmx.formats.config import QuantConfig
 
     extra: dict[str, Any] = {}
     patterns = pre_quant_scale_patterns(algo)
@@ -341,10 +342,10 @@ def _check_lm_head_options(quantize_lm_head: bool, algo: str, exclude: tuple[str
 
 def _check_untied_head(src: Path) -> None:
     """--quantize-lm-head needs a head of its own: read only the config (llmx.json or config.json)."""
-    from llmx.build.checkpoint import CHECKPOINT_FILE, read_checkpoint
+    from llmx.formats.checkpoint import CHECKPOINT_FILE, read_checkpoint
 
     if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
-        from llmx.build.families import read_hf_config
+        from llmx.formats.families import read_hf_config
 
         model, where, field = read_hf_config(src / "config.json")[1], src / "config.json", "tie_word_embeddings"
     else:
@@ -367,7 +368,7 @@ def _check_device(device: str) -> str:
 
 
 def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None:
-    from llmx.build.checkpoint import CHECKPOINT_FILE
+    from llmx.formats.checkpoint import CHECKPOINT_FILE
     from llmx.common.atomic import check_output_dir
     from llmx.quant.export_hf import HF_QUANT_CONFIG
 
@@ -378,11 +379,11 @@ def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None
 @contextlib.contextmanager
 def _source_checkpoint(src: Path) -> Iterator["Checkpoint"]:
     """The llmx checkpoint at `src`; an unquantized HF folder is converted into a temporary one first."""
-    from llmx.build.checkpoint import CHECKPOINT_FILE, read_checkpoint
+    from llmx.formats.checkpoint import CHECKPOINT_FILE, read_checkpoint
 
     if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
-        from llmx.build.convert import convert
-        from llmx.quant.hf_import import is_modelopt_checkpoint
+        from llmx.ingest.convert import convert
+        from llmx.ingest.hf_import import is_modelopt_checkpoint
 
         if is_modelopt_checkpoint(src):
             raise LlmxError(f"{src} is already quantized (a ModelOpt checkpoint); `llmx convert` it to an llmx "
@@ -395,7 +396,7 @@ def _source_checkpoint(src: Path) -> Iterator["Checkpoint"]:
 
 
 def _hf_dtype(hf_dir: Path) -> str:
-    from llmx.runtime.config import SUPPORTED_DTYPES
+    from llmx.formats.config import SUPPORTED_DTYPES
 
     config = json.loads((hf_dir / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype")
@@ -414,8 +415,8 @@ def _tokenizer(ckpt_dir: Path):
 
 def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
     """The calibration model and the sha256 of the source checkpoint (llmx.json + rank0), read in one pass."""
-    from llmx.build.checkpoint import CHECKPOINT_FILE
-    from llmx.build.safetensors_stream import SafetensorsFile
+    from llmx.formats.checkpoint import CHECKPOINT_FILE
+    from llmx.formats.safetensors_stream import SafetensorsFile
     from llmx.quant.calibrate import build_calibration_model
 
     hasher = hashlib.sha256((ckpt.path / CHECKPOINT_FILE).read_bytes())
@@ -475,7 +476,7 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
 
 
 def _hf_module(llmx_module: str) -> str:
-    from llmx.build.families import llmx_to_hf_name
+    from llmx.formats.families import llmx_to_hf_name
 
     return llmx_to_hf_name(f"{llmx_module}.weight").removesuffix(".weight")
 
@@ -510,12 +511,12 @@ def _kv_amax(model, config: "ModelConfig", quant: "QuantConfig") -> dict:
 
 def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePlan, out: Path, provenance: dict,
                 progress: Progress | None) -> None:
-    from llmx.build.checkpoint import checkpoint_tensor_specs, rank_file, verify_tensors, write_checkpoint_meta
-    from llmx.build.safetensors_stream import SafetensorsFile, SafetensorsStreamWriter, TensorEntry
-    from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+    from llmx.formats.checkpoint import checkpoint_tensor_specs, rank_file, verify_tensors, write_checkpoint_meta
+    from llmx.formats.safetensors_stream import SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+    from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
     from llmx.common.atomic import atomic_output_dir
     from llmx.quant.export_llmx import export_tensors
-    from llmx.runtime.config import Mapping
+    from llmx.formats.config import Mapping
 
     specs = checkpoint_tensor_specs(ckpt.model, ckpt.dtype, quant)
     entries = [TensorEntry(name, spec.dtype, tuple(spec.shape)) for name, spec in specs.items()]
@@ -532,7 +533,7 @@ def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePla
 
 
 def _write_hf(model, ckpt: "Checkpoint", out: Path) -> None:
-    from llmx.build.tokenizer_files import find_tokenizer_files
+    from llmx.formats.tokenizer_files import find_tokenizer_files
     from llmx.common.atomic import atomic_output_dir
     from llmx.quant.export_hf import export_hf
 
@@ -542,7 +543,7 @@ def _write_hf(model, ckpt: "Checkpoint", out: Path) -> None:
 
 def _provenance(src: Path, source_hash: str, calib, calib_data: str | None, calib_size: int, calib_seq_len: int,
                 seed: int, recipe: str | None) -> dict:
-    from llmx.build.checkpoint import make_provenance
+    from llmx.formats.checkpoint import make_provenance
     from llmx.quant.modelopt import modelopt_version
 
     calibration = None

@@ -4,7 +4,7 @@ Sources (`--calib-data`):
 - a local .txt file (one document), a .json / .jsonl / .parquet file (one document per row) or a folder
   written by `Dataset.save_to_disk` (its `train` split, else `train_sft`, `validation`, or its only split);
 - a known calibration set by name (`CALIBRATION_SETS`: cnn_dailymail, ultrachat_200k, pile_val, wikitext),
-  fetched through huggingface_hub's cache (llmx.build.hub) from its hub repository: only the first shard of
+  fetched through huggingface_hub's cache (llmx.ingest.hub) from its hub repository: only the first shard of
   the named split, which holds far more text than calibration reads;
 - any other hub dataset name (`name` or `name:config`, split train), loaded by `datasets`.
 Each row's document is its `text` field, else `messages` (a chat, rendered with the model's chat template,
@@ -272,7 +272,7 @@ def _load_saved(path: Path, datasets):
 
 def _load_known(name: str, entry: KnownSet, cache_dir: str, datasets, *, defaulted: bool) -> tuple[Any, str]:
     """The first shard of a known set's split, through huggingface_hub's cache; (dataset, origin)."""
-    from llmx.build.hub import fetch_snapshot
+    from llmx.ingest.hub import fetch_snapshot
 
     label = f"{name} ({entry.repo_id}{'; the default without --calib-data' if defaulted else ''})"
     folder = Path(fetch_snapshot(entry.repo_id, None, repo_type="dataset", allow_patterns=[entry.files],
@@ -386,7 +386,7 @@ def build_calibration_model(model: Any, dtype: str, tensors: Iterator[tuple[str,
     import torch
     import transformers
 
-    from llmx.build.families import hf_config_from_model_config, llmx_to_hf_name
+    from llmx.formats.families import hf_config_from_model_config, llmx_to_hf_name
     from llmx.quant.moe import calibration_parameter
 
     hf = hf_config_from_model_config(model, dtype)

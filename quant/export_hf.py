@@ -11,6 +11,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from llmx.formats.tokenizer_files import copy_files
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
+
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 
@@ -18,7 +23,6 @@ def export_hf(model: Any, out_dir: Path, dtype: str, tokenizer_files: list[Path]
     """Write the HF folder into `out_dir` (the temporary directory of an atomic output)."""
     import torch
 
-    from llmx.build.tokenizer_files import copy_files
     from llmx.quant.modelopt import export_hf_checkpoint
 
     export_hf_checkpoint(copy.deepcopy(model), str(out_dir), getattr(torch, dtype))

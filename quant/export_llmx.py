@@ -26,15 +26,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:
     import torch
 
-    from llmx.runtime.config import ModelConfig, QuantConfig
+    from llmx.formats.config import ModelConfig, QuantConfig
 
-# Linears reading the same normalized input, fused at build, and the norm in front of them.
-FUSED_GROUPS = (("attn", ("q_proj", "k_proj", "v_proj"), "attn_norm"),
-                ("mlp", ("gate_proj", "up_proj"), "mlp_norm"))
-UNFUSED = (("attn", "o_proj"), ("mlp", "down_proj"))
-# The LM head and the norm in front of it (llmx names). The checkpoint yields final_norm before lm_head.
-HEAD_GROUP = (("lm_head",), "final_norm")
-PRE_QUANT_SCALE_KEY = "pre_quant_scale_modules"
+from llmx.formats.checkpoint import FUSED_GROUPS, HEAD_GROUP, UNFUSED
+from llmx.formats.config import PRE_QUANT_SCALE_KEY
 
 
 @dataclass
@@ -57,8 +52,8 @@ class LinearState:
 
 def pre_quant_scale_patterns(algo: str) -> list[str]:
     """Modules that keep pre_quant_scale in checkpoints of `algo` (those without a norm to fold into), for the
-    algorithms that smooth (their row's `smoothing` in llmx.quant.presets.PRESETS)."""
-    from llmx.quant.presets import preset_of
+    algorithms that smooth (their row's `smoothing` in llmx.formats.presets.PRESETS)."""
+    from llmx.formats.presets import preset_of
 
     preset = preset_of(algo)
     if preset is not None and preset.smoothing:
@@ -75,8 +70,8 @@ def export_tensors(model: "ModelConfig", dtype: str, quant: "QuantConfig", *,
     source(name) returns the unquantized checkpoint's tensor; `states` holds the quantized Linears
     (llmx module names), every other Linear is copied from the source.
     """
-    from llmx.build.checkpoint import checkpoint_tensor_specs
-    from llmx.quant.methods.kv_cache import kv_scale_from_amax, kv_scale_names
+    from llmx.formats.checkpoint import checkpoint_tensor_specs
+    from llmx.formats.weights.kv_cache import kv_scale_from_amax, kv_scale_names
 
     specs = checkpoint_tensor_specs(model, dtype, quant)
     produced: dict[str, "torch.Tensor"] = {}
@@ -117,11 +112,11 @@ def _copy(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
 def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantConfig",
                   source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
     """The quantized Linears of one layer, and its norms when a smoothing vector was folded into them."""
-    from llmx.build.checkpoint import mlp_prefixes
+    from llmx.formats.checkpoint import mlp_prefixes
 
     out: dict[str, "torch.Tensor"] = {}
     prefix = f"layers.{layer}"
-    # A sparse layer's experts are MLPs of their own under layers.{i}.mlp.experts.{e} (build/checkpoint.py).
+    # A sparse layer's experts are MLPs of their own under layers.{i}.mlp.experts.{e} (formats/checkpoint.py).
     blocks = {"attn": [f"{prefix}.attn"], "mlp": mlp_prefixes(model, layer)}
     for block, projs, norm in FUSED_GROUPS:
         for module in blocks[block]:
@@ -138,7 +133,7 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
 def _export_unfused(n: str, dtype: str, quant: "QuantConfig", source: Callable[[str], "torch.Tensor"],
                     states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
     """A Linear without a norm in front (o_proj, down_proj): packed, keeping any pre_quant_scale."""
-    from llmx.quant.methods import method_for
+    from llmx.formats.weights import method_for
 
     s, method = states[n], method_for(quant, n)
     if getattr(method, "pre_quant_scale", False):
@@ -158,7 +153,7 @@ def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantCon
     """Linears `names` reading the output of norm `norm_name`: packed, with any smoothing folded into the norm
     (then the norm is among the tensors returned). Names not in `states` are left out (unquantized).
     norm_offset: 1 for Gemma's norms, which scale by (1 + weight)."""
-    from llmx.quant.methods import method_for
+    from llmx.formats.weights import method_for
 
     out: dict[str, "torch.Tensor"] = {}
     quantized = [n for n in names if n in states]
@@ -204,7 +199,7 @@ def _share_per_tensor_amax(group: list[LinearState], algo: str) -> None:
     """Fused Linears of per-tensor-scaled formats get one weight amax and one input amax (the max)."""
     import torch
 
-    from llmx.quant.presets import preset_of
+    from llmx.formats.presets import preset_of
 
     preset = preset_of(algo)
     if preset is not None and preset.per_tensor_weight_scale:

@@ -31,7 +31,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 
-INT4_MAX = 7  # symmetric int4: scale = amax / 7, codes in [-8, 7] (llmx.quant.methods.int4)
+INT4_MAX = 7  # symmetric int4: scale = amax / 7, codes in [-8, 7] (llmx.formats.weights.int4)
 # Linears of a decoder layer, by the last part of their name, in the order the layer computes them.
 STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -99,7 +99,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, group_size: in
     """GPTQ of `weight` [N, K] under `hessian` [K, K] -> (dequantized weight float32 [N, K], amax [N, K/group]).
 
     The dequantized weight is exactly codes * amax / 7 per group, so quantizing it again with that amax
-    (llmx.quant.methods.int4.quantize_int4) gives back the codes GPTQ chose.
+    (llmx.formats.weights.int4.quantize_int4) gives back the codes GPTQ chose.
     """
     n, k = weight.shape
     if k % group_size or settings.block_size % group_size:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from llmx.quant.export_llmx import LinearState
-    from llmx.runtime.config import ModelConfig
+    from llmx.formats.config import ModelConfig
 
 # Weight formats whose expert Linears export without smoothing: per-tensor / per-channel scales or groups.
 EXPERT_ALGOS = ("fp8", "fp8_pc_pt", "int8_wo", "int4_wo", "nvfp4")
@@ -39,7 +39,7 @@ _ROUTER = re.compile(r"layers\.(\d+)\.mlp\.router\.weight")
 
 
 def check_algo(model: "ModelConfig", algo: str, source: Any) -> None:
-    from llmx.quant.presets import KV_ONLY
+    from llmx.formats.presets import KV_ONLY
 
     if model.num_experts and algo not in (*EXPERT_ALGOS, KV_ONLY):
         raise LlmxError(f"{source}: --algo {algo} is not supported for the mixture of experts {model.architecture} "

@@ -145,7 +145,7 @@ def _check_lm_head(recipe: Recipe, name: str) -> None:
 
 def canonical_algo(algo: str) -> str:
     """The canonical quantization algorithm name (aliases such as `awq` resolved); unknown names are refused."""
-    from llmx.quant.presets import resolve_algo
+    from llmx.formats.presets import resolve_algo
 
     return resolve_algo(algo)
 
@@ -155,7 +155,7 @@ def _check_algo_names(recipe: Recipe, name: str) -> Recipe:
     algo = recipe.quantize.algo
     if algo is None:
         return recipe
-    from llmx.quant.presets import KV_ONLY, PRESETS
+    from llmx.formats.presets import KV_ONLY, PRESETS
 
     try:
         canonical = canonical_algo(algo)

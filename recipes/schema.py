@@ -6,7 +6,7 @@ field falls back to the command's default, and a flag given on the command line 
 Unknown keys are refused, so a typo never silently turns into a default.
 
 Besides the shape, a recipe is checked against its target's hardware: FP8 formats (the algorithms whose row in
-llmx.quant.presets.PRESETS says `needs_fp8`) need FP8 tensor cores (compute capability 8.9+), so
+llmx.formats.presets.PRESETS says `needs_fp8`) need FP8 tensor cores (compute capability 8.9+), so
 `quantize.algo: fp8` on an A100 is refused naming the field.
 
 `llmx pipeline` reads three more things, which no single command has a flag for: `model` (where the
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmx.formats.config import FP8_MIN_COMPUTE_CAPABILITY
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -43,11 +45,6 @@ TARGETS: dict[str, Target] = {
     "h100": Target("h100", "cuda", (9, 0), "NVIDIA H100 (Hopper, sm90)"),
     "h200": Target("h200", "cuda", (9, 0), "NVIDIA H200 (Hopper, sm90, 141 GB HBM3e)"),
 }
-
-# FP8 (e4m3) weights, activations or scales need FP8 hardware support, first present in Ada/Hopper. Which
-# algorithms those are is their row's `needs_fp8` (llmx.quant.presets).
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
-
 
 class _Section(BaseModel):
     # strict: YAML `tp: "2"` or `chat: 1` is a mistake worth reporting, not something to coerce.
@@ -241,7 +238,7 @@ def target_conflict(target_name: str, section: str, key: str, value: Any) -> str
     Only hardware facts are checked here: FP8 formats on GPUs older than compute capability 8.9, and an
     engine device that is not the target's device.
     """
-    from llmx.quant.presets import algos_without_fp8, fp8_algos
+    from llmx.formats.presets import algos_without_fp8, fp8_algos
 
     target = TARGETS[target_name]
     if value is None:

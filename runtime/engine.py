@@ -20,7 +20,7 @@ from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.runtime.chat_template import render_chat_ids
 from llmx.runtime.detokenizer import OutputText, decoder_for
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.model_runner import ModelRunner, WorkItem
 from llmx.runtime.outputs import RequestMetrics, RequestOutput
@@ -78,7 +78,7 @@ class LLM:
     def __init__(self, engine_dir: str | Path, *, device: str | None = None, kv_cache_fraction: float = 0.9,
                  kv_cache_tokens: int | None = None, enforce_eager: bool = False, async_steps: bool = True,
                  admission: str = "reserve"):
-        from llmx.build.engine import check_engine_runnable, read_engine
+        from llmx.formats.engine_dir import check_engine_runnable, read_engine
 
         self.engine = engine = read_engine(Path(engine_dir))
         self.device = resolve_device(device, engine.build.device)
@@ -109,7 +109,7 @@ class LLM:
         """An LLM over a runner made elsewhere, without an engine directory: anything with ModelRunner's
         `execute(work) -> {seq_id: token}`, `release(seq_id)`, `num_blocks` and `block_size` (and, to queue
         steps ahead, ModelRunner's `can_launch` and `launch`). It measures and
-        tests the host side of steps with a stand-in model (benchmarks/host_overhead.py); `engine` is None,
+        tests the host side of steps with a stand-in model (measurements/host_overhead.py); `engine` is None,
         so what reads the engine's description (bench's runner, stats) does not apply."""
         llm = cls.__new__(cls)
         llm.engine = None

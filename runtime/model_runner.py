@@ -16,14 +16,15 @@ import torch
 import torch.distributed as dist
 
 from llmx.common.errors import LlmxError
+from llmx.formats.config import BuildConfig, ModelConfig
+from llmx.formats.shard import kv_heads_per_rank
 from llmx.kernels import tuning
-from llmx.runtime.config import BuildConfig, ModelConfig
+from llmx.runtime.cuda_graph import DecodeGraphs, default_batch_buckets
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.layers.attention import AttentionMetadata
 from llmx.runtime.layers.sampler import ban, penalize, sample, to_device, top_logprobs
 from llmx.runtime.loader import load_rank_weights
 from llmx.runtime.models import model_class
-from llmx.build.shard import kv_heads_per_rank
 from llmx.runtime.sequence import SamplingParams, Sequence
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -351,8 +352,6 @@ class ModelRunner:
         self._release_kv_cache()
 
     def _capture_graphs(self) -> None:
-        from llmx.runtime.cuda_graph import DecodeGraphs, default_batch_buckets
-
         sizes = self.build.cuda_graph_batch_sizes or default_batch_buckets(self.build.max_batch_size)
         max_blocks = -(-self.build.max_seq_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, self.device, sizes, max_blocks, self.build.max_seq_len)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from llmx.common import env
 from llmx.common.errors import LlmxError
-from llmx.runtime.config import Mapping
+from llmx.formats.config import Mapping
 from llmx.runtime.distributed import ParallelContext, set_parallel_context
 from llmx.runtime.rank_watch import RankWatch, start_heartbeat
 
@@ -101,7 +101,7 @@ def init_rank(rank: int, mapping: Mapping, opts: RankOptions, store: dist.Store 
 
 
 def build_runner(rank: int, opts: RankOptions, control) -> "ModelRunner":
-    from llmx.build.engine import read_engine
+    from llmx.formats.engine_dir import read_engine
     from llmx.runtime.model_runner import ModelRunner
     from llmx.runtime.distributed import get_parallel_context
 

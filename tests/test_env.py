@@ -94,7 +94,7 @@ def test_the_modules_that_use_a_variable_read_it_at_use_not_at_import(monkeypatc
     from llmx.build import tune
     from llmx.kernels import pdl
     from llmx.runtime import workers
-    from llmx.runtime.layers import ops
+    from llmx.kernels import ops
 
     monkeypatch.setenv("LLMX_CACHE_DIR", str(tmp_path))
     assert tune.cache_dir() == tmp_path / "gemm-tiles"
@@ -119,7 +119,7 @@ def test_importing_llmx_reads_no_variable():
     """Every declared variable set to a value that does not parse: importing the modules that use them (and the
     CLI) must not fail, because nothing reads them before use."""
     bad = {var.name: "not-a-value" for var in env.VARIABLES if var.kind in ("bool", "int", "float")}
-    code = ("import llmx.cli.main, llmx.kernels.pdl, llmx.kernels._triton_util, llmx.runtime.layers.ops, "
+    code = ("import llmx.cli.main, llmx.kernels.pdl, llmx.kernels._triton_util, llmx.kernels.ops, "
             "llmx.runtime.workers, llmx.runtime.engine, llmx.build.tune; print('imported')")
     done = subprocess.run([sys.executable, "-c", code], env={**_base_env(), **bad}, capture_output=True, text=True,
                           timeout=300, cwd=REPO.parent)

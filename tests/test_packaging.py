@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Folders under the repository root that are not part of the installed package.
-NOT_PACKAGED = {"tests", "benchmarks", "docs", ".ci", ".git", ".venv", ".setuptools-build", "dist"}
+NOT_PACKAGED = {"tests", "measurements", "docs", ".ci", ".git", ".venv", ".setuptools-build", "dist"}
 
 
 def pyproject() -> dict:

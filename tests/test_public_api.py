@@ -10,11 +10,11 @@ import sys
 def test_public_names_are_the_library_objects():
     import llmx
     from llmx.bench.runner import run_benchmark
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
     from llmx.quant.api import quantize
     from llmx.runtime.engine import LLM
-    from llmx.runtime.perplexity import evaluate_perplexity
+    from llmx.eval.perplexity import evaluate_perplexity
     from llmx.runtime.sequence import SamplingParams
 
     from llmx import LLM as top_llm, SamplingParams as top_params  # noqa: I001

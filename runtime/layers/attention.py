@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmx.runtime.layers import ops
+from llmx.kernels import ops
 from llmx.runtime.layers.linear import Linear
 from llmx.runtime.layers.norm import RMSNorm
 from llmx.runtime.layers.rotary import RotaryEmbedding

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.quant.methods import QuantMethod
+from llmx.formats.weights import QuantMethod
 from llmx.runtime.distributed import get_parallel_context, tp_all_gather_last_dim, tp_all_reduce
 
 

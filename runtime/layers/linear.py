@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.quant.methods import QuantMethod
+from llmx.formats.weights import QuantMethod
 from llmx.runtime.distributed import tp_all_reduce
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.runtime.layers import ops
+from llmx.kernels import ops
 
 
 class RMSNorm(nn.Module):

@@ -12,16 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.runtime.config import RopeScaling
-from llmx.runtime.layers import ops
+from llmx.formats.config import RopeScaling
+from llmx.kernels import ops
+from llmx.runtime.layers.rope_tables import cos_sin_rows, dynamic_inverse_frequencies, rope_cos_sin_cache
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None,
                  device: torch.device | str = "cpu"):
         super().__init__()
-        from llmx.kernels.rotary import rope_cos_sin_cache
-
         self.rotary_dim = rotary_dim
         self.theta = theta
         self.scaling = scaling
@@ -49,8 +48,6 @@ class RotaryEmbedding(nn.Module):
 
     def _length_rows(self, positions: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, row of each token) for the length-dependent types, without a host sync."""
-        from llmx.kernels.rotary import cos_sin_rows, dynamic_inverse_frequencies
-
         tokens = torch.arange(positions.shape[0], device=positions.device)
         # Sequence of each packed token; padding tokens past the last sequence take the last one's length.
         seq = torch.searchsorted(meta.query_start_loc[1:].to(torch.int64), tokens, right=True)

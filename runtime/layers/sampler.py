@@ -16,6 +16,9 @@ import torch
 
 from llmx.runtime.sequence import SamplingParams
 
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
+
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor, copied from pinned memory without waiting for the device (a

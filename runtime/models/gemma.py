@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.build.shard import kv_heads_per_rank, stage_layers, vocab_per_rank
-from llmx.quant.methods import method_for
-from llmx.runtime.config import ModelConfig, QuantConfig
+from llmx.formats.config import ModelConfig, QuantConfig
+from llmx.formats.shard import kv_heads_per_rank, stage_layers, vocab_per_rank
+from llmx.formats.weights import method_for
+from llmx.kernels import ops
 from llmx.runtime.distributed import ParallelContext
-from llmx.runtime.layers import ops
 from llmx.runtime.layers.attention import Attention, AttentionMetadata
 from llmx.runtime.layers.embedding import LMHead, VocabEmbedding
 from llmx.runtime.layers.linear import Linear

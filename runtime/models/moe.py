@@ -7,7 +7,7 @@ Per token x [hidden]:
 
 Module names equal the engine's tensor names (`layers.3.mlp.router`, `layers.3.mlp.experts.5.gate_up_proj`), so
 the loader fills them like any Linear. With tensor parallelism each expert holds a column slice of gate|up and
-a row slice of down (build/shard.py), so every rank routes the same way and the block's partial sums (experts and
+a row slice of down (formats/shard.py), so every rank routes the same way and the block's partial sums (experts and
 shared expert alike) are all-reduced once, at its end. With expert parallelism (ParallelContext.ep_size = tp_size)
 each rank holds a contiguous range of whole experts instead: the tokens are the same on every rank, so each rank
 runs the routed (token, expert) pairs of its own experts, drops the others (expert id -1), and the same all-reduce
@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmx.quant.methods import method_for
-from llmx.quant.methods.fp8 import Fp8Method
-from llmx.quant.methods.unquantized import UnquantizedMethod
-from llmx.runtime.config import ModelConfig, QuantConfig
+from llmx.formats.weights import method_for
+from llmx.formats.weights.fp8 import Fp8Method
+from llmx.formats.weights.unquantized import UnquantizedMethod
+from llmx.formats.config import ModelConfig, QuantConfig
 from llmx.runtime.distributed import ParallelContext, tp_all_reduce
-from llmx.runtime.layers import ops
+from llmx.kernels import ops
 from llmx.runtime.layers.linear import Linear
 
 

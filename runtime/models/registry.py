@@ -1,4 +1,4 @@
-"""Architecture name -> model class. llmx.build.families validates names against the same set."""
+"""Architecture name -> model class. llmx.formats.families validates names against the same set."""
 
 from __future__ import annotations
 

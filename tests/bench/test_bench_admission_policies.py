@@ -1,4 +1,4 @@
-"""benchmarks/admission_policies.py: the scheduler's admission policies on one workload, without a model."""
+"""measurements/admission_policies.py: the scheduler's admission policies on one workload, without a model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = Path(__file__).resolve().parents[2] / "measurements"
 
 
 def test_reserve_never_recomputes_where_watermark_admission_thrashes(tmp_path):

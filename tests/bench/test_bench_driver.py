@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmx.runtime.config import Mapping
+from llmx.formats.config import Mapping
 from llmx.bench.driver import drive, poisson_arrival_offsets
 from llmx.bench.runner import BenchOptions, run_benchmark
 from llmx.bench.workload import BenchRequest

@@ -1,4 +1,4 @@
-"""llmx.bench.steps and benchmarks/step_breakdown.py: steps classified by type and timed from their tokens'
+"""llmx.bench.steps and measurements/step_breakdown.py: steps classified by type and timed from their tokens'
 return, the synthetic step of a type's median shape, and a whole run on a tiny CPU engine (step types, op groups,
 JSON)."""
 
@@ -15,7 +15,7 @@ import torch
 from llmx.runtime.model_runner import WorkItem
 from llmx.runtime.sequence import SamplingParams
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = Path(__file__).resolve().parents[2] / "measurements"
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,9 @@ def test_a_cell_is_written_isl_osl_requests_then_max_batch_and_admission(breakdo
 @pytest.mark.slow
 def test_the_script_breaks_cpu_cells_down_by_step_type_and_op_group(tmp_path):
     from helpers.tiny_models import make_tiny_hf_model
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
 
     hf = make_tiny_hf_model("llama", tmp_path / "hf", dtype=torch.float32)
     ckpt = convert(hf, tmp_path / "ckpt", dtype="float32")

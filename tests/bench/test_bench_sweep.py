@@ -23,7 +23,7 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_the_shipped_peer_file_holds_tensorrt_llms_four_cells():
-    sweep = load_sweep(REPO / "benchmarks" / "peers" / "tensorrt-llm-1.0-h100-fp8.yaml")
+    sweep = load_sweep(REPO / "measurements" / "peers" / "tensorrt-llm-1.0-h100-fp8.yaml")
     assert sweep.peer.startswith("TensorRT-LLM 1.0") and sweep.source
     assert [(c.isl, c.osl, c.num_requests, c.peer_output_tok_s) for c in sweep.cells] == [
         (128, 128, 30000, 28312), (128, 2048, 3000, 22714), (2048, 128, 3000, 3450), (2048, 2048, 1500, 9305)]
@@ -76,9 +76,9 @@ def test_a_missing_sweep_file_and_cells_the_engine_cannot_run(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
     from helpers.tiny_models import make_tiny_hf_model
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
 
     tmp = tmp_path_factory.mktemp("sweep")
     ckpt = convert(make_tiny_hf_model("llama", tmp / "hf", dtype=torch.float32), tmp / "ckpt", dtype="float32")

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llmx.build.checkpoint import read_checkpoint
-from llmx.build.convert import convert
-from llmx.build.engine import ENGINE_FILE, build_engine, read_engine
-from llmx.build.shard import kv_head_start, kv_heads_per_rank, stage_layers, vocab_per_rank
+from llmx.formats.checkpoint import read_checkpoint
+from llmx.ingest.convert import convert
+from llmx.build.engine import build_engine
+from llmx.formats.engine_dir import ENGINE_FILE, read_engine
+from llmx.formats.shard import kv_head_start, kv_heads_per_rank, stage_layers, vocab_per_rank
 from llmx.common.errors import LlmxError
 from llmx.common.hashing import hash_json
-from llmx.runtime.config import BuildConfig, Mapping
+from llmx.formats.config import BuildConfig, Mapping
 
 BUILD = BuildConfig(max_batch_size=4, max_seq_len=256, max_num_tokens=256)
 

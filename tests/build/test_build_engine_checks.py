@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-from llmx.build.convert import convert
-from llmx.build.engine import ENGINE_FILE, build_engine, check_engine_runnable, read_engine
+from llmx.ingest.convert import convert
+from llmx.build.engine import build_engine
+from llmx.formats.engine_dir import ENGINE_FILE, check_engine_runnable, read_engine
 from llmx.common.errors import LlmxError
-from llmx.runtime.config import BuildConfig, Mapping
+from llmx.formats.config import BuildConfig, Mapping
 
 
 @pytest.fixture(scope="module")

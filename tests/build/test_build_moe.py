@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helpers.tiny_models import make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
-from llmx.build.families import hf_to_llmx_name, llmx_to_hf_name
+from llmx.formats.families import hf_to_llmx_name, llmx_to_hf_name
 from llmx.common.errors import LlmxError
-from llmx.runtime.config import BuildConfig, Mapping
+from llmx.formats.config import BuildConfig, Mapping
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 

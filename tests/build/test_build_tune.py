@@ -20,17 +20,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmx.build import tune as build_tune
-from llmx.build.checkpoint import (linear_modules, llmx_version, make_provenance, rank_file, read_checkpoint,
+from llmx.formats.checkpoint import (linear_modules, llmx_version, make_provenance, rank_file, read_checkpoint,
                                    write_checkpoint_meta)
-from llmx.build.convert import convert
-from llmx.build.engine import ENGINE_FILE, build_engine, read_engine
-from llmx.build.tokenizer_files import copy_files, find_tokenizer_files
+from llmx.ingest.convert import convert
+from llmx.build.engine import build_engine
+from llmx.formats.engine_dir import ENGINE_FILE, read_engine
+from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.common.errors import LlmxError
 from llmx.kernels import fp8_gemm, int8_gemm, nvfp4_gemm, tuning, w4a16_format
 from llmx.kernels.tuning import TileConfig
 from llmx.quant.export_llmx import pre_quant_scale_patterns
-from llmx.quant.methods import UNQUANTIZED, method_for
-from llmx.runtime.config import BuildConfig, Mapping, QuantConfig
+from llmx.formats.weights import UNQUANTIZED, method_for
+from llmx.formats.config import BuildConfig, Mapping, QuantConfig
 
 H100 = "NVIDIA H100 80GB HBM3"
 # Buckets 1, 16, 64 and 256: a step never has more than 200 rows.
@@ -221,7 +222,7 @@ def test_formats_without_triton_gemms_have_nothing_to_tune(checkpoints):
     for algo in ("fp8", "fp8_pc_pt", "none"):
         assert build_tune.gemm_shapes(ckpt.model, QuantConfig(algo=algo, exclude=("lm_head",)), Mapping()) == {}
     # Every algorithm's kernel is a tunable one, or None: cuBLAS (the fp8 formats).
-    from llmx.quant.presets import PRESETS
+    from llmx.formats.presets import PRESETS
 
     kernels = {preset.kernel for preset in PRESETS.values()}
     assert {name for name, preset in PRESETS.items() if preset.kernel is None} == {"fp8", "fp8_pc_pt"}

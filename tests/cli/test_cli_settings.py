@@ -10,7 +10,7 @@ import pytest
 from llmx.cli import bench, build, convert, eval as eval_cmd, quantize, run
 from llmx.cli.main import run_cli
 from llmx.recipes.schema import SECTIONS
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 
 CLI_DEFAULTS = {"convert": convert.DEFAULTS, "quantize": quantize.DEFAULTS, "build": build.DEFAULTS,
                 "run": run.DEFAULTS, "bench": bench.DEFAULTS, "eval": eval_cmd.DEFAULTS}

@@ -21,7 +21,7 @@ from llmx.common.errors import describe_exception
 
 def raise_in_eval(monkeypatch, exc: BaseException) -> None:
     """Make `llmx eval` raise `exc` from inside the command (where a real fault would come from)."""
-    import llmx.runtime.perplexity as perplexity
+    import llmx.eval.perplexity as perplexity
 
     def fault(*args, **kwargs):
         raise exc

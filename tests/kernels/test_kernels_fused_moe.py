@@ -130,7 +130,7 @@ def test_gpu_fused_moe_replays_in_a_cuda_graph():
 def _fp8_problem(tokens, hidden, inter, experts, top_k, dtype=torch.float32, device="cpu"):
     """Experts quantized as llmx's fp8 format stores them: e4m3 weights, a scale per expert, static input scales."""
     from llmx.kernels.activation import silu_and_mul_ref
-    from llmx.quant.methods.fp8 import fp8_scale, to_fp8
+    from llmx.formats.weights.fp8 import fp8_scale, to_fp8
 
     x, w13, w2, weights, ids = _problem(tokens, hidden, inter, experts, top_k, dtype=dtype)
     w13_scale = fp8_scale(w13.float().abs().amax(dim=(1, 2)))

@@ -322,7 +322,7 @@ KERNEL_CASES = [
 ]
 INTERPRETER_DTYPES = ("float32", "float16")
 BENCH_M = (2, 17)  # the benchmark's cases at a GEMV size and at a tensor-core size
-BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernels_gemm.py")
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "measurements", "kernels_gemm.py")
 BENCH_KERNELS = {"bf16", "w4a16", "w4a16_gemv", "w4a16_tc", "nvfp4", "int8", "int8_linear", "int8_wo", "fp8",
                  "fp8_rowwise", "w4a8", "int_mm"}
 
@@ -436,7 +436,7 @@ def test_triton_kernel_matches_reference_in_interpreter(interpreter_results, nam
 
 
 def test_benchmark_cases_run_and_match_in_interpreter():
-    """benchmarks/kernels_gemm.py --check-only, run as a user runs it on CPU: every kernel's case (the GEMV also
+    """measurements/kernels_gemm.py --check-only, run as a user runs it on CPU: every kernel's case (the GEMV also
     with a split-K tile) at a GEMV size and a tensor-core size matches its reference."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, BENCH_SCRIPT, "--check-only", "--device", "cpu", "--dtype", "float16",

@@ -263,7 +263,7 @@ def test_folded_offset_compiles_to_a_shorter_k_loop_at_one_row():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv_sass.py"
+    script = Path(__file__).resolve().parents[2] / "measurements" / "gemv_sass.py"
     counts = {}
     for subtract in (False, True):
         done = subprocess.run([sys.executable, str(script), "--rows", "1"] + ["--subtract-offset"] * subtract,

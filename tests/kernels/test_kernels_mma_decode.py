@@ -132,7 +132,7 @@ def test_benchmark_refuses_bad_row_counts(flag, rows, message):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_int4_decode.py"
+    script = Path(__file__).resolve().parents[2] / "measurements" / "kernels_int4_decode.py"
     done = subprocess.run([sys.executable, str(script), flag, rows], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
 
@@ -142,7 +142,7 @@ def test_profiler_launch_script_refuses_bad_rounds_and_launches_on_a_gpu_only():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "int4_m1_launches.py"
+    script = Path(__file__).resolve().parents[2] / "measurements" / "int4_m1_launches.py"
     done = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "give at least 1" in done.stderr
     done = subprocess.run([sys.executable, str(script), "--rounds", "1"], capture_output=True, text=True, timeout=300)

@@ -17,7 +17,8 @@ import torch
 from llmx.common.errors import LlmxError
 from llmx.kernels import rms_norm as norm, rotary
 from helpers.triton_interpreter import interpreted, needs_cuda, run_interpreted_tests, runs_children
-from llmx.runtime.config import RopeScaling
+from llmx.formats.config import RopeScaling
+from llmx.runtime.layers import rope_tables
 
 @runs_children
 def test_kernels_in_triton_interpreter():
@@ -177,8 +178,8 @@ def test_rope_cache_equals_transformers_rotary_embedding(scaling, hf_parameters)
     positions = torch.arange(max_pos)
     cos, sin, hf_inv_freq = _hf_cos_sin(head_dim, positions, theta, hf_parameters)
     # transformers' forward sees max_pos positions: LongRoPE picks its long factors.
-    assert torch.equal(rotary.rope_inverse_frequencies(head_dim, theta, scaling, seq_len=max_pos), hf_inv_freq)
-    cache = rotary.rope_cos_sin_cache(head_dim, max_pos, theta, scaling, seq_len=max_pos)
+    assert torch.equal(rope_tables.rope_inverse_frequencies(head_dim, theta, scaling, seq_len=max_pos), hf_inv_freq)
+    cache = rope_tables.rope_cos_sin_cache(head_dim, max_pos, theta, scaling, seq_len=max_pos)
     assert cache.shape == (max_pos, head_dim) and cache.dtype == torch.float32
     half = head_dim // 2
     assert torch.equal(cache[:, :half], cos[:, :half]) and torch.equal(cache[:, :half], cos[:, half:])
@@ -186,8 +187,8 @@ def test_rope_cache_equals_transformers_rotary_embedding(scaling, hf_parameters)
 
 
 def test_llama3_scaling_covers_every_band():
-    plain = rotary.rope_inverse_frequencies(32, 500000.0, None)
-    scaled = rotary.rope_inverse_frequencies(32, 500000.0, ROPE_SCALINGS["llama3"][0])
+    plain = rope_tables.rope_inverse_frequencies(32, 500000.0, None)
+    scaled = rope_tables.rope_inverse_frequencies(32, 500000.0, ROPE_SCALINGS["llama3"][0])
     ratio = plain / scaled
     kept, divided = ratio == 1.0, torch.isclose(ratio, torch.tensor(8.0))
     assert kept.any() and divided.any() and (~kept & ~divided).any()
@@ -198,7 +199,7 @@ def test_apply_rotary_reference_equals_transformers():
 
     head_dim, theta = 64, 10000.0
     positions = torch.tensor([5, 0, 17, 17, 200, 3])  # packed tokens of several sequences, any order
-    cache = rotary.rope_cos_sin_cache(head_dim, 256, theta)
+    cache = rope_tables.rope_cos_sin_cache(head_dim, 256, theta)
     q, k = _rand(6, 4, head_dim), _rand(6, 2, head_dim, seed=1)
     cos, sin, _ = _hf_cos_sin(head_dim, positions, theta, {"rope_type": "default"})
     # HF layout: [batch, heads, seq, head_dim] with cos/sin [batch, seq, head_dim].
@@ -214,7 +215,7 @@ def test_apply_rotary_reference_equals_transformers():
 def test_interpreted_apply_rotary_kernel_matches_reference(heads, kv_heads, head_dim, dtype):
     q, k = _qkv_views(11, heads, kv_heads, head_dim, dtype)
     positions = torch.randint(0, 500, (11,), generator=torch.Generator().manual_seed(4))
-    cache = rotary.rope_cos_sin_cache(head_dim, 512, 10000.0, ROPE_SCALINGS["llama3"][0])
+    cache = rope_tables.rope_cos_sin_cache(head_dim, 512, 10000.0, ROPE_SCALINGS["llama3"][0])
     q_before, k_before = q.clone(), k.clone()
     out_q, out_k = rotary.apply_rotary(q, k, positions, cache)
     ref_q, ref_k = rotary.apply_rotary_ref(q, k, positions, cache)
@@ -250,7 +251,7 @@ def test_interpreted_rotary_write_kv_matches_rotate_then_write(heads, kv_heads, 
     cache_dtype = dtype if cache_dtype == "same" else cache_dtype
     q, k, v, slots, caches, scales = _qkv_and_cache(9, heads, kv_heads, head_dim, dtype, cache_dtype)
     positions = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(4))
-    cos_sin = rotary.rope_cos_sin_cache(head_dim, 512, 10000.0, ROPE_SCALINGS["llama3"][0])
+    cos_sin = rope_tables.rope_cos_sin_cache(head_dim, 512, 10000.0, ROPE_SCALINGS["llama3"][0])
     out_q = rotary.rotary_write_kv(q, k, v, positions, cos_sin, caches[0], caches[1], slots, **scales)
     ref_q = rotary.rotary_write_kv_ref(q, k, v, positions, cos_sin, caches[2], caches[3], slots, **scales)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
@@ -266,16 +267,16 @@ def test_interpreted_rotary_write_kv_matches_rotate_then_write(heads, kv_heads, 
 
 
 def test_rotary_rejects_bad_inputs():
-    cache = rotary.rope_cos_sin_cache(32, 16, 10000.0)
+    cache = rope_tables.rope_cos_sin_cache(32, 16, 10000.0)
     q, k = _rand(2, 2, 32), _rand(2, 1, 32)
     with pytest.raises(LlmxError, match="beyond the rotary table"):
         rotary.apply_rotary_ref(q, k, torch.tensor([3, 16]), cache)
     with pytest.raises(LlmxError, match="positions must be int64"):
         rotary.apply_rotary_ref(q, k, torch.tensor([3, 4], dtype=torch.int32), cache)
     with pytest.raises(LlmxError, match="not supported"):
-        rotary.rope_cos_sin_cache(32, 16, 10000.0, RopeScaling(type="su", factor=2.0))
+        rope_tables.rope_cos_sin_cache(32, 16, 10000.0, RopeScaling(type="su", factor=2.0))
     with pytest.raises(LlmxError, match="even"):
-        rotary.rope_cos_sin_cache(33, 16, 10000.0)
+        rope_tables.rope_cos_sin_cache(33, 16, 10000.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_gpu_rms_norm_kernels_match_reference_bf16(rows):
 def test_gpu_rotary_write_kv_matches_reference_bf16(cache_dtype):
     q, k, v, slots, caches, scales = _qkv_and_cache(257, 32, 8, 128, torch.bfloat16, cache_dtype, device="cuda")
     positions = torch.randint(0, 8192, (257,), generator=torch.Generator().manual_seed(5)).cuda()
-    cos_sin = rotary.rope_cos_sin_cache(128, 8192, 500000.0, ROPE_SCALINGS["llama3"][0]).cuda()
+    cos_sin = rope_tables.rope_cos_sin_cache(128, 8192, 500000.0, ROPE_SCALINGS["llama3"][0]).cuda()
     out_q = rotary.rotary_write_kv(q, k, v, positions, cos_sin, caches[0], caches[1], slots, **scales)
     ref_q = rotary.rotary_write_kv_ref(q, k, v, positions, cos_sin, caches[2], caches[3], slots, **scales)
     torch.testing.assert_close(out_q, ref_q, **_BF16_TOL)
@@ -324,7 +325,7 @@ def test_gpu_apply_rotary_matches_reference_bf16():
     q, k = _qkv_views(2048, 32, 8, 128, torch.bfloat16)
     q, k = q.cuda(), k.cuda()
     positions = torch.randint(0, 8192, (2048,), generator=torch.Generator().manual_seed(5)).cuda()
-    cache = rotary.rope_cos_sin_cache(128, 8192, 500000.0, ROPE_SCALINGS["llama3"][0]).cuda()
+    cache = rope_tables.rope_cos_sin_cache(128, 8192, 500000.0, ROPE_SCALINGS["llama3"][0]).cuda()
     out_q, out_k = rotary.apply_rotary(q, k, positions, cache)
     ref_q, ref_k = rotary.apply_rotary_ref(q, k, positions, cache)
     torch.testing.assert_close(out_q, ref_q, **_BF16_TOL)

@@ -78,7 +78,7 @@ def _decode_layer(t: dict, static: dict) -> torch.Tensor:
 
 @hopper
 def test_decode_chain_in_a_cuda_graph_is_bit_identical_with_and_without_pdl():
-    from llmx.kernels.rotary import rope_cos_sin_cache
+    from llmx.runtime.layers.rope_tables import rope_cos_sin_cache
 
     seq_len = 100  # 7 blocks of 16: the write goes to slot 99, attention reads 100 tokens in 4 splits
     static = {"positions": torch.tensor([seq_len - 1], device="cuda"),

@@ -90,20 +90,20 @@ def test_a_failing_build_keeps_earlier_outputs_and_leaves_none_of_its_own(projec
 
 
 def test_eval_failing_on_its_second_dataset_leaves_no_partial_results(project, monkeypatch):
-    import llmx.runtime.perplexity as perplexity
+    import llmx.pipeline.stages as stages
     from llmx.common.errors import LlmxError
 
     datasets = [{"name": "first", "data": "heldout.txt", "seq_len": 32, "windows": 1},
                 {"name": "second", "data": "calib.txt", "seq_len": 32, "windows": 1}]
     recipe = project.recipe(quantize=None, eval={"datasets": datasets})
-    real = perplexity.evaluate_perplexity
+    real = stages.evaluate_perplexity
 
     def fail_on_calib(engine, data, **kwargs):
         if data.name == "calib.txt":
             raise LlmxError("calib.txt: scoring interrupted on purpose.")
         return real(engine, data, **kwargs)
 
-    monkeypatch.setattr(perplexity, "evaluate_perplexity", fail_on_calib)
+    monkeypatch.setattr(stages, "evaluate_perplexity", fail_on_calib)
     code, summary, err = project.run(recipe)
     assert code == 2
     statuses = project.statuses(summary)
@@ -143,7 +143,7 @@ def test_only_refuses_unknown_stage_names(project):
 
 
 def test_a_given_llmx_checkpoint_skips_convert(project, tmp_path):
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     ckpt = convert(project.model, tmp_path / "ckpt")
     recipe = project.recipe(quantize=None, bench=None)

@@ -11,7 +11,7 @@ from helpers.corpus import CORPUS
 @pytest.fixture(scope="module")
 def ckpt(workdir, hf_dir):
     """The module's HF model converted to an unquantized llmx checkpoint."""
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     return convert(hf_dir, workdir / "ckpt")
 

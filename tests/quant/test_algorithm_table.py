@@ -1,4 +1,4 @@
-"""One table of quantization algorithms (llmx.quant.presets.PRESETS): a new algorithm is one row, its QuantMethod
+"""One table of quantization algorithms (llmx.formats.presets.PRESETS): a new algorithm is one row, its QuantMethod
 and its kernel, and every consumer sees it with no further edit.
 
 The test adds, for its duration, an algorithm `int8_pt_demo` (alias `demo8`): int8 weights with one float32 scale
@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmx.build import tune as build_tune
-from llmx.build.checkpoint import checkpoint_tensor_specs, read_checkpoint
+from llmx.formats.checkpoint import checkpoint_tensor_specs, read_checkpoint
 from llmx.common.errors import LlmxError
 from llmx.kernels import tuning
-from llmx.quant import presets
-from llmx.quant.methods import METHODS, QuantMethod, TensorSpec, method_for
-from llmx.quant.methods.int4 import has_pre_quant_scale
-from llmx.runtime.config import Mapping, ModelConfig, QuantConfig
+from llmx.formats import presets
+from llmx.formats.weights import METHODS, QuantMethod, TensorSpec, method_for
+from llmx.formats.weights.int4 import has_pre_quant_scale
+from llmx.formats.config import Mapping, ModelConfig, QuantConfig
 
 ALGO, ALIAS, KERNEL, HF_NAME = "int8_pt_demo", "demo8", "demo_gemm", "DEMO_INT8"
 H, I = 64, 128
@@ -183,7 +183,7 @@ def llmx_export(tmp_path):
 def hf_import(tmp_path):
     """A ModelOpt-style HF folder naming the row's quant_algo imports as the algorithm, scales as it stores them."""
     from helpers.tiny_models import make_tiny_hf_model
-    from llmx.quant.hf_import import import_checkpoint, imported_format
+    from llmx.ingest.hf_import import import_checkpoint, imported_format
 
     hf = make_tiny_hf_model("llama", tmp_path / "hf", dtype=torch.bfloat16)
     (weights,) = hf.glob("*.safetensors")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
+from llmx.formats.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.common.errors import LlmxError
 from llmx.quant.api import quantize
-from llmx.quant.methods import method_for
+from llmx.formats.weights import method_for
 
 from helpers.corpus import CORPUS
 
@@ -135,7 +135,7 @@ def test_awq_and_gptq_beat_round_to_nearest_on_real_activations(quantized, ckpt,
 def runtime_logprobs(workdir):
     """Path -> log-probabilities [T, vocab] the llmx runtime computes for a fixed text (engine built on CPU)."""
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
     from llmx.runtime.engine import LLM
 
     text = (CORPUS / "austen_persuasion.txt").read_text()[:5000]

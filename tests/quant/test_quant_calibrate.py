@@ -278,8 +278,8 @@ def test_a_known_set_is_downloaded_as_its_first_shard_only(tmp_path, tokenizer, 
 
 def test_quantize_without_calib_data_calibrates_on_the_default_set(tmp_path, paragraphs, offline_cache,
                                                                     tiny_model_dir):
-    from llmx.build.checkpoint import read_checkpoint
-    from llmx.build.convert import convert
+    from llmx.formats.checkpoint import read_checkpoint
+    from llmx.ingest.convert import convert
     from llmx.quant.api import quantize
 
     folder, _ = _hub_dataset(tmp_path / "repo", "cnn_dailymail", paragraphs)

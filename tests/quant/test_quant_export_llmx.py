@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmx.build.checkpoint import checkpoint_tensor_specs
+from llmx.formats.checkpoint import checkpoint_tensor_specs
 from llmx.quant.export_llmx import LinearState, export_tensors, pre_quant_scale_patterns
-from llmx.quant.methods import method_for
-from llmx.runtime.config import ModelConfig, QuantConfig
+from llmx.formats.weights import method_for
+from llmx.formats.config import ModelConfig, QuantConfig
 
 H, I = 64, 128
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=32, hidden_size=H,

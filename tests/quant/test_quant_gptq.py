@@ -8,7 +8,7 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.quant.gptq import GptqSettings, HessianAccumulator, gptq_quantize, stage_of
-from llmx.quant.methods.int4 import dequantize_int4, quantize_int4
+from llmx.formats.weights.int4 import dequantize_int4, quantize_int4
 
 GROUP = 32
 
@@ -115,7 +115,7 @@ def test_gptq_beats_round_to_nearest_on_the_first_layers_of_smollm2():
 
     from helpers.corpus import CORPUS
     from helpers.smollm2 import smollm2_dir
-    from llmx.quant import presets
+    from llmx.formats import presets
     from llmx.quant.calibrate import build_calibration_set, make_forward_loop
     from llmx.quant.modelopt import gptq_layerwise, quantize_model
 
@@ -145,7 +145,7 @@ def test_gptq_beats_round_to_nearest_on_the_first_layers_of_smollm2():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from helpers.tiny_models import make_outlier_llama
 
     workdir = tmp_path_factory.mktemp("quant-gptq")

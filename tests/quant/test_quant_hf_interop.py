@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
+from llmx.formats.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.common.errors import LlmxError
 from llmx.quant.api import quantize
-from llmx.quant.hf_import import import_checkpoint, is_modelopt_checkpoint
-from llmx.quant.methods import method_for
+from llmx.ingest.hf_import import import_checkpoint, is_modelopt_checkpoint
+from llmx.formats.weights import method_for
 
 from helpers.corpus import CORPUS
 
@@ -25,7 +25,7 @@ CALIB = dict(calib_size=8, calib_seq_len=64, batch_size=8, group_size=32)
 def setup(tmp_path_factory):
     from helpers.tiny_models import make_tiny_hf_model
 
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     root = tmp_path_factory.mktemp("interop")
     hf = make_tiny_hf_model("qwen2", root / "hf", dtype=torch.bfloat16)  # q/k/v biases travel too

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmx.build.checkpoint import read_checkpoint, verify_checkpoint
+from llmx.formats.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.common.errors import LlmxError
 from llmx.quant import api, presets
 from llmx.quant.api import quantize
-from llmx.quant.methods import method_for
-from llmx.runtime.config import ModelConfig
+from llmx.formats.weights import method_for
+from llmx.formats.config import ModelConfig
 
 from helpers.corpus import CORPUS
 
@@ -80,7 +80,7 @@ def no_heavy_work(monkeypatch):
 
 
 def test_a_tied_head_is_refused_before_any_work(tiny_model_dir, tmp_path, no_heavy_work):
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     hf = tiny_model_dir("llama", tie=True)
     ckpt = convert(hf, tmp_path / "ckpt")
@@ -143,7 +143,7 @@ def quantized(workdir, ckpt, calib_file):
 def runtime(workdir):
     """checkpoint dir -> (log-probabilities [T, vocab] of the CPU engine on held-out text, the LM head's method)."""
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
     from llmx.runtime.engine import LLM
 
     text = (CORPUS / "austen_persuasion.txt").read_text()[:5000]
@@ -235,9 +235,9 @@ def test_quantized_head_end_to_end(algo, quantized, ckpt, runtime):
 def test_a_quantized_head_shards_over_tensor_parallel_ranks(tiny_model_dir, tmp_path):
     """tp=2 on a vocabulary tp does not divide: each rank holds ceil(251 / 2) rows of the int4 head, the last
     one zero-padded, and the two ranks compute the tp=1 logits."""
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig, Mapping
+    from llmx.formats.config import BuildConfig, Mapping
     from llmx.runtime.engine import LLM
 
     fp32 = convert(tiny_model_dir("llama", vocab_size=251), tmp_path / "ckpt", dtype="float32")
@@ -270,7 +270,7 @@ def _head_inputs(hf_dir: Path) -> torch.Tensor:
 def test_gptq_updates_the_head_beyond_round_to_nearest(quantized, ckpt, hf_dir):
     """ModelOpt's layerwise GPTQ skips the head (it would stay round-to-nearest); llmx runs GPTQ on it afterwards."""
     from llmx.kernels.w4a16_format import unpack_int4
-    from llmx.quant.methods.int4 import dequantize_int4, quantize_int4
+    from llmx.formats.weights.int4 import dequantize_int4, quantize_int4
 
     out, _ = quantized("int4_gptq", head=True)
     source = load_file(ckpt / "rank0.safetensors")
@@ -293,7 +293,7 @@ def test_gptq_updates_the_head_beyond_round_to_nearest(quantized, ckpt, hf_dir):
 def test_hf_export_carries_the_head_and_convert_imports_it(algo, quantized, ckpt, workdir, runtime):
     """ModelOpt's HF folder holds the head quantized (AWQ keeps its vector there: the import folds it into the
     final norm); `llmx convert` of it gives a checkpoint with the same quantized head as `llmx quantize`."""
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
 
     hf, _ = quantized(algo, head=True, export_format="hf")
     config = json.loads((hf / "hf_quant_config.json").read_text())["quantization"]

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from llmx.quant import presets
-from llmx.quant.methods.fp8 import Fp8Method, Fp8PerChannelMethod
-from llmx.quant.methods.int4 import Int4Method
-from llmx.quant.methods.int8 import Int8WeightOnlyMethod
-from llmx.quant.methods.nvfp4 import Nvfp4Method
+from llmx.formats import presets
+from llmx.formats.weights.fp8 import Fp8Method, Fp8PerChannelMethod
+from llmx.formats.weights.int4 import Int4Method
+from llmx.formats.weights.int8 import Int8WeightOnlyMethod
+from llmx.formats.weights.nvfp4 import Nvfp4Method
 
 N, K = 64, 128
 
@@ -83,7 +83,7 @@ def test_nvfp4_packing_is_bit_identical_to_modelopt(mtq):
 def test_modelopt_hf_int4_packing_converts_to_llmx(mtq):
     from modelopt.torch.export.quant_utils import pack_int4_in_uint8
 
-    from llmx.quant.hf_import import _repack_int4
+    from llmx.ingest.hf_import import _repack_int4
 
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(2)) * 0.05
     method = Int4Method(group_size=32)

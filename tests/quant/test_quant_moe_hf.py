@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from helpers.corpus import CORPUS
 from helpers.tiny_models import make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
 from llmx.quant.api import quantize
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.engine import LLM
 
 BUILD = BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=128, device="cpu")

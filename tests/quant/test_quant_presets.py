@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmx.common.errors import LlmxError
-from llmx.quant import presets
+from llmx.formats import presets
 
 
 @pytest.mark.parametrize("name, canonical", [("awq", "int4_awq"), ("GPTQ", "int4_gptq"), ("smoothquant", "int8_sq"),

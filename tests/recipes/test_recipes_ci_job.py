@@ -1,4 +1,4 @@
-"""llmx's own regression job (ci/smollm2-cpu.yaml): the recipe plans, its committed baseline still describes the
+"""llmx's own regression job (regression/smollm2-cpu.yaml): the recipe plans, its committed baseline still describes the
 workload it runs, so a change to one without the other fails here in seconds instead of in the job."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "ci" / "smollm2-cpu.yaml"
+RECIPE = REPO / "regression" / "smollm2-cpu.yaml"
 
 
 @pytest.fixture(scope="module")

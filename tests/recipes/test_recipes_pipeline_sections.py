@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from llmx.common.errors import LlmxError
-from llmx.quant.presets import fp8_algos
+from llmx.formats.presets import fp8_algos
 from llmx.recipes import load_recipe, shipped_recipes
 from llmx.recipes.schema import TARGETS
 

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.detokenizer import DetokenizerState, OutputText, decoder_for, detokenize_step
 from llmx.runtime.engine import LLM
 from llmx.runtime.model_runner import StepInputsBuilder

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers.tiny_models import make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 

@@ -17,7 +17,7 @@ import torch
 from helpers.corpus import CORPUS
 from helpers.tiny_models import make_tiny_hf_model
 from helpers.triton_interpreter import interpreted, run_interpreted_tests, runs_children
-from llmx.runtime.layers import ops
+from llmx.kernels import ops
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 GREEDY = dict(max_new_tokens=12, ignore_eos=True)
@@ -33,10 +33,10 @@ def int4_engine(family: str, tmp, device: str, dtype: str = "float32", group_siz
     """A tiny `family` model quantized with int4_awq (group 32: AWQ leaves pre_quant_scale on o/down), built
     without tuning: tuning compiles every tile candidate, which took the SmolLM2-shaped bf16 test past its time
     limit on a GPU (tests use the default tiles)."""
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
     from llmx.quant.api import quantize
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
 
     hf_dir = make_tiny_hf_model(family, tmp / "hf", dtype=getattr(torch, dtype), **hf_overrides)
     calib = tmp / "calib.txt"
@@ -69,7 +69,7 @@ def test_int4_awq_mlp_offers_the_gated_kernel_and_down_scale(cpu_int4_mlp):
 
 
 def test_unquantized_linears_have_no_gated_kernel():
-    from llmx.quant.methods import UnquantizedMethod
+    from llmx.formats.weights import UnquantizedMethod
 
     method = UnquantizedMethod()
     tensors = {"weight": torch.randn(8, 4)}

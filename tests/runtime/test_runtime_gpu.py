@@ -1,6 +1,6 @@
 """The runtime on a CUDA GPU: Triton kernels and CUDA graphs against transformers and the torch path.
 
-Skipped on machines without a GPU (CI); the GPU runs that passed them are recorded in benchmarks/results/*/NOTES.md.
+Skipped on machines without a GPU (CI); the GPU runs that passed them are recorded in measurements/results/*/NOTES.md.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ GREEDY_PROMPT_LENGTHS = {"phi3": (3, 8, 40)}
 
 
 def engine_on_gpu(hf_dir, tmp, dtype, **build):
-    from llmx.build.convert import convert
+    from llmx.ingest.convert import convert
     from llmx.build.engine import build_engine
-    from llmx.runtime.config import BuildConfig
+    from llmx.formats.config import BuildConfig
 
     ckpt = convert(hf_dir, tmp / f"ckpt-{dtype}", dtype=dtype)
     options = dict(max_batch_size=16, max_seq_len=256, max_num_tokens=256, kv_block_size=16, device="cuda")
@@ -92,7 +92,7 @@ def test_cuda_graph_decode_equals_eager_decode(smollm2_shaped_bf16):
 
 def test_triton_path_matches_torch_reference_path_bf16(smollm2_shaped_bf16):
     from llmx.runtime.engine import LLM
-    from llmx.runtime.layers import ops
+    from llmx.kernels import ops
 
     llm = LLM(smollm2_shaped_bf16, kv_cache_fraction=0.2, enforce_eager=True)
     ids = list(range(100, 400))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llmx.runtime.block_manager import BlockManager
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.model_runner import StepInputsBuilder, WorkItem
 from llmx.runtime.scheduler import ScheduledSeq, Scheduler
@@ -186,7 +186,7 @@ def test_an_llm_over_a_stand_in_runner_sets_scheduled_time_once():
 def test_the_host_overhead_benchmark_runs_every_mode():
     from helpers.smollm2 import smollm2_dir
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "host_overhead.py"
+    script = Path(__file__).resolve().parents[2] / "measurements" / "host_overhead.py"
     done = subprocess.run([sys.executable, str(script), "--batch", "6", "--steps", "3", "--tokenizer",
                            str(smollm2_dir()), "--json", "-"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

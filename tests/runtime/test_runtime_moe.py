@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers.tiny_models import MOE_FAMILIES, make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
-from llmx.runtime.config import BuildConfig, Mapping
+from llmx.formats.config import BuildConfig, Mapping
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 

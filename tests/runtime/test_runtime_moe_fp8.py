@@ -7,10 +7,10 @@ import torch
 
 from helpers.corpus import CORPUS
 from helpers.tiny_models import make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
 from llmx.quant.api import quantize
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.models.moe import SparseMoE
 

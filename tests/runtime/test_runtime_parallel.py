@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from helpers.tiny_models import make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
 from llmx.common.errors import LlmxError
-from llmx.runtime.config import BuildConfig, Mapping
+from llmx.formats.config import BuildConfig, Mapping
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 

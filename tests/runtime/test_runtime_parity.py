@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers.tiny_models import ROPE_VARIANTS, make_tiny_hf_model
-from llmx.build.convert import convert
+from llmx.ingest.convert import convert
 from llmx.build.engine import build_engine
-from llmx.runtime.config import BuildConfig
+from llmx.formats.config import BuildConfig
 from llmx.runtime.engine import LLM
 from llmx.runtime.sequence import SamplingParams
 
@@ -165,7 +165,7 @@ def test_gemma3_270m_perplexity_equals_transformers_loss(tmp_path):
 
     from helpers.corpus import CORPUS
     from helpers.gemma3 import gemma3_dir
-    from llmx.runtime.perplexity import evaluate_perplexity
+    from llmx.eval.perplexity import evaluate_perplexity
 
     hf_dir = gemma3_dir()
     data = tmp_path / "text.txt"
