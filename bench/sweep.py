@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmx.bench.report import engine_description, environment_description
 from llmx.bench.runner import BenchOptions, measure
 from llmx.common.errors import LlmxError
+from llmx.runtime.block_manager import BlockManager
+from llmx.runtime.scheduler import Scheduler
 
 SCHEMA = "llmx-bench-sweep/1"
 _CELL_FIELDS = {"isl", "osl", "num_requests", "max_batch", "peer_output_tok_s", "peer_num_requests"}
@@ -123,9 +126,6 @@ def fresh_scheduler(llm: Any, *, max_batch: int | None = None, admission: str | 
     """Give an idle LLM a new scheduler and block manager (empty prefix cache), optionally with fewer seats
     than its engine was built for, or another admission policy (and watermark). The KV tensors and CUDA graphs
     are kept."""
-    from llmx.runtime.block_manager import BlockManager
-    from llmx.runtime.scheduler import Scheduler
-
     old = llm.scheduler
     if old.has_unfinished():
         raise RuntimeError("fresh_scheduler needs an idle LLM: requests are still waiting or running")
@@ -147,8 +147,6 @@ def run_sweep(llm: Any, sweep: Sweep, *, warmup: int = 2, seed: int = 0,
     on_cell(report): called after each cell with the report of the cells finished so far, so a run that is
     stopped (a time limit, Ctrl-C) keeps the figures it measured.
     """
-    from llmx.bench.report import engine_description, environment_description
-
     engine = llm.engine
     check_sweep_fits(sweep, max_batch_size=engine.build.max_batch_size, max_seq_len=llm.max_seq_len)
     results: list[dict[str, Any]] = []

@@ -21,25 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmx.formats.checkpoint import (Checkpoint, checkpoint_tensor_specs,
-                                   llmx_version, mlp_prefixes, package_version, rank_file, read_checkpoint,
-                                   verify_checkpoint)
-from llmx.formats.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
-from llmx.formats.shard import (layout_summary, local_features, rank_holds, shard_spec, shard_tensor, split_name,
-                              validate_mapping)
-from llmx.formats.tokenizer_check import check_tokenizer_files
-from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.build.tune import TuneReport, gemm_shapes, tune_for_engine
 from llmx.common.atomic import atomic_output_dir, check_free_space, check_output_dir
 from llmx.common.errors import LlmxError
-from llmx.common.jsonio import dumps
 from llmx.common.hashing import hash_json
-from llmx.formats.engine_dir import (DEVICES, ENGINE_FILE, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
-                                     ENGINE_SCHEMA_VERSION)
-from llmx.formats.weights.kv_cache import KV_CACHE_DTYPES
+from llmx.common.jsonio import dumps
+from llmx.formats.checkpoint import (Checkpoint, checkpoint_tensor_specs, llmx_version, mlp_prefixes, package_version,
+                                     rank_file, read_checkpoint, verify_checkpoint)
+from llmx.formats.config import FP8_MIN_COMPUTE_CAPABILITY, BuildConfig, Mapping, ModelConfig, build_config_problem
+from llmx.formats.engine_dir import DEVICES, ENGINE_FILE, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, ENGINE_SCHEMA_VERSION
+from llmx.formats.presets import algos_without_fp8, fp8_algos
+from llmx.formats.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+from llmx.formats.shard import (kv_heads_per_rank, layout_summary, local_features, rank_holds, shard_spec, shard_tensor,
+                                split_name, stage_layers, validate_mapping)
+from llmx.formats.tokenizer_check import check_tokenizer_files
+from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
 from llmx.formats.weights import QuantMethod, TensorSpec, method_for
-from llmx.formats.config import (BuildConfig, Mapping, ModelConfig, build_config_problem)
-
+from llmx.formats.weights.kv_cache import KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -152,9 +150,6 @@ def detect_target(device: str) -> dict[str, Any]:
 
 def check_target_supports(ckpt: Checkpoint, target: dict[str, Any]) -> None:
     """Refuse FP8 formats (weights, activations, scales or KV cache) on GPUs without FP8 support."""
-    from llmx.formats.presets import algos_without_fp8, fp8_algos
-    from llmx.formats.config import FP8_MIN_COMPUTE_CAPABILITY
-
     if target["compute_capability"] is None or ckpt.quant is None:
         return
     capability = tuple(int(v) for v in target["compute_capability"].split("."))
@@ -186,8 +181,6 @@ def check_fits_in_memory(ckpt: Checkpoint, build: BuildConfig, mapping: Mapping,
     """Refuse an engine that cannot run on its target: one rank's weights plus the KV cache of a single
     sequence of max_seq_len tokens must fit in the device's memory (the runtime needs at least that)."""
     import torch
-
-    from llmx.formats.shard import kv_heads_per_rank, stage_layers
 
     capacity = device_memory_bytes(target)
     if capacity is None:

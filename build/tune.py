@@ -43,6 +43,9 @@ from llmx.formats.config import Mapping, ModelConfig, QuantConfig
 if TYPE_CHECKING:
     from llmx.formats.weights import QuantMethod
 
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
+
 CACHE_FORMAT = "llmx-gemm-tile-cache"
 CACHE_VERSION = 1
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmx.bench.report import write_report
 from llmx.cli._console import out, print_info, progress_bars, stage_callback
 from llmx.common.errors import LlmxError
+
+# Library modules that `llmx --help` does not need are imported inside the commands that use them: --help
+# imports every command module and must stay under 0.6 s (torch, transformers and pydantic alone take more).
 
 # Options that describe one workload: a sweep file describes its own, so these cannot come with it.
 _WORKLOAD_FLAGS = ("isl", "osl", "num_requests", "concurrency", "request_rate", "dataset")
@@ -22,7 +26,6 @@ def sweep_command(engine: Path, sweep_path: Path, values: dict[str, Any], source
     if baseline is not None:
         raise LlmxError("--baseline compares one workload's report; it cannot come with --sweep. Compare sweep "
                         "reports cell by cell, or run a cell alone with --baseline.")
-    from llmx.bench.report import write_report
     from llmx.bench.sweep import cell_line, load_sweep, print_sweep, run_sweep
     from llmx.runtime.engine import LLM
 

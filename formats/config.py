@@ -317,8 +317,6 @@ def model_config_problem(model: ModelConfig) -> tuple[str | None, str] | None:
 
 def moe_config_problem(model: ModelConfig) -> tuple[str, str] | None:
     """The first mixture-of-experts field the runtime could not run, as (field, "must be ..., got ..."), or None."""
-    from llmx.common.limits import MODEL_LIMITS, check_number
-
     def count(value, low: int, high: int) -> bool:
         return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
 

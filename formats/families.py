@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llmx.common.errors import LlmxError
+from llmx.formats.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling, model_config_problem
 from llmx.formats.gemma_config import GEMMA_FAMILIES, gemma_fields, gemma_hf_fields, gemma_rope_source
 from llmx.formats.moe_config import EXPERTS_KEY, MOE_FAMILIES, moe_fields, moe_hf_fields
-from llmx.common.errors import LlmxError
-from llmx.formats.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 
 # HF `architectures[0]` -> llmx family. Must match llmx.runtime.models' registry keys.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -133,8 +133,6 @@ _HF_FIELD_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attentio
 
 def _check_ranges(model: ModelConfig, hf: dict[str, Any], source: Path) -> None:
     """Refuse NaN, absurd sizes and what the runtime cannot run, naming the config.json key."""
-    from llmx.formats.config import model_config_problem
-
     problem = model_config_problem(model)
     if problem is None:
         return

@@ -17,15 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmx.formats.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
-                                   verify_tensors, write_checkpoint_meta)
-from llmx.formats.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config, split_parts
-from llmx.formats.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
-                                           TensorEntry)
-from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
 from llmx.common.atomic import atomic_output_dir, check_free_space, check_output_dir
 from llmx.common.errors import LlmxError
+from llmx.formats.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
+                                     verify_tensors, write_checkpoint_meta)
 from llmx.formats.config import SUPPORTED_DTYPES, Mapping, ModelConfig
+from llmx.formats.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config, split_parts
+from llmx.formats.safetensors_stream import (ByteProgress, SafetensorsFile, SafetensorsStreamWriter, StoredTensor,
+                                             TensorEntry)
+from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
+from llmx.ingest.dummy import write_dummy_checkpoint
+from llmx.ingest.hf_import import import_checkpoint, imported_format
+from llmx.ingest.hub import resolve_model_source
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -64,8 +67,6 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     total_bytes)` sink (llmx.common.progress). A folder quantized by ModelOpt (hf_quant_config.json) or
     compressed-tensors (FP8, int8, int4) is imported with its quantization by llmx.ingest.hf_import.
     """
-    from llmx.ingest.hub import resolve_model_source
-
     out = Path(out)
     check_dtype(dtype)
     hf_dir, hub = resolve_model_source(hf_dir, trust_remote_code=trust_remote_code, weights=not dummy_weights,
@@ -73,12 +74,8 @@ def convert(hf_dir: Path | str, out: Path | str, *, dtype: str = "bfloat16", dum
     origin = hub.provenance() if hub is not None else {}
     check_model_dir(hf_dir)
     if dummy_weights:
-        from llmx.ingest.dummy import write_dummy_checkpoint
-
         return write_dummy_checkpoint(hf_dir, out, dtype, force=force, trust_remote_code=trust_remote_code,
                                       progress=progress, provenance_extra=origin)
-
-    from llmx.ingest.hf_import import import_checkpoint, imported_format
 
     if imported_format(hf_dir) is not None:  # quantized by ModelOpt or compressed-tensors: keep its weights
         return import_checkpoint(hf_dir, out, dtype=dtype, force=force, trust_remote_code=trust_remote_code,

@@ -30,21 +30,31 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
+from llmx.common.hashing import hash_files
+from llmx.formats.config import PRE_QUANT_SCALE_KEY, SUPPORTED_DTYPES, Mapping, QuantConfig
+from llmx.formats.families import hf_to_llmx_name, llmx_to_hf_name, read_hf_config
+from llmx.formats.presets import PRESETS, preset_of
+from llmx.formats.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
+from llmx.ingest import compressed_tensors
+from llmx.ingest.compressed_tensors import is_compressed_tensors
 
 if TYPE_CHECKING:
     import torch
 
-    from llmx.formats.weights import TensorSpec
     from llmx.formats.config import ModelConfig, QuantConfig
+    from llmx.formats.weights import TensorSpec
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 
 def quant_algos() -> dict[str | None, str]:
     """ModelOpt's quant_algo -> llmx algo: the rows' `hf_quant_algo`, and none (KV cache only) when absent."""
-    from llmx.formats.presets import PRESETS
-
     return {**{p.hf_quant_algo: name for name, p in PRESETS.items() if p.hf_quant_algo}, None: "none"}
 
 
@@ -62,8 +72,6 @@ def imported_format(hf_dir: Path | str) -> str | None:
     A folder quantized by another producer (quant_method awq, gptq, bitsandbytes, ...) is refused here, in one
     sentence, rather than failing later on tensor names convert does not know.
     """
-    from llmx.ingest.compressed_tensors import is_compressed_tensors
-
     hf_dir = Path(hf_dir)
     if is_modelopt_checkpoint(hf_dir):
         return "modelopt"
@@ -103,14 +111,9 @@ def is_modelopt_checkpoint(hf_dir: Path | str) -> bool:
 def read_quant_config(hf_dir: Path, model: "ModelConfig | None" = None) -> tuple["QuantConfig", list[str]]:
     """(the llmx QuantConfig, the producer's excluded module names) of a ModelOpt or compressed-tensors checkpoint
     (the latter needs the `model`, whose Linears its `ignore` patterns are matched against)."""
-    from llmx.ingest import compressed_tensors
-    from llmx.formats.config import QuantConfig
-
     ct = None if (hf_dir / HF_QUANT_CONFIG).is_file() else _config_quantization(hf_dir)
     if compressed_tensors.is_compressed_tensors(ct):
         if model is None:
-            from llmx.formats.families import read_hf_config
-
             _, model = read_hf_config(hf_dir / "config.json")
         return compressed_tensors.read_quant_config(hf_dir / "config.json", ct, model), list(ct.get("ignore") or [])
     q = _modelopt_quantization(hf_dir)
@@ -126,7 +129,6 @@ def read_quant_config(hf_dir: Path, model: "ModelConfig | None" = None) -> tuple
     algo, kv = algos[algo_name], KV_ALGOS[kv_name]
     if algo == "none" and kv is None:
         raise LlmxError(f"{source} declares neither weight nor KV-cache quantization; convert the folder without it.")
-    from llmx.formats.presets import preset_of
 
     preset = preset_of(algo)
     grouped = preset is not None and preset.grouped
@@ -158,16 +160,9 @@ def import_checkpoint(hf_dir: Path | str, out: Path | str, *, dtype: str | None 
     (a hub source's repository and commit).
     """
     from llmx.formats.checkpoint import (CHECKPOINT_FILE, checkpoint_tensor_specs, make_provenance, rank_file,
-                                       verify_tensors, write_checkpoint_meta)
-    from llmx.ingest.convert import check_model_dir, find_weight_files
-    from llmx.formats.families import read_hf_config
-    from llmx.formats.safetensors_stream import ByteProgress, SafetensorsFile, SafetensorsStreamWriter, TensorEntry
-    from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files, pin_tokenizer_class
-    from llmx.common.atomic import atomic_output_dir, check_output_dir
-    from llmx.common.hashing import hash_files
-    from llmx.formats.config import PRE_QUANT_SCALE_KEY
+                                         verify_tensors, write_checkpoint_meta)
     from llmx.formats.weights import is_excluded
-    from llmx.formats.config import SUPPORTED_DTYPES, Mapping
+    from llmx.ingest.convert import check_model_dir, find_weight_files
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_model_dir(hf_dir)
@@ -216,8 +211,6 @@ class _Reader:
     """llmx tensor name -> the HF tensor, across the folder's shards (one tensor read at a time)."""
 
     def __init__(self, files: list, hf_dir: Path, family: str):
-        from llmx.formats.families import hf_to_llmx_name
-
         self.family = family  # Gemma names its norms its own way
 
         self.where: dict[str, tuple[Any, str]] = {}
@@ -250,8 +243,6 @@ class _Reader:
 
     def _locate(self, name: str):
         if name not in self.where:
-            from llmx.formats.families import llmx_to_hf_name
-
             hf_name = name if name.endswith(("k_scale", "v_scale")) else llmx_to_hf_name(name, self.family)
             raise LlmxError(f"{self.hf_dir}: tensor `{hf_name}` is missing; the ModelOpt checkpoint is incomplete "
                             "or does not match its hf_quant_config.json, re-export it.")
@@ -267,8 +258,7 @@ class _Layer:
 def _import_layer(layer: int, quant: "QuantConfig", reader: _Reader, stored: dict[str, "TensorSpec"],
                   model: "ModelConfig") -> _Layer:
     """The quantized Linears (and any norm a smoothing vector is folded into) of one layer."""
-    from llmx.formats.checkpoint import mlp_prefixes
-    from llmx.formats.checkpoint import FUSED_GROUPS, UNFUSED
+    from llmx.formats.checkpoint import FUSED_GROUPS, UNFUSED, mlp_prefixes
     from llmx.formats.weights import is_excluded
 
     out = _Layer()
@@ -315,8 +305,6 @@ def _import_linear(name: str, algo: str, reader: _Reader, stored: dict[str, "Ten
                    keep_pre_quant_scale: bool) -> dict[str, "torch.Tensor"]:
     """The llmx tensors of one quantized Linear: the weight in llmx's packing, and every scale the format stores
     (`stored`: the checkpoint's tensor specs) in its shape and dtype; pre_quant_scale as read, when kept."""
-    from llmx.formats.presets import PRESETS
-
     if f"{name}.weight_packed" in reader:  # compressed-tensors pack-quantized int4, already in llmx's nibble order
         tensors = {"weight": _ct_int4_weight(name, reader)}
     else:
@@ -432,8 +420,6 @@ def _kv_from_scheme(scheme: Any) -> str | None:
 
 def _producer(hf_dir: Path) -> dict[str, Any]:
     """Provenance fields naming the producer's version: modelopt_version, or compressed_tensors_version."""
-    from llmx.ingest.compressed_tensors import is_compressed_tensors
-
     quant = None if (hf_dir / HF_QUANT_CONFIG).is_file() else _config_quantization(hf_dir)
     if is_compressed_tensors(quant):
         return {"compressed_tensors_version": quant.get("version")}

@@ -29,6 +29,9 @@ import torch
 
 from llmx.common.errors import LlmxError
 from llmx.kernels._triton_util import FLOAT_DTYPES, cdiv, check_launch_device, jit, tl
+from llmx.kernels.activation import silu_and_mul, silu_and_mul_ref
+from llmx.kernels.fp8_gemm import fp8_linear_ref
+from llmx.kernels.quantize_act import quantize_fp8
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, *,
@@ -50,8 +53,6 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor) -> torch.Tensor:
     """Pure torch: sum over each token's chosen experts e of weight * down_e(silu(gate_e(x)) * up_e(x)) -> [T, H]."""
-    from llmx.kernels.activation import silu_and_mul_ref
-
     _check(x, w13, w2, weights, ids)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(ids[ids >= 0]).tolist():
@@ -78,9 +79,6 @@ def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tenso
                       ids: torch.Tensor) -> torch.Tensor:
     """Pure torch: fused_moe_ref with each expert an fp8 Linear (weight [N, K] e4m3, its scale, the layer's static
     input scale), as kernels/fp8_gemm.fp8_linear_ref computes it."""
-    from llmx.kernels.activation import silu_and_mul_ref
-    from llmx.kernels.fp8_gemm import fp8_linear_ref
-
     _check_fp8(x, w13, w13_scale, a13_scale, w2, w2_scale, a2_scale, weights, ids)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(ids[ids >= 0]).tolist():
@@ -175,8 +173,6 @@ def block_m_for(slots: int, num_experts: int) -> int:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
     """Triton: the same result as fused_moe_ref (sums in float32, rounded once to x's dtype) in two grouped GEMMs."""
-    from llmx.kernels.activation import silu_and_mul
-
     _check(x, w13, w2, weights, ids)
     check_launch_device("fused_moe", _moe_gemm_kernel, x, w13, w2, weights, ids)
     tokens, top_k = ids.shape
@@ -199,9 +195,6 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, a
                   w2: torch.Tensor, w2_scale: torch.Tensor, a2_scale: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor) -> torch.Tensor:
     """Triton: fused_moe_fp8_ref's result in two grouped e4m3 GEMMs (inputs quantized by kernels/quantize_act.py)."""
-    from llmx.kernels.activation import silu_and_mul
-    from llmx.kernels.quantize_act import quantize_fp8
-
     _check_fp8(x, w13, w13_scale, a13_scale, w2, w2_scale, a2_scale, weights, ids)
     check_launch_device("fused_moe_fp8", _moe_gemm_kernel, x, w13, w2, weights, ids)
     tokens, top_k = ids.shape

@@ -24,19 +24,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from llmx.common.atomic import atomic_output_dir, check_output_dir
 from llmx.common.errors import LlmxError
 from llmx.common.progress import Progress
 from llmx.formats import presets
+from llmx.formats.checkpoint import (CHECKPOINT_FILE, FUSED_GROUPS, checkpoint_tensor_specs, linear_modules,
+                                     make_provenance, rank_file, read_checkpoint, verify_tensors, write_checkpoint_meta)
+from llmx.formats.config import PRE_QUANT_SCALE_KEY, SUPPORTED_DTYPES, Mapping, QuantConfig
+from llmx.formats.families import llmx_to_hf_name, read_hf_config
+from llmx.formats.safetensors_stream import SafetensorsFile, SafetensorsStreamWriter, TensorEntry
+from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
+from llmx.formats.weights.int4 import check_group_divides
 from llmx.formats.weights.kv_cache import check_kv_cache_dtype
-from llmx.quant.moe import (ExpertTokenCounts, coverage_warnings, expert_module, expert_quantizer_entries,
-                            read_expert_state)
-from llmx.quant.moe import check_algo as check_moe_algo
+from llmx.formats.weights.nvfp4 import check_block_divides
+from llmx.ingest.convert import convert
+from llmx.ingest.hf_import import is_modelopt_checkpoint
+from llmx.quant.calibrate import build_calibration_model, build_calibration_set, make_forward_loop
+from llmx.quant.export_hf import HF_QUANT_CONFIG, export_hf
+from llmx.quant.export_llmx import export_tensors, pre_quant_scale_patterns
+from llmx.quant.gptq import GptqSettings
+from llmx.quant.modelopt import (gptq_layerwise, gptq_module, modelopt_version, quantize_model, quantized_linear_names,
+                                 read_kv_amax, read_linear_state)
+from llmx.quant.moe import (ExpertTokenCounts, check_algo as check_moe_algo, coverage_warnings, expert_module,
+                            expert_quantizer_entries, read_expert_state)
 
 if TYPE_CHECKING:
     from llmx.formats.checkpoint import Checkpoint
-    from llmx.quant.gptq import GptqSettings
-    from llmx.quant.export_llmx import LinearState
     from llmx.formats.config import ModelConfig, QuantConfig
+    from llmx.quant.export_llmx import LinearState
 
 EXPORT_FORMATS = ("llmx", "hf")
 LM_HEAD = "lm_head"
@@ -202,8 +217,6 @@ def _resolve_options(*, algo: str, kv_cache_dtype: str | None, calib_data: str |
 def _gptq_settings(algo: str, damp: float | None, block_size: int | None,
                    act_order: bool | None) -> "GptqSettings | None":
     """int4_gptq's settings, defaults filled in; a GPTQ option given with another algorithm is refused."""
-    from llmx.quant.gptq import GptqSettings
-
     given = {"--gptq-damp": damp, "--gptq-block-size": block_size, "--gptq-act-order": act_order}
     if algo == presets.KV_ONLY or not presets.PRESETS[algo].layerwise:
         flag = next((name for name, value in given.items() if value is not None), None)
@@ -238,8 +251,6 @@ def _calibrated(src: Path, o: _Options, progress: Progress | None) -> Iterator[C
             o.gptq.check(group)
         calib = None
         if o.calibrates:
-            from llmx.quant.calibrate import build_calibration_set
-
             calib = build_calibration_set(o.calib_data, _tokenizer(ckpt.path), calib_size=o.calib_size,
                                           seq_len=o.calib_seq_len, batch_size=o.batch_size, seed=o.seed)
         model, source_hash = _load_model(ckpt, o.device, progress)
@@ -257,11 +268,6 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
 
     The LM head is skipped unless `quantize_lm_head` (the caller has checked the head is not tied).
     """
-    from llmx.formats.checkpoint import linear_modules
-    from llmx.formats.checkpoint import FUSED_GROUPS
-    from llmx.formats.weights.int4 import check_group_divides
-    from llmx.formats.weights.nvfp4 import check_block_divides
-
     linears = linear_modules(model)
     names = [m.name for m in linears]
     warnings = []
@@ -294,18 +300,12 @@ def plan_modules(model: "ModelConfig", algo: str, exclude: tuple[str, ...], grou
 
 def _in_features(model: "ModelConfig", plan: ModulePlan) -> dict[str, int]:
     """Input features of each Linear the plan quantizes."""
-    from llmx.formats.checkpoint import linear_modules
-
     quantized = set(plan.quantized)
     return {m.name: m.in_features for m in linear_modules(model) if m.name in quantized}
 
 
 def _quant_config(algo: str, group: int | None, kv_cache_dtype: str | None, exclude: tuple[str, ...],
                   plan: ModulePlan, *, quantize_lm_head: bool = False) -> "QuantConfig":
-    from llmx.formats.config import PRE_QUANT_SCALE_KEY
-    from llmx.quant.export_llmx import pre_quant_scale_patterns
-    from llmx.formats.config import QuantConfig
-
     extra: dict[str, Any] = {}
     patterns = pre_quant_scale_patterns(algo)
     if patterns and any(fnmatch.fnmatchcase(n, p) for n in plan.quantized for p in patterns):
@@ -342,11 +342,7 @@ def _check_lm_head_options(quantize_lm_head: bool, algo: str, exclude: tuple[str
 
 def _check_untied_head(src: Path) -> None:
     """--quantize-lm-head needs a head of its own: read only the config (llmx.json or config.json)."""
-    from llmx.formats.checkpoint import CHECKPOINT_FILE, read_checkpoint
-
     if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
-        from llmx.formats.families import read_hf_config
-
         model, where, field = read_hf_config(src / "config.json")[1], src / "config.json", "tie_word_embeddings"
     else:
         model, where, field = read_checkpoint(src).model, src / CHECKPOINT_FILE, "model.tie_word_embeddings"
@@ -368,10 +364,6 @@ def _check_device(device: str) -> str:
 
 
 def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None:
-    from llmx.formats.checkpoint import CHECKPOINT_FILE
-    from llmx.common.atomic import check_output_dir
-    from llmx.quant.export_hf import HF_QUANT_CONFIG
-
     markers = (CHECKPOINT_FILE,) if export_format == "llmx" else (HF_QUANT_CONFIG,)
     check_output_dir(out, force=force, marker_files=markers, inputs=(src,))
 
@@ -379,12 +371,7 @@ def _check_output(src: Path, out: Path, export_format: str, force: bool) -> None
 @contextlib.contextmanager
 def _source_checkpoint(src: Path) -> Iterator["Checkpoint"]:
     """The llmx checkpoint at `src`; an unquantized HF folder is converted into a temporary one first."""
-    from llmx.formats.checkpoint import CHECKPOINT_FILE, read_checkpoint
-
     if src.is_dir() and not (src / CHECKPOINT_FILE).exists() and (src / "config.json").is_file():
-        from llmx.ingest.convert import convert
-        from llmx.ingest.hf_import import is_modelopt_checkpoint
-
         if is_modelopt_checkpoint(src):
             raise LlmxError(f"{src} is already quantized (a ModelOpt checkpoint); `llmx convert` it to an llmx "
                             "checkpoint as it is, or quantize the unquantized model it was made from.")
@@ -396,8 +383,6 @@ def _source_checkpoint(src: Path) -> Iterator["Checkpoint"]:
 
 
 def _hf_dtype(hf_dir: Path) -> str:
-    from llmx.formats.config import SUPPORTED_DTYPES
-
     config = json.loads((hf_dir / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in SUPPORTED_DTYPES and dtype != "float32" else "bfloat16"
@@ -415,10 +400,6 @@ def _tokenizer(ckpt_dir: Path):
 
 def _load_model(ckpt: "Checkpoint", device: str, progress: Progress | None):
     """The calibration model and the sha256 of the source checkpoint (llmx.json + rank0), read in one pass."""
-    from llmx.formats.checkpoint import CHECKPOINT_FILE
-    from llmx.formats.safetensors_stream import SafetensorsFile
-    from llmx.quant.calibrate import build_calibration_model
-
     hasher = hashlib.sha256((ckpt.path / CHECKPOINT_FILE).read_bytes())
     with SafetensorsFile.open(ckpt.rank_path(0)) as f:
         hasher.update(f.header_bytes)
@@ -437,9 +418,6 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
                gptq: "GptqSettings | None" = None, config: "ModelConfig | None" = None) -> dict[int, int] | None:
     """Calibrate `model` in place; for a mixture of experts (`config` with experts) return, per sparse layer, how
     many experts calibration routed no token to."""
-    from llmx.quant.calibrate import make_forward_loop
-    from llmx.quant.modelopt import gptq_layerwise, gptq_module, quantize_model, quantized_linear_names
-
     disabled = [_hf_module(n) for n in plan.skipped]
     head = LM_HEAD in plan.quantized
     mtq_config = presets.modelopt_config(algo, group_size=quant.group_size, kv_cache_dtype=quant.kv_cache_dtype,
@@ -451,8 +429,6 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
     loop = make_forward_loop(calib, use_cache=use_cache, progress=progress) if calib is not None else None
     if algo != presets.KV_ONLY and presets.PRESETS[algo].layerwise:
         # GPTQ is llmx's own (llmx.quant.gptq) in ModelOpt's layerwise pass: ModelOpt only inserts the quantizers.
-        from llmx.quant.gptq import GptqSettings
-
         settings = gptq or GptqSettings()
         quantize_model(model, {**mtq_config, "algorithm": None}, loop)
         gptq_layerwise(model, loop, group_size=quant.group_size, settings=settings)
@@ -476,8 +452,6 @@ def _calibrate(model, algo: str, quant: "QuantConfig", plan: ModulePlan, calib, 
 
 
 def _hf_module(llmx_module: str) -> str:
-    from llmx.formats.families import llmx_to_hf_name
-
     return llmx_to_hf_name(f"{llmx_module}.weight").removesuffix(".weight")
 
 
@@ -493,8 +467,6 @@ class _LazyStates:
         return name in self._modules or name in self._experts
 
     def __getitem__(self, name: str) -> "LinearState":
-        from llmx.quant.modelopt import read_linear_state
-
         if name in self._experts:
             return read_expert_state(self._model, name, self._config)
         return read_linear_state(self._modules[name])
@@ -502,8 +474,6 @@ class _LazyStates:
 
 def _kv_amax(model, config: "ModelConfig", quant: "QuantConfig") -> dict:
     """layer -> (k amax, v amax) from the calibrated attention modules; empty without a quantized KV cache."""
-    from llmx.quant.modelopt import read_kv_amax
-
     if quant.kv_cache_dtype is None:
         return {}
     return {i: read_kv_amax(model.get_submodule(f"model.layers.{i}.self_attn")) for i in range(config.num_layers)}
@@ -511,13 +481,6 @@ def _kv_amax(model, config: "ModelConfig", quant: "QuantConfig") -> dict:
 
 def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePlan, out: Path, provenance: dict,
                 progress: Progress | None) -> None:
-    from llmx.formats.checkpoint import checkpoint_tensor_specs, rank_file, verify_tensors, write_checkpoint_meta
-    from llmx.formats.safetensors_stream import SafetensorsFile, SafetensorsStreamWriter, TensorEntry
-    from llmx.formats.tokenizer_files import copy_files, find_tokenizer_files
-    from llmx.common.atomic import atomic_output_dir
-    from llmx.quant.export_llmx import export_tensors
-    from llmx.formats.config import Mapping
-
     specs = checkpoint_tensor_specs(ckpt.model, ckpt.dtype, quant)
     entries = [TensorEntry(name, spec.dtype, tuple(spec.shape)) for name, spec in specs.items()]
     states = _LazyStates(model, plan.quantized, ckpt.model)
@@ -533,19 +496,12 @@ def _write_llmx(model, ckpt: "Checkpoint", quant: "QuantConfig", plan: ModulePla
 
 
 def _write_hf(model, ckpt: "Checkpoint", out: Path) -> None:
-    from llmx.formats.tokenizer_files import find_tokenizer_files
-    from llmx.common.atomic import atomic_output_dir
-    from llmx.quant.export_hf import export_hf
-
     with atomic_output_dir(out) as tmp:
         export_hf(model, tmp, ckpt.dtype, find_tokenizer_files(ckpt.path, trust_remote_code=True))
 
 
 def _provenance(src: Path, source_hash: str, calib, calib_data: str | None, calib_size: int, calib_seq_len: int,
                 seed: int, recipe: str | None) -> dict:
-    from llmx.formats.checkpoint import make_provenance
-    from llmx.quant.modelopt import modelopt_version
-
     calibration = None
     if calib is not None:
         calibration = {"data": calib.source, "samples": calib.num_samples, "requested_samples": calib_size,

@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from llmx.common.errors import LlmxError
 from llmx.common.progress import Progress
+from llmx.formats.families import hf_config_from_model_config, llmx_to_hf_name
+from llmx.ingest.hub import fetch_snapshot
+from llmx.quant.moe import calibration_parameter
 
 if TYPE_CHECKING:
     import torch
@@ -272,8 +275,6 @@ def _load_saved(path: Path, datasets):
 
 def _load_known(name: str, entry: KnownSet, cache_dir: str, datasets, *, defaulted: bool) -> tuple[Any, str]:
     """The first shard of a known set's split, through huggingface_hub's cache; (dataset, origin)."""
-    from llmx.ingest.hub import fetch_snapshot
-
     label = f"{name} ({entry.repo_id}{'; the default without --calib-data' if defaulted else ''})"
     folder = Path(fetch_snapshot(entry.repo_id, None, repo_type="dataset", allow_patterns=[entry.files],
                                  label=label, what="dataset",
@@ -385,9 +386,6 @@ def build_calibration_model(model: Any, dtype: str, tensors: Iterator[tuple[str,
     """
     import torch
     import transformers
-
-    from llmx.formats.families import hf_config_from_model_config, llmx_to_hf_name
-    from llmx.quant.moe import calibration_parameter
 
     hf = hf_config_from_model_config(model, dtype)
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)

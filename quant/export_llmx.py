@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
     from llmx.formats.config import ModelConfig, QuantConfig
 
-from llmx.formats.checkpoint import FUSED_GROUPS, HEAD_GROUP, UNFUSED
-from llmx.formats.config import PRE_QUANT_SCALE_KEY
+from llmx.formats.checkpoint import FUSED_GROUPS, HEAD_GROUP, UNFUSED, checkpoint_tensor_specs, mlp_prefixes
+from llmx.formats.presets import preset_of
+from llmx.formats.weights import method_for
+from llmx.formats.weights.kv_cache import kv_scale_from_amax, kv_scale_names
 
 
 @dataclass
@@ -53,8 +55,6 @@ class LinearState:
 def pre_quant_scale_patterns(algo: str) -> list[str]:
     """Modules that keep pre_quant_scale in checkpoints of `algo` (those without a norm to fold into), for the
     algorithms that smooth (their row's `smoothing` in llmx.formats.presets.PRESETS)."""
-    from llmx.formats.presets import preset_of
-
     preset = preset_of(algo)
     if preset is not None and preset.smoothing:
         return [f"layers.*.{block}.{proj}" for block, proj in UNFUSED]
@@ -70,9 +70,6 @@ def export_tensors(model: "ModelConfig", dtype: str, quant: "QuantConfig", *,
     source(name) returns the unquantized checkpoint's tensor; `states` holds the quantized Linears
     (llmx module names), every other Linear is copied from the source.
     """
-    from llmx.formats.checkpoint import checkpoint_tensor_specs
-    from llmx.formats.weights.kv_cache import kv_scale_from_amax, kv_scale_names
-
     specs = checkpoint_tensor_specs(model, dtype, quant)
     produced: dict[str, "torch.Tensor"] = {}
     done_layers: set[int] = set()
@@ -112,8 +109,6 @@ def _copy(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
 def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantConfig",
                   source: Callable[[str], "torch.Tensor"], states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
     """The quantized Linears of one layer, and its norms when a smoothing vector was folded into them."""
-    from llmx.formats.checkpoint import mlp_prefixes
-
     out: dict[str, "torch.Tensor"] = {}
     prefix = f"layers.{layer}"
     # A sparse layer's experts are MLPs of their own under layers.{i}.mlp.experts.{e} (formats/checkpoint.py).
@@ -133,8 +128,6 @@ def _export_layer(layer: int, model: "ModelConfig", dtype: str, quant: "QuantCon
 def _export_unfused(n: str, dtype: str, quant: "QuantConfig", source: Callable[[str], "torch.Tensor"],
                     states: dict[str, LinearState]) -> dict[str, "torch.Tensor"]:
     """A Linear without a norm in front (o_proj, down_proj): packed, keeping any pre_quant_scale."""
-    from llmx.formats.weights import method_for
-
     s, method = states[n], method_for(quant, n)
     if getattr(method, "pre_quant_scale", False):
         import torch
@@ -153,8 +146,6 @@ def _export_fused(names: list[str], norm_name: str, dtype: str, quant: "QuantCon
     """Linears `names` reading the output of norm `norm_name`: packed, with any smoothing folded into the norm
     (then the norm is among the tensors returned). Names not in `states` are left out (unquantized).
     norm_offset: 1 for Gemma's norms, which scale by (1 + weight)."""
-    from llmx.formats.weights import method_for
-
     out: dict[str, "torch.Tensor"] = {}
     quantized = [n for n in names if n in states]
     if not quantized:
@@ -198,8 +189,6 @@ def _rescale(state: LinearState, original_weight: "torch.Tensor", scale: "torch.
 def _share_per_tensor_amax(group: list[LinearState], algo: str) -> None:
     """Fused Linears of per-tensor-scaled formats get one weight amax and one input amax (the max)."""
     import torch
-
-    from llmx.formats.presets import preset_of
 
     preset = preset_of(algo)
     if preset is not None and preset.per_tensor_weight_scale:

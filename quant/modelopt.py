@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmx.common.errors import LlmxError
 from llmx.quant.export_llmx import LinearState
+from llmx.quant.gptq import HessianAccumulator, gptq_quantize, stage_of
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +96,6 @@ def gptq_module(module: Any, forward_loop: Callable[[Any], None], *, group_size:
     _mtq()
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
     from modelopt.torch.quantization.model_calib import max_calibrate
-
-    from llmx.quant.gptq import HessianAccumulator, gptq_quantize, stage_of
 
     with _quiet():
         max_calibrate(module, forward_loop, skip_forward_without_activation_calib=True)  # shapes every amax

@@ -25,12 +25,16 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from llmx.common.errors import LlmxError
+from llmx.formats.presets import KV_ONLY
 
 if TYPE_CHECKING:
     import torch
 
-    from llmx.quant.export_llmx import LinearState
     from llmx.formats.config import ModelConfig
+    from llmx.quant.export_llmx import LinearState
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
 
 # Weight formats whose expert Linears export without smoothing: per-tensor / per-channel scales or groups.
 EXPERT_ALGOS = ("fp8", "fp8_pc_pt", "int8_wo", "int4_wo", "nvfp4")
@@ -39,8 +43,6 @@ _ROUTER = re.compile(r"layers\.(\d+)\.mlp\.router\.weight")
 
 
 def check_algo(model: "ModelConfig", algo: str, source: Any) -> None:
-    from llmx.formats.presets import KV_ONLY
-
     if model.num_experts and algo not in (*EXPERT_ALGOS, KV_ONLY):
         raise LlmxError(f"{source}: --algo {algo} is not supported for the mixture of experts {model.architecture} "
                         f"yet; choose one of {', '.join(EXPERT_ALGOS)} (smoothing and GPTQ have no per-expert norm to "

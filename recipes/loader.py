@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from llmx.common.errors import LlmxError
+from llmx.formats.presets import KV_ONLY, PRESETS, resolve_algo
 from llmx.recipes.schema import SECTIONS, Recipe, target_conflict
+
+# The llmx modules that import torch are imported inside the functions that use them, so importing this
+# module does not load torch.
 
 _SHIPPED_NAME = re.compile(r"^[a-z0-9_]+/[a-z0-9_]+$")
 
@@ -145,8 +149,6 @@ def _check_lm_head(recipe: Recipe, name: str) -> None:
 
 def canonical_algo(algo: str) -> str:
     """The canonical quantization algorithm name (aliases such as `awq` resolved); unknown names are refused."""
-    from llmx.formats.presets import resolve_algo
-
     return resolve_algo(algo)
 
 
@@ -155,7 +157,6 @@ def _check_algo_names(recipe: Recipe, name: str) -> Recipe:
     algo = recipe.quantize.algo
     if algo is None:
         return recipe
-    from llmx.formats.presets import KV_ONLY, PRESETS
 
     try:
         canonical = canonical_algo(algo)

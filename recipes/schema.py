@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmx.formats.config import FP8_MIN_COMPUTE_CAPABILITY
+from llmx.formats.presets import algos_without_fp8, fp8_algos
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -238,8 +239,6 @@ def target_conflict(target_name: str, section: str, key: str, value: Any) -> str
     Only hardware facts are checked here: FP8 formats on GPUs older than compute capability 8.9, and an
     engine device that is not the target's device.
     """
-    from llmx.formats.presets import algos_without_fp8, fp8_algos
-
     target = TARGETS[target_name]
     if value is None:
         return None

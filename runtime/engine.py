@@ -18,13 +18,17 @@ import torch
 
 from llmx.common import env
 from llmx.common.errors import LlmxError
+from llmx.formats.config import BuildConfig
+from llmx.formats.engine_dir import check_engine_runnable, read_engine
+from llmx.runtime.block_manager import BlockManager
 from llmx.runtime.chat_template import render_chat_ids
 from llmx.runtime.detokenizer import OutputText, decoder_for
-from llmx.formats.config import BuildConfig
 from llmx.runtime.distributed import ParallelContext
 from llmx.runtime.model_runner import ModelRunner, WorkItem
 from llmx.runtime.outputs import RequestMetrics, RequestOutput
+from llmx.runtime.scheduler import Scheduler
 from llmx.runtime.sequence import FinishReason, SamplingParams, Sequence
+from llmx.runtime.workers import DistributedRunner, RankOptions, free_port, launched_by_torchrun
 
 
 def resolve_device(requested: str | None, built_for: str) -> torch.device:
@@ -78,8 +82,6 @@ class LLM:
     def __init__(self, engine_dir: str | Path, *, device: str | None = None, kv_cache_fraction: float = 0.9,
                  kv_cache_tokens: int | None = None, enforce_eager: bool = False, async_steps: bool = True,
                  admission: str = "reserve"):
-        from llmx.formats.engine_dir import check_engine_runnable, read_engine
-
         self.engine = engine = read_engine(Path(engine_dir))
         self.device = resolve_device(device, engine.build.device)
         world = engine.mapping.world_size
@@ -88,8 +90,6 @@ class LLM:
                             f"this machine has {torch.cuda.device_count()} GPU(s); rebuild it with a --tp/--pp "
                             "whose product fits, e.g. `llmx build CKPT --tp 1`.")
         # Under torchrun the launcher fixed the world size; otherwise llmx starts exactly the engine's ranks.
-        from llmx.runtime.workers import launched_by_torchrun
-
         launched = env.WORLD_SIZE.read() if launched_by_torchrun() else world
         check_engine_runnable(engine, device=self.device.type, world_size=launched)
         tokenizer = _load_tokenizer(engine.path)
@@ -120,9 +120,6 @@ class LLM:
     def _serve(self, runner, build: BuildConfig, tokenizer, eos_token_ids: Seq[int], name: str,
                async_steps: bool = True, admission: str = "reserve") -> None:
         """Set up the request bookkeeping over `runner`: the block manager, the scheduler, the detokenizer."""
-        from llmx.runtime.block_manager import BlockManager
-        from llmx.runtime.scheduler import Scheduler
-
         self.runner = runner
         self.tokenizer = tokenizer
         self._name = name
@@ -365,8 +362,6 @@ class LLM:
 def _start_ranks(engine, device: str, kv_cache_tokens, kv_cache_fraction, enforce_eager):
     """Start the other ranks (or join torchrun's) and return rank 0's DistributedRunner."""
     import atexit
-
-    from llmx.runtime.workers import DistributedRunner, RankOptions, free_port, launched_by_torchrun
 
     if launched_by_torchrun():
         addr, port = env.MASTER_ADDR.read(), env.MASTER_PORT.read() + 1

@@ -23,7 +23,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,11 +31,14 @@ import torch.distributed as dist
 from llmx.common import env
 from llmx.common.errors import LlmxError
 from llmx.formats.config import Mapping
-from llmx.runtime.distributed import ParallelContext, set_parallel_context
+from llmx.formats.engine_dir import read_engine
+from llmx.runtime.distributed import ParallelContext, get_parallel_context, set_parallel_context
 from llmx.runtime.rank_watch import RankWatch, start_heartbeat
 
 if TYPE_CHECKING:
     from llmx.runtime.model_runner import ModelRunner
+
+# The model runner (safetensors, the models) is imported inside the rank's entry point, not by the launcher.
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: keep it off in every process we start.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -101,9 +103,7 @@ def init_rank(rank: int, mapping: Mapping, opts: RankOptions, store: dist.Store 
 
 
 def build_runner(rank: int, opts: RankOptions, control) -> "ModelRunner":
-    from llmx.formats.engine_dir import read_engine
     from llmx.runtime.model_runner import ModelRunner
-    from llmx.runtime.distributed import get_parallel_context
 
     engine = read_engine(Path(opts.engine_dir))
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")

@@ -16,6 +16,10 @@ from typing import Sequence
 import torch
 
 from llmx.formats.weights.base import QuantMethod, TensorSpec
+from llmx.kernels.ops import kernel_or_reference
+
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
 
 FP8_MAX = 448.0
 _MIN_SCALE = 1e-12  # keeps an all-zero tensor or token from dividing by zero
@@ -109,7 +113,6 @@ class Fp8PerChannelMethod(QuantMethod):
 
 def _fp8_gemm(x, weight, weight_scale, input_scale, bias):
     from llmx.kernels import fp8_gemm as k
-    from llmx.kernels.ops import kernel_or_reference
 
     gemm = kernel_or_reference(x, k.fp8_linear, k.fp8_linear_ref)
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -16,17 +16,20 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from llmx.common.errors import LlmxError
 from llmx.formats.weights.base import QuantMethod, TensorSpec
+from llmx.kernels.ops import kernel_or_reference
 
 if TYPE_CHECKING:
     from llmx.formats.config import QuantConfig
+
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
 
 INT4_MAX = 7  # symmetric: scale = amax / 7, codes clamp to [-8, 7]
 
 
 def check_group_divides(in_features: int, group_size: int, module: str = "a Linear") -> None:
-    from llmx.common.errors import LlmxError
-
     if group_size <= 0 or in_features % group_size:
         fitting = [g for g in (32, 64, 128) if in_features % g == 0]
         choice = f"e.g. {' or '.join(map(str, fitting))}" if fitting else "none of 32, 64, 128 does"
@@ -73,8 +76,6 @@ def group_size_of(weight: torch.Tensor, weight_scale: torch.Tensor) -> int:
 
 def concat_pre_quant_scales(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Fused Linears share one input, so they must share one pre_quant_scale (or none)."""
-    from llmx.common.errors import LlmxError
-
     scales = [p.get("pre_quant_scale") for p in parts]
     if all(s is None for s in scales):
         return {}
@@ -139,7 +140,6 @@ class Int4Method(QuantMethod):
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels.w4a16_dispatch import w4a16_matmul
         from llmx.kernels.w4a16_format import w4a16_gemm_ref
-        from llmx.kernels.ops import kernel_or_reference
 
         gemm = kernel_or_reference(x, w4a16_matmul, w4a16_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -150,7 +150,6 @@ class Int4Method(QuantMethod):
     def apply_gated(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                     out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         from llmx.kernels.w4a16_dispatch import w4a16_gated_matmul
-        from llmx.kernels.ops import kernel_or_reference
 
         gated = kernel_or_reference(x, w4a16_gated_matmul, None)
         if gated is None or x.dim() != 2:

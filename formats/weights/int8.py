@@ -20,9 +20,13 @@ import torch
 
 from llmx.formats.weights.base import QuantMethod, TensorSpec
 from llmx.formats.weights.int4 import concat_pre_quant_scales, has_pre_quant_scale
+from llmx.kernels.ops import kernel_or_reference
 
 if TYPE_CHECKING:
     from llmx.formats.config import QuantConfig
+
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
 
 INT8_MAX = 127.0
 _MIN_SCALE = 1e-12
@@ -81,7 +85,6 @@ class Int8SmoothQuantMethod(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import int8_gemm as k
-        from llmx.kernels.ops import kernel_or_reference
 
         linear = kernel_or_reference(x, k.int8_linear, k.int8_linear_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -116,7 +119,6 @@ class Int8WeightOnlyMethod(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import int8_gemm as k
-        from llmx.kernels.ops import kernel_or_reference
 
         gemm = kernel_or_reference(x, k.int8_wo_gemm, k.int8_wo_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -17,7 +17,12 @@ from typing import Sequence
 
 import torch
 
+from llmx.common.errors import LlmxError
 from llmx.formats.weights.base import QuantMethod, TensorSpec
+from llmx.kernels.ops import kernel_or_reference
+
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -29,8 +34,6 @@ def global_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def check_block_divides(in_features: int, module: str = "a Linear") -> None:
-    from llmx.common.errors import LlmxError
-
     if in_features % BLOCK:
         raise LlmxError(f"{module} has {in_features} input features; NVFP4 needs a multiple of {BLOCK}: "
                         "exclude the module with --exclude or pick another --algo.")
@@ -89,7 +92,6 @@ class Nvfp4Method(QuantMethod):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import nvfp4_gemm as k
-        from llmx.kernels.ops import kernel_or_reference
 
         gemm = kernel_or_reference(x, k.nvfp4_gemm, k.nvfp4_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -17,6 +17,10 @@ import torch
 from llmx.formats.weights.base import TensorSpec
 from llmx.formats.weights.fp8 import fp8_scale
 from llmx.formats.weights.int4 import Int4Method, group_size_of
+from llmx.kernels.ops import kernel_or_reference
+
+# The kernel modules import triton; they are imported inside the functions that launch them, so importing
+# this module does not load triton.
 
 
 class W4A8Method(Int4Method):
@@ -44,7 +48,6 @@ class W4A8Method(Int4Method):
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from llmx.kernels import fp8_gemm as k
-        from llmx.kernels.ops import kernel_or_reference
 
         gemm = kernel_or_reference(x, k.w4a8_gemm, k.w4a8_gemm_ref)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])

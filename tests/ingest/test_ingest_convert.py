@@ -137,12 +137,12 @@ def test_reconvert_replaces_a_previous_checkpoint_without_force(tiny_model_dir, 
 
 def test_modelopt_quantized_folder_is_handed_to_the_importer(tiny_model_dir, tmp_path, monkeypatch):
     """A folder with hf_quant_config.json keeps its quantization: convert delegates to ingest.hf_import."""
-    import llmx.ingest.hf_import as hf_import
+    import llmx.ingest.convert as convert_module
 
     hf_dir = tiny_model_dir("llama")
     (hf_dir / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
     calls = []
-    monkeypatch.setattr(hf_import, "import_checkpoint", lambda *a, **kw: calls.append((a, kw)) or a[1])
+    monkeypatch.setattr(convert_module, "import_checkpoint", lambda *a, **kw: calls.append((a, kw)) or a[1])
     out = convert(hf_dir, tmp_path / "ckpt", dtype="float16", force=True)
     assert out == tmp_path / "ckpt"
     assert calls == [((hf_dir, tmp_path / "ckpt"), {"dtype": "float16", "force": True, "trust_remote_code": False,
