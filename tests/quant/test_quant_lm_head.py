@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from llmx.formats.checkpoint import read_checkpoint, verify_checkpoint
 from llmx.common.errors import LlmxError
-from llmx.quant import api, presets
+from llmx.formats import presets
+from llmx.quant import api
 from llmx.quant.api import quantize
 from llmx.formats.weights import method_for
 from llmx.formats.config import ModelConfig
