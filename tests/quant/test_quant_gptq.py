@@ -191,7 +191,7 @@ def test_recipe_gptq_fields_reach_quantize(tmp_path):
 
 
 def test_quantize_hands_its_gptq_settings_to_the_layerwise_pass(tiny_ckpt, tmp_path, monkeypatch):
-    import llmx.quant.modelopt as modelopt_glue
+    import llmx.quant.api as api
     from llmx.quant.api import quantize
 
     class Reached(Exception):
@@ -203,7 +203,7 @@ def test_quantize_hands_its_gptq_settings_to_the_layerwise_pass(tiny_ckpt, tmp_p
         seen.update(group_size=group_size, settings=settings)
         raise Reached
 
-    monkeypatch.setattr(modelopt_glue, "gptq_layerwise", capture)
+    monkeypatch.setattr(api, "gptq_layerwise", capture)  # where quantize() calls it
     calib = tmp_path / "calib.txt"
     from helpers.corpus import CORPUS
 
