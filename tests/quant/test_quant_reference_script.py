@@ -1,4 +1,4 @@
-"""benchmarks/quant_reference.py, run as a program on a tiny Llama: every algorithm gets its ModelOpt reference
+"""measurements/quant_reference.py, run as a program on a tiny Llama: every algorithm gets its ModelOpt reference
 and its llmx engine scored on the same windows, and the engine stays within half a point of the reference."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers.corpus import CORPUS
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_reference.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "measurements" / "quant_reference.py"
 
 
 def test_reference_and_engine_agree_on_a_tiny_llama(tmp_path):
