@@ -18,6 +18,7 @@ from typing import Any
 
 from llmx.common.errors import LlmxError
 from llmx.formats.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling, model_config_problem
+from llmx.formats.config_fields import positive_int
 from llmx.formats.gemma_config import GEMMA_FAMILIES, gemma_fields, gemma_hf_fields, gemma_rope_source
 from llmx.formats.moe_config import EXPERTS_KEY, MOE_FAMILIES, moe_fields, moe_hf_fields
 
@@ -62,9 +63,9 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
     if act != "silu" and not gemma:
         raise LlmxError(f"{source}: field `hidden_act` is {act!r}; llmx supports only \"silu\" for {arch}.")
 
-    hidden = _positive_int(hf_config, "hidden_size", source)
-    heads = _positive_int(hf_config, "num_attention_heads", source)
-    kv_heads = _positive_int(hf_config, "num_key_value_heads", source, default=heads)
+    hidden = positive_int(hf_config, "hidden_size", source)
+    heads = positive_int(hf_config, "num_attention_heads", source)
+    kv_heads = positive_int(hf_config, "num_key_value_heads", source, default=heads)
     if heads % kv_heads:
         raise LlmxError(f"{source}: `num_attention_heads` {heads} is not a multiple of `num_key_value_heads` "
                         f"{kv_heads}; fix config.json.")
@@ -75,7 +76,7 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
                             "and `head_dim` is not set; add `head_dim` to config.json.")
         head_dim = hidden // heads
     else:
-        head_dim = _positive_int(hf_config, "head_dim", source)
+        head_dim = positive_int(hf_config, "head_dim", source)
 
     rotary_dim = _rotary_dim(hf_config, family, head_dim, source)
     theta, scaling = _rope(gemma_rope_source(hf_config, family) if gemma else hf_config, source, rotary_dim)
@@ -92,7 +93,7 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
         "qwen2_moe": (_bool(hf_config, "qkv_bias", source, default=True), False),
         "qwen3_moe": (attention_bias, attention_bias),
     }[family]
-    num_layers = _positive_int(hf_config, "num_hidden_layers", source)
+    num_layers = positive_int(hf_config, "num_hidden_layers", source)
 
     extra = gemma_fields(hf_config, family, num_layers, source) if gemma else {
         "qk_norm": family in ("qwen3", "qwen3_moe"),
@@ -102,14 +103,14 @@ def model_config_from_hf(hf_config: dict[str, Any], source: Path) -> ModelConfig
     model = ModelConfig(
         architecture=arch,
         family=family,
-        vocab_size=_positive_int(hf_config, "vocab_size", source),
+        vocab_size=positive_int(hf_config, "vocab_size", source),
         hidden_size=hidden,
-        intermediate_size=_positive_int(hf_config, "intermediate_size", source),
+        intermediate_size=positive_int(hf_config, "intermediate_size", source),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=_positive_int(hf_config, "max_position_embeddings", source),
+        max_position_embeddings=positive_int(hf_config, "max_position_embeddings", source),
         rms_norm_eps=_positive_float(hf_config, "rms_norm_eps", source, default=1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -247,7 +248,7 @@ def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Pa
     if family == "llama":
         return None
     if family in ("mistral", "phi3", "mixtral"):  # one window for every layer when set
-        return None if window is None else _positive_int(hf, "sliding_window", source)
+        return None if window is None else positive_int(hf, "sliding_window", source)
     # Qwen2/Qwen3: the window is used only when use_sliding_window is set, and then only by layers
     # >= max_window_layers (or as `layer_types` lists). ModelConfig has one window for all layers.
     layer_types = hf.get("layer_types")
@@ -260,7 +261,7 @@ def _sliding_window(hf: dict[str, Any], family: str, num_layers: int, source: Pa
     if kinds <= {"full_attention"}:
         return None
     if kinds == {"sliding_attention"}:
-        return _positive_int(hf, "sliding_window", source)
+        return positive_int(hf, "sliding_window", source)
     raise LlmxError(f"{source}: layers mix sliding-window and full attention (`use_sliding_window` with "
                     "`max_window_layers` / `layer_types`); llmx supports one attention kind for all layers.")
 
@@ -279,15 +280,6 @@ def _rotary_dim(hf: dict[str, Any], family: str, head_dim: int, source: Path) ->
         raise LlmxError(f"{source}: `partial_rotary_factor` {fraction} of head_dim {head_dim} rotates {rotary_dim} "
                         "dims; RoPE needs an even number of at least 2, fix config.json.")
     return rotary_dim
-
-
-def _positive_int(hf: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
-    v = hf.get(key, default)
-    if v is None:
-        raise LlmxError(f"{source}: field `{key}` is missing; add it to config.json.")
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise LlmxError(f"{source}: field `{key}` must be a positive integer, got {v!r}.")
-    return v
 
 
 def _positive_float(hf: dict[str, Any], key: str, source: Path, default: float) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 
 from llmx.common.errors import LlmxError
 from llmx.formats.config import ModelConfig
+from llmx.formats.config_fields import positive_int
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # config.json's name for ModelConfig's expert count, per family as the hub spells it. transformers 5 maps
@@ -25,16 +26,16 @@ EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen
 def moe_fields(hf: dict[str, Any], family: str, num_layers: int, source: Path) -> dict[str, Any]:
     """ModelConfig keyword arguments of an MoE family's config.json (validated; errors name `source`)."""
     key = next((k for k in ("num_local_experts", "num_experts") if k in hf), EXPERTS_KEY[family])
-    experts = _int(hf, key, source)
-    top_k = _int(hf, "num_experts_per_tok", source)
+    experts = positive_int(hf, key, source)
+    top_k = positive_int(hf, "num_experts_per_tok", source)
     if top_k > experts:
         raise LlmxError(f"{source}: field `num_experts_per_tok` is {top_k} but the model has {experts} experts "
                         f"(`{key}`); top-k routing cannot pick more experts than exist, fix config.json.")
     if family == "mixtral":
         return {"num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": True,
-                "moe_intermediate_size": _int(hf, "intermediate_size", source),
+                "moe_intermediate_size": positive_int(hf, "intermediate_size", source),
                 "sparse_layers": tuple(range(num_layers))}
-    step = _int(hf, "decoder_sparse_step", source, default=1)
+    step = positive_int(hf, "decoder_sparse_step", source, default=1)
     dense = hf.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
         raise LlmxError(f"{source}: field `mlp_only_layers` must be a list of layer indices, got {dense!r:.80}.")
@@ -46,9 +47,9 @@ def moe_fields(hf: dict[str, Any], family: str, num_layers: int, source: Path) -
     if not isinstance(norm, bool):
         raise LlmxError(f"{source}: field `norm_topk_prob` must be true or false, got {norm!r}.")
     fields = {"num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": norm,
-              "moe_intermediate_size": _int(hf, "moe_intermediate_size", source), "sparse_layers": sparse}
+              "moe_intermediate_size": positive_int(hf, "moe_intermediate_size", source), "sparse_layers": sparse}
     if family == "qwen2_moe":
-        fields["shared_expert_intermediate_size"] = _int(hf, "shared_expert_intermediate_size", source)
+        fields["shared_expert_intermediate_size"] = positive_int(hf, "shared_expert_intermediate_size", source)
     return fields
 
 
@@ -65,12 +66,3 @@ def moe_hf_fields(model: ModelConfig) -> dict[str, Any]:
     if model.family == "qwen2_moe":
         fields["shared_expert_intermediate_size"] = model.shared_expert_intermediate_size
     return fields
-
-
-def _int(hf: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
-    v = hf.get(key, default)
-    if v is None:
-        raise LlmxError(f"{source}: field `{key}` is missing; add it to config.json.")
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise LlmxError(f"{source}: field `{key}` must be a positive integer, got {v!r}.")
-    return v
