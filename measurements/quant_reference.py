@@ -35,19 +35,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
-DEFAULT_MODEL = Path("/tmp/smollm2")
+# run as a program, this folder is on sys.path: the model and corpus defaults are quant_accuracy.py's
+from quant_accuracy import CORPUS, DEFAULT_MODEL, model_dir
+
 ALGOS = ("int8_wo", "int8_sq", "fp8", "fp8_pc_pt", "int4_wo", "int4_awq", "int4_gptq")
 # Activations the engine quantizes per token at run time: ModelOpt's num_bits for the reference's dynamic quantizers.
 RUNTIME_PER_TOKEN_INPUTS = {"int8_sq": 8, "fp8_pc_pt": (4, 3)}
-
-
-def model_dir(path: Path) -> Path:
-    if path == DEFAULT_MODEL:
-        from llmx.ingest.gguf import smollm2_hf_folder
-
-        return smollm2_hf_folder(path)
-    return path
 
 
 def heldout_windows(ckpt: Path, data: Path, seq_len: int, windows: int) -> list[list[int]]:
