@@ -33,8 +33,8 @@ def check_output_dir(out: Path, *, force: bool, marker_files: tuple[str, ...], i
     previous llmx output and may be replaced; anything else is the user's data and needs `force`.
     """
     out = Path(out)
-    resolved = out.resolve()
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
         raise LlmxError(f"output {out} is the current directory or holds it; replacing it would delete your "
                         "working files: choose a new subdirectory (e.g. -o ./out).")
     for src in inputs:
@@ -62,13 +62,18 @@ def check_free_space(out: Path, need_bytes: int, what: str) -> None:
     need_bytes: the output's size (an estimate within a few percent); 2% more is asked for, for file headers and
     the files that travel with the weights.
     """
-    ancestor = Path(out).resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(Path(out).resolve().parent)
     free = shutil.disk_usage(ancestor).free
     if free < need_bytes * 1.02:
         raise LlmxError(f"{out}: the {what} needs about {_gb(need_bytes)} and {ancestor} has {_gb(free)} free; "
                         "free some space or choose an output directory on another disk.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (where a new output directory would be created)."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def _gb(nbytes: float) -> str:
@@ -77,9 +82,7 @@ def _gb(nbytes: float) -> str:
 
 def _check_parent_writable(out: Path, resolved: Path) -> None:
     """The nearest existing ancestor must be a directory this process can create entries in."""
-    ancestor = resolved.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(resolved.parent)
     if not ancestor.is_dir():
         raise LlmxError(f"output {out} cannot be created: {ancestor} is a file, not a directory; choose another "
                         "output path.")
