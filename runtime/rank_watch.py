@@ -58,14 +58,17 @@ class RankWatch:
             self._calls -= 1
 
     def _find_fault(self) -> str | None:
+        """Record (in self.fault) and return the first rank that exited or went silent; None if all are well."""
         now = time.monotonic()
         for rank, (proc, beat) in enumerate(zip(self.procs, self.beats), start=1):
             if not proc.is_alive():
-                return f"rank {rank} of {self.world_size} exited with code {proc.exitcode}"
+                self.fault = f"rank {rank} of {self.world_size} exited with code {proc.exitcode}"
+                return self.fault
             silent = now - beat.value
             if silent > self.stall_s:
+                # recorded before the kill: rank 0's gloo collective fails as soon as the rank's sockets close
                 self.fault = f"rank {rank} of {self.world_size} stopped responding for {silent:.0f} s (it was stopped)"
-                proc.kill()  # its sockets close: rank 0's pending gloo collective fails now, not at its timeout
+                proc.kill()
                 return self.fault
         return None
 
@@ -74,7 +77,6 @@ class RankWatch:
             fault = self._find_fault()
             if fault is None:
                 continue
-            self.fault = fault
             deadline = time.monotonic() + GRACE_S
             while time.monotonic() < deadline and not self._stopped.is_set():
                 with self._lock:
