@@ -631,9 +631,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kernel otherwise. Pass max_query_len (known to the scheduler) to avoid a device-to-host sync.
     softcap: Gemma 2's attention-logit cap, scores -> cap * tanh(scores / cap) before the softmax.
     num_leading_decodes: in a mixed step, how many sequences at the front bring one query token each; they go
-    to the decode kernel (split over the context), the rest to the prefill kernel. In the prefill kernel a
-    decode row fills one of a tile's 64-128 query rows and walks its whole context alone: 2.5x slower per
-    byte than the decode kernel in an H100 profile (measurements/results/2026-12-07-h100-b)."""
+    to the decode kernel (split over the context), the rest to the prefill kernel, where a decode row would
+    fill one of a tile's 64-128 query rows and walk its whole context in one program."""
     if max_query_len is None:
         _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
                       sliding_window, softcap)
